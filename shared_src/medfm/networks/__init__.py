@@ -1,0 +1,3 @@
+from . import blocks, nets
+
+__all__ = ["blocks", "nets"]

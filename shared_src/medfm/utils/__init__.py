@@ -1,0 +1,3 @@
+from .bundle import bundle_root, default_device
+
+__all__ = ["bundle_root", "default_device"]

@@ -1,0 +1,3 @@
+from .fratmae import FratMAE
+
+__all__ = ["FratMAE"]

@@ -1,0 +1,63 @@
+"""One self-supervised training iteration for ``SupervisedTrainer(iteration_update=…)``.
+
+MONAI's trainer autocasts only on CUDA (fp16 with a scaler); this iteration autocasts to bfloat16 on
+whichever device the run uses (CPU or CUDA; bf16 needs no scaler) and keeps every term of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+__all__ = ["SSLIteration", "loss_terms"]
+
+
+class SSLIteration:
+    """Forward (bf16 autocast optional), loss with named terms, backward, optional clipping, step.
+
+    The loss function must offer ``forward_terms(preds, targets) -> {"loss": total, <term>: …}`` (all
+    ``medfm.losses`` objectives do). The engine's output holds the batch, predictions, ``loss`` and
+    ``terms`` (floats of every term plus the learning rate) for handlers.
+
+    Args:
+        bf16: autocast the forward pass to bfloat16.
+        grad_clip_norm: clip the global gradient norm to this value; None disables.
+    """
+
+    def __init__(self, bf16: bool = False, grad_clip_norm: float | None = None) -> None:
+        if grad_clip_norm is not None and grad_clip_norm <= 0:
+            raise ValueError(f"grad_clip_norm must be positive or None, got {grad_clip_norm}.")
+        self.bf16 = bf16
+        self.grad_clip_norm = grad_clip_norm
+
+    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("no batch data for this iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets, args, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        device_type = torch.device(engine.state.device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            preds = engine.inferer(inputs, engine.network, *args, **kwargs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        terms = engine.loss_function.forward_terms(preds, targets)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        terms["loss"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        logged = {k: float(v.detach()) for k, v in terms.items()}
+        logged["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+        return {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: preds, Keys.LOSS: terms["loss"].detach(),
+                "terms": logged}  # fmt: skip
+
+
+def loss_terms(output: dict[str, Any]) -> dict[str, float]:
+    """``output_transform`` for stats handlers: every loss term and the learning rate of the iteration."""
+    return dict(output["terms"])

@@ -1,0 +1,106 @@
+"""Batch preparation for FratMAE pre-training: masks and reconstruction targets built outside the network."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.engines.utils import PrepareBatch
+from monai.utils import ensure_tuple_rep
+
+from medfm.masking import asymmetric_cross_modal_masking, independent_masking
+from medfm.networks.blocks import patchify, token_grid
+
+__all__ = ["FratMAEPrepareBatch"]
+
+
+def _plain(x: Any, device: torch.device | str | None, non_blocking: bool) -> torch.Tensor:
+    """A plain tensor on ``device`` (MetaTensor metadata is not needed on the hot path)."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
+
+
+class FratMAEPrepareBatch(PrepareBatch):
+    """Turn a collated PET/CT batch into ``(pet, targets, (ct,), {"masks", "text_tokens"})`` for
+    ``SupervisedTrainer`` (its inferer then calls ``network(pet, ct, masks=…, text_tokens=…)``).
+
+    Masks are drawn on the batch's device from this object's own generator, seeded with
+    ``seed + rank`` so that DDP ranks draw different masks and a run is repeatable.
+
+    Args:
+        patch_size: the network's patch size.
+        mask_ratio: fraction of the masked modality's tokens to mask (FratMAE: 0.5).
+        cross_modal: FratMAE's asymmetric masking (one modality masked, chosen each iteration); False masks
+            both modalities independently (the per-modality MAE ablation).
+        seed: base seed of the mask generator.
+        image_keys: batch keys of the PET and CT images, in that order.
+        text_key: batch key of the prompt token ids, or None when ContextAlign is off.
+        masked_modality: always mask this modality instead of drawing it (for tests and inspection).
+    """
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int],
+        mask_ratio: float = 0.5,
+        cross_modal: bool = True,
+        seed: int = 0,
+        image_keys: Sequence[str] = ("pet", "ct"),
+        text_key: str | None = "prompt_ids",
+        masked_modality: str | None = None,
+        spatial_dims: int = 3,
+    ) -> None:
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
+        if len(image_keys) != 2:
+            raise ValueError(f"image_keys must name the PET and the CT key, got {list(image_keys)}.")
+        self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
+        self.mask_ratio = mask_ratio
+        self.cross_modal = cross_modal
+        self.seed = seed
+        self.image_keys = tuple(image_keys)
+        self.text_key = text_key
+        self.masked_modality = masked_modality
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str | None) -> torch.Generator:
+        dev = torch.device(device if device is not None else "cpu")
+        key = str(dev)
+        if key not in self._generators:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            g = torch.Generator(device=dev)
+            g.manual_seed(self.seed + rank)
+            self._generators[key] = g
+        return self._generators[key]
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor], dict[str, Any]]:
+        for k in (*self.image_keys, *([self.text_key] if self.text_key else [])):
+            if k not in batchdata:
+                raise KeyError(f"the batch has no {k!r} entry (keys: {sorted(batchdata)}).")
+        pet, ct = (_plain(batchdata[k], device, non_blocking) for k in self.image_keys)
+        b = pet.shape[0]
+        n = 1
+        for g in token_grid(pet.shape[2:], self.patch_size):
+            n *= g
+        gen = self.generator(pet.device)
+        mods = ("pet", "ct")
+        if self.cross_modal:
+            masks = asymmetric_cross_modal_masking(
+                b, n, self.mask_ratio, mods, gen, pet.device, masked_modality=self.masked_modality
+            )
+        else:
+            masks = independent_masking(b, n, self.mask_ratio, mods, gen, pet.device)
+        images = {"pet": pet, "ct": ct}
+        targets = {m: patchify(images[m], self.patch_size) for m, mk in masks.items() if mk is not None}
+        net_kwargs: dict[str, Any] = {"masks": masks}
+        if self.text_key:
+            net_kwargs["text_tokens"] = _plain(batchdata[self.text_key], device, non_blocking).long()
+        return pet, targets, (ct,), net_kwargs

@@ -1,0 +1,140 @@
+"""ViT encoder for 2D/3D images that takes the indices of the tokens to keep (MAE-style)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .patch_embed import PatchEmbed
+from .pos_embed import sincos_pos_embed
+from .transformer_block import TransformerBlock
+
+__all__ = ["ViTEncoder", "init_transformer_weights"]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTEncoder(nn.Module):
+    """Vision Transformer encoder (Dosovitskiy et al., arXiv:2010.11929) as used by MAE (He et al.,
+    arXiv:2111.06377): patch embedding, fixed sine-cosine position embedding computed from the token grid,
+    CLS token, pre-norm blocks with SDPA attention, final LayerNorm.
+
+    Masked tokens never enter: pass ``ids_keep`` and only those tokens are embedded and encoded.
+
+    Args:
+        in_channels: image channels.
+        patch_size: patch size (int or per spatial dim).
+        hidden_size: token width (ViT-B: 768).
+        num_layers: blocks (ViT-B: 12).
+        num_heads: heads (ViT-B: 12).
+        mlp_dim: MLP width (ViT-B: 3072).
+        qkv_bias: bias on q, k, v.
+        drop_path_rate: stochastic depth, linearly increasing over blocks up to this rate.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        patch_size: int | Sequence[int] = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be positive, got {num_layers}.")
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.patch_embed = PatchEmbed(in_channels, hidden_size, patch_size, spatial_dims)
+        self.patch_size = self.patch_embed.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, mlp_dim, qkv_bias=qkv_bias, drop_path=r) for r in rates
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.grad_checkpointing = False
+        for m in (self.blocks, self.norm):
+            m.apply(init_transformer_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that an optimiser should not decay."""
+        return {"cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Tokens with position embedding and CLS: (B, 1 + L, hidden_size), and the token grid."""
+        tokens, grid = self.patch_embed(x, ids_keep)
+        pos = sincos_pos_embed(grid, self.hidden_size, device=tokens.device, dtype=tokens.dtype)
+        pos = pos.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if ids_keep is not None:
+            pos = torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        tokens = tokens + pos
+        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1), grid
+
+    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training:
+            return checkpoint(self.blocks[i], x, use_reentrant=False)
+        return self.blocks[i](x)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int], ids_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
+        """Run the encoder and keep the outputs of the blocks in ``indices``.
+
+        Args:
+            x: (B, C, *spatial).
+            indices: block indices (0-based; negative counts from the end) whose outputs to return.
+            ids_keep: (B, L) indices of the tokens to keep, or None for all.
+
+        Returns:
+            final normed tokens (B, 1 + L, hidden_size), the requested block outputs (B, 1 + L, hidden_size)
+            in the order asked, and the token grid.
+        """
+        wanted = [i % self.num_layers for i in indices]
+        if any(not -self.num_layers <= i < self.num_layers for i in indices):
+            raise ValueError(f"block indices {list(indices)} out of range for {self.num_layers} blocks.")
+        h, grid = self.embed(x, ids_keep)
+        kept: dict[int, torch.Tensor] = {}
+        for i in range(self.num_layers):
+            h = self._run_block(i, h)
+            if i in wanted:
+                kept[i] = h
+        return self.norm(h), [kept[i] for i in wanted], grid
+
+    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            x: (B, C, *spatial), spatial sizes multiples of the patch size.
+            ids_keep: (B, L) long indices (raster order) of visible tokens; None keeps all N.
+
+        Returns:
+            ``tokens`` (B, 1 + L, hidden_size) normed, CLS first; ``cls`` (B, hidden_size).
+        """
+        tokens, _, _ = self.forward_intermediates(x, (), ids_keep)
+        return {"tokens": tokens, "cls": tokens[:, 0]}
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.forward_features(x, ids_keep)

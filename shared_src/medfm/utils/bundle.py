@@ -1,0 +1,43 @@
+"""Helpers that bundle configs call: where the bundle lives, which device to use."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigWorkflow
+
+__all__ = ["bundle_root", "default_device"]
+
+
+def bundle_root(fallback: str = ".") -> str:
+    """The folder of the bundle whose config is being parsed, found from the config file's path.
+
+    ``python -m monai.bundle run --config_file <abs>/configs/train.json`` resolves ids inside a
+    ``ConfigWorkflow`` that knows its config folder; this walks the call stack to that workflow and returns
+    the bundle folder (the parent of ``configs/``), so a run works from any working directory. Outside a
+    workflow (a bare ``ConfigParser``) it returns ``fallback`` made absolute; callers such as MONAI Label
+    override ``bundle_root`` anyway.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            # vars(), not getattr(): a workflow's __getattr__ looks unknown names up as config ids
+            root = vars(owner).get("config_root_path") if hasattr(owner, "__dict__") else None
+            if root is not None and isinstance(owner, ConfigWorkflow):
+                root = Path(root).resolve()
+                return str(root.parent if root.name == "configs" else root)
+            frame = frame.f_back
+    finally:
+        del frame
+    return os.path.abspath(fallback)
+
+
+def default_device() -> torch.device:
+    """CUDA device ``LOCAL_RANK`` (or 0) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
