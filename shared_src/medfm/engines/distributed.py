@@ -1,0 +1,31 @@
+"""What each process of a distributed run attaches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.distributed as dist
+from monai.handlers import LrScheduleHandler
+
+from .checkpoint import ResumeFromCheckpoint
+
+__all__ = ["EVERY_RANK_HANDLERS", "handlers_for_rank"]
+
+# Handlers that change the training state: every process must run them. Everything else (progress bar,
+# TensorBoard, checkpoint saving) writes output and runs on rank 0 only.
+EVERY_RANK_HANDLERS: tuple[type, ...] = (ResumeFromCheckpoint, LrScheduleHandler)
+
+
+def handlers_for_rank(handlers: Sequence[Any], rank: int | None = None) -> list[Any]:
+    """All ``handlers`` on rank 0; on other ranks only the state-changing ones (:data:`EVERY_RANK_HANDLERS`).
+
+    Args:
+        handlers: a bundle's ``train#handlers``.
+        rank: process rank; defaults to the initialised process group's rank (0 without one).
+    """
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        return list(handlers)
+    return [h for h in handlers if isinstance(h, EVERY_RANK_HANDLERS)]

@@ -1,0 +1,59 @@
+"""Shared helpers for the bundle tests: run configs in-process or through the CLI, read what a run wrote."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+from monai.bundle import ConfigWorkflow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCHEMA = os.path.join(os.path.dirname(REPO), "shared", "schemas", "meta_schema_20240725.json")
+
+
+def configs(bundle: str, *names: str) -> list[str]:
+    return [os.path.join(REPO, "bundles", bundle, "configs", n) for n in names]
+
+
+def workflow(bundle: str, names: list[str], workflow_type: str = "train", **override) -> ConfigWorkflow:
+    files = configs(bundle, *names)
+    return ConfigWorkflow(
+        config_file=files,
+        meta_file=configs(bundle, "metadata.json")[0],
+        logging_file=False,
+        workflow_type=workflow_type,
+        **override,
+    )
+
+
+def run_cli(args: list[str], cwd: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def event_tags(log_dir: str) -> tuple[set[str], set[str]]:
+    """Scalar and image tags written to TensorBoard event files under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for f in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        acc = EventAccumulator(f, size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+    return scalars, images
+
+
+def error_text(exc: BaseException) -> str:
+    """Every message along an exception's chain (MONAI wraps transform and config errors)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)

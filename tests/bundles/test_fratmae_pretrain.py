@@ -1,0 +1,250 @@
+"""FratMAE pre-training bundle, end to end through the entry points users use."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medfm.data import ensure_demo_petct, generate_synthetic_petct
+from medfm.networks.nets import FratMAE
+
+from .helpers import REPO, SCHEMA, configs, error_text, event_tags, run_cli, workflow
+
+B = "fratmae_petct"
+TRAIN = ["train.json", "demo.json"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("fratmae") / "demo_data")
+    ensure_demo_petct(d, num_cases=4, seed=0)
+    return d
+
+
+def _run_inprocess(tmp_path, demo_dir, extra=(), **override):
+    wf = workflow(B, [*TRAIN, *extra], dataset_dir=demo_dir, output_dir=str(tmp_path / "out"), epochs=1, **override)
+    wf.initialize()
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    return wf, trainer
+
+
+def test_metadata_verifies_against_schema():
+    if not os.path.isfile(SCHEMA):
+        pytest.skip(f"metadata schema not found at {SCHEMA}")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=configs(B, "metadata.json")[0], filepath=SCHEMA)  # raises on any violation
+
+
+@pytest.mark.parametrize(
+    "names", [TRAIN, ["train.json"], ["train.json", "multi_gpu_train.json"], [*TRAIN, "mae.json"], [*TRAIN, "axial.json"]]
+)
+def test_check_properties_nothing_missing(names, monkeypatch, demo_dir, tmp_path):
+    if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}.items():  # fmt: skip
+            monkeypatch.setenv(k, v)
+    wf = workflow(B, names, dataset_dir=demo_dir, output_dir=str(tmp_path / "out"))
+    wf.initialize()
+    try:
+        assert wf.check_properties() == []
+    finally:
+        wf.finalize()
+
+
+def _ids(cfg, prefix=""):
+    out = set()
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            key = f"{prefix}#{k}" if prefix else str(k)
+            out.add(key)
+            out |= _ids(v, key)
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            key = f"{prefix}#{i}"
+            out.add(key)
+            out |= _ids(v, key)
+    return out
+
+
+def _refs(cfg):
+    if isinstance(cfg, dict):
+        return set().union(*[_refs(v) for v in cfg.values()]) if cfg else set()
+    if isinstance(cfg, list):
+        return set().union(*[_refs(v) for v in cfg]) if cfg else set()
+    if isinstance(cfg, str):
+        return set(re.findall(r"[@%]([A-Za-z_][\w#]*)", cfg.split("'", 1)[0] if cfg.startswith("$'") else cfg))
+    return set()
+
+
+@pytest.mark.parametrize(
+    "override", [None, *sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
+                             if os.path.basename(p) not in ("train.json", "metadata.json"))]
+)
+def test_every_reference_resolves(override):
+    base = json.load(open(configs(B, "train.json")[0]))
+    ids = _ids(base)
+    refs = _refs(base)
+    if override:
+        extra = json.load(open(configs(B, override)[0]))
+        for k, v in extra.items():
+            ids.add(k)
+            ids |= _ids(v, k)
+        refs |= _refs(extra)
+    missing = sorted(r for r in refs if r not in ids)
+    assert not missing, f"{override or 'train.json'} refers to ids that do not exist: {missing}"
+
+
+def test_demo_runs_from_another_directory_with_cli(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    files = "[" + ",".join(f"'{p}'" for p in configs(B, *TRAIN)) + "]"
+    res = run_cli(["run", "--config_file", files, "--dataset_dir", str(data), "--output_dir", str(out),
+                   "--epochs", "2"], cwd=str(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert len(glob.glob(str(data / "imagesTr" / "*_0001.nii.gz"))) == 8  # demo data generated where asked
+    ckpts = glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))
+    assert ckpts
+    ck = torch.load(ckpts[0], weights_only=True)
+    assert set(ck) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    weights = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert set(weights) == set(ck["model"])
+    scalars, images = event_tags(str(out / "logs"))
+    assert {"loss", "mse", "infonce", "lr"} <= scalars
+    assert images & {"recon/pet", "recon/ct"}
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "variant,cross_modal,context_align",
+    [("mae.json", False, False), ("mae_contextalign.json", False, True),
+     ("fratmae_no_contextalign.json", True, False), (None, True, True)],
+)  # fmt: skip
+def test_ablation_switches(tmp_path, demo_dir, variant, cross_modal, context_align):
+    _, trainer = _run_inprocess(tmp_path, demo_dir, [variant] if variant else [])
+    net = trainer.network
+    assert isinstance(net, FratMAE)
+    assert (net.text_encoder is not None) == context_align
+    assert all((blk.cross_attn is not None) == cross_modal for blk in net.decoders["pet"].blocks)
+    terms = trainer.state.output["terms"]
+    assert ("infonce" in terms) == context_align
+    assert np.isfinite(terms["loss"])
+    masked = [k[:-5] for k in trainer.state.output["pred"] if k.endswith("_pred")]
+    assert len(masked) == (1 if cross_modal else 2)
+
+
+@pytest.mark.parametrize("stack,expected", [("coronal", (64, 16, 96)), ("axial", (64, 64, 16))])
+def test_axial_and_coronal_stacks(tmp_path, demo_dir, stack, expected):
+    extra = ["axial.json"] if stack == "axial" else []
+    _, trainer = _run_inprocess(tmp_path, demo_dir, extra)
+    assert tuple(trainer.state.batch["pet"].shape[2:]) == expected
+    assert tuple(trainer.state.batch["ct"].shape[2:]) == expected
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path, demo_dir):
+    out = tmp_path / "out"
+    files = "[" + ",".join(f"'{p}'" for p in configs(B, *TRAIN)) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files,
+           "--dataset_dir", demo_dir, "--output_dir", str(out), "--epochs", "500"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    pattern = str(out / "models" / "checkpoint_iter=*.pt")
+    while time.time() < deadline and len(glob.glob(pattern)) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = glob.glob(pattern)
+    assert saved, "no checkpoint was written before the kill"
+    last_iter = max(int(re.search(r"iter=(\d+)", p).group(1)) for p in saved)
+    state = torch.load(str(out / "models" / f"checkpoint_iter={last_iter}.pt"), weights_only=True)
+    iters_per_epoch = state["trainer"]["epoch_length"]
+    epoch = last_iter // iters_per_epoch
+    res = run_cli(["run", "training", "--config_file", files, "--dataset_dir", demo_dir, "--output_dir", str(out),
+                   "--epochs", str(epoch + 1)], cwd=str(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert f"checkpoint_iter={last_iter}.pt" in log and "resuming from" in log
+    final = torch.load(str(out / "models" / f"checkpoint_iter={last_iter + iters_per_epoch}.pt"), weights_only=True)
+    # exactly one more epoch ran on top of the checkpoint, not a fresh start
+    assert final["trainer"]["iteration"] == last_iter + iters_per_epoch
+
+
+# --- bad input stops with a clear error naming the case and the problem ---
+
+
+def _case_dir(tmp_path, mutate):
+    d = tmp_path / "bad"
+    generate_synthetic_petct(str(d), num_cases=2, shape=(32, 24, 48), spacing=(12.0, 12.0, 36.0), seed=1)
+    mutate(d)
+    return str(d)
+
+
+def _nan_pet(d):
+    p = d / "imagesTr" / "demo_001_0001.nii.gz"
+    img = nib.load(p)
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    arr[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), p)
+
+
+def _shape_mismatch(d):
+    p = d / "imagesTr" / "demo_001_0000.nii.gz"
+    img = nib.load(p)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), p)
+
+
+def _affine_mismatch(d):
+    p = d / "imagesTr" / "demo_001_0000.nii.gz"
+    img = nib.load(p)
+    aff = img.affine.copy()
+    aff[0, 3] += 7.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), p)
+
+
+def _unreadable(d):
+    (d / "imagesTr" / "demo_001_0001.nii.gz").write_bytes(b"this is not a NIfTI file")
+
+
+@pytest.mark.parametrize(
+    "mutate,problem",
+    [(_nan_pet, r"non-finite|NaN"), (_shape_mismatch, r"shape"), (_affine_mismatch, r"affine"),
+     (_unreadable, r"read")],
+)  # fmt: skip
+def test_bad_case_stops_with_named_error(tmp_path, mutate, problem):
+    d = _case_dir(tmp_path, mutate)
+    with pytest.raises(Exception) as info:
+        _run_inprocess(tmp_path, d)
+    text = error_text(info.value)
+    assert "demo_001" in text and re.search(problem, text, re.IGNORECASE), text[-2000:]
+
+
+def test_empty_or_missing_dataset_dir_is_an_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # demo.json never generates into an existing directory that holds no data
+    with pytest.raises(Exception) as info:
+        _run_inprocess(tmp_path, str(empty))
+    assert str(empty) in error_text(info.value) and "no PET/CT cases" in error_text(info.value)
+    # without demo.json a missing dataset_dir is an error, never a demo
+    wf = workflow(B, ["train.json"], dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "o"))
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.run()
+    assert str(tmp_path / "nowhere") in error_text(info.value)
+    assert not (tmp_path / "nowhere").exists()
