@@ -34,8 +34,8 @@ _RESERVED_KEYS = ("case", "ct", "pet", "label", "prompt")
 _EXPECTED_LAYOUT = "imagesTr/<case>_0000.nii[.gz] (CT) and imagesTr/<case>_0001.nii[.gz] (PET)"
 
 
-def find_petct_images(dataset_dir: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Scan ``<dataset_dir>/imagesTr`` for CT (``_0000``) and PET (``_0001``) files.
+def find_petct_images(dataset_dir: str, images_subdir: str = "imagesTr") -> tuple[dict[str, str], dict[str, str]]:
+    """Scan ``<dataset_dir>/<images_subdir>`` (default ``imagesTr``) for CT (``_0000``) and PET (``_0001``) files.
 
     Files of other channels and hidden files are ignored. A missing ``imagesTr`` gives two empty dicts.
 
@@ -48,7 +48,7 @@ def find_petct_images(dataset_dir: str) -> tuple[dict[str, str], dict[str, str]]
     Raises:
         ValueError: a case has one channel both as ``.nii`` and as ``.nii.gz``.
     """
-    images_dir = os.path.join(os.path.abspath(dataset_dir), "imagesTr")
+    images_dir = os.path.join(os.path.abspath(dataset_dir), images_subdir)
     found: dict[str, dict[str, str]] = {CT_CHANNEL: {}, PET_CHANNEL: {}}
     if not os.path.isdir(images_dir):
         return found[CT_CHANNEL], found[PET_CHANNEL]
@@ -122,7 +122,7 @@ def _read_metadata(metadata_file: str) -> dict[str, dict[str, Any]]:
 
 
 def build_autopet_datalist(
-    dataset_dir: str, metadata_file: str | None = None, require_labels: bool = False
+    dataset_dir: str, metadata_file: str | None = None, require_labels: bool = False, images_subdir: str = "imagesTr"
 ) -> list[dict[str, Any]]:
     """Build a MONAI-style datalist of PET/CT cases in the AutoPET III nnU-Net layout.
 
@@ -138,6 +138,7 @@ def build_autopet_datalist(
         metadata_file: metadata table (``.csv``, ``.tsv`` or ``.json`` list of objects) with a ``case`` or
             ``case_id`` column; ``None`` uses ``<dataset_dir>/metadata.csv`` if it exists.
         require_labels: raise if a case has no lesion mask.
+        images_subdir: folder of the images (``imagesTs`` for a test set in nnU-Net's layout).
 
     Returns:
         The datalist, sorted by case id.
@@ -157,9 +158,10 @@ def build_autopet_datalist(
         metadata_file = os.path.join(root, "metadata.csv")
     table = _read_metadata(metadata_file) if metadata_file is not None else {}
 
-    ct, pet = find_petct_images(root)
+    ct, pet = find_petct_images(root, images_subdir)
     if not ct and not pet:
-        raise ValueError(f"Empty datalist: no PET/CT case found in {root}; expected {_EXPECTED_LAYOUT}.")
+        expected = _EXPECTED_LAYOUT.replace("imagesTr", images_subdir)
+        raise ValueError(f"Empty datalist: no PET/CT case found in {root}; expected {expected}.")
     for case in sorted(set(ct) ^ set(pet)):
         have, miss = ("CT", "PET") if case in ct else ("PET", "CT")
         channel = PET_CHANNEL if miss == "PET" else CT_CHANNEL
@@ -168,17 +170,18 @@ def build_autopet_datalist(
             f"(missing imagesTr/{case}_{channel}.nii.gz)."
         )
 
+    labels_subdir = images_subdir.replace("images", "labels", 1)
     datalist: list[dict[str, Any]] = []
     for case in sorted(ct):
         item: dict[str, Any] = {"case": case, "ct": ct[case], "pet": pet[case]}
         label = next(
-            (p for p in (os.path.join(root, "labelsTr", case + e) for e in _NIFTI_EXTS) if os.path.isfile(p)), None
+            (p for p in (os.path.join(root, labels_subdir, case + e) for e in _NIFTI_EXTS) if os.path.isfile(p)), None
         )
         if label is not None:
             item["label"] = label
         elif require_labels:
             raise ValueError(
-                f"Case '{case}' in {root} has no lesion mask (missing labelsTr/{case}.nii.gz) "
+                f"Case '{case}' in {root} has no lesion mask (missing {labels_subdir}/{case}.nii.gz) "
                 "and require_labels=True."
             )
         meta = table.get(case, {})

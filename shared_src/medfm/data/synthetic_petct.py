@@ -198,9 +198,10 @@ def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], s
     label = np.zeros(shape, bool)
     if diagnosis != "negative":
         eligible = np.isin(organ, _LESION_HOSTS) & _erode(body) & ((hf >= 0.45) & (hf <= 0.87))[None, None, :]
-        n_lesions = int(rng.integers(1, 5))
+        # advanced (both sides of the diaphragm) half the time, so staging is balanced among lesion cases
+        advanced = bool(rng.random() < 0.5)
+        n_lesions = int(rng.integers(2 if advanced else 1, 5))
         first = {"lung cancer": True, "prostate cancer": False}.get(diagnosis, bool(rng.random() < 0.5))
-        advanced = n_lesions >= 2 and rng.random() < 0.5
         rest = list(rng.random(n_lesions - 2) < 0.5) if advanced else [first] * (n_lesions - 1)
         sides = [first] + ([not first] if advanced else []) + rest
         liver_suv = float(suv[ORGAN_LABELS["liver"]])

@@ -1,3 +1,4 @@
+from .best_model import BestModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
 from .distributed import EVERY_RANK_HANDLERS, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
@@ -6,6 +7,7 @@ from .prepare_batch import FratMAEPrepareBatch
 from .progress import ProgressBar
 
 __all__ = [
+    "BestModelSaver",
     "EVERY_RANK_HANDLERS",
     "AtomicCheckpointSaver",
     "FratMAEPrepareBatch",

@@ -4,6 +4,7 @@ from .mae_decoder import MAEDecoder
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
 from .pos_embed import sincos_pos_embed
 from .text_encoder import TextEncoder, filter_clip_text_state_dict, load_clip_text_weights
+from .twin_encoder import TwinViTEncoder, evenly_spaced_layers
 from .transformer_block import Mlp, TransformerBlock
 from .vit_encoder import ViTEncoder, init_transformer_weights
 
@@ -15,7 +16,9 @@ __all__ = [
     "SelfAttention",
     "TextEncoder",
     "TransformerBlock",
+    "TwinViTEncoder",
     "ViTEncoder",
+    "evenly_spaced_layers",
     "filter_clip_text_state_dict",
     "init_transformer_weights",
     "load_clip_text_weights",

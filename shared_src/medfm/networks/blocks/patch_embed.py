@@ -7,6 +7,7 @@ That lets the encoder embed only the kept tokens of a masked image: masked token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,7 @@ def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     x = x.reshape(shape)
     # (B, C, g0, p0, g1, p1, ...) -> (B, g0, g1, ..., C, p0, p1, ...)
     perm = [0, *[2 + 2 * i for i in range(nd)], 1, *[3 + 2 * i for i in range(nd)]]
-    return x.permute(perm).reshape(b, -1, c * int(torch.tensor(patch_size).prod()))
+    return x.permute(perm).reshape(b, -1, c * math.prod(patch_size))
 
 
 def unpatchify(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int], channels: int) -> torch.Tensor:

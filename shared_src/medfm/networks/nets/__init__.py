@@ -1,3 +1,4 @@
 from .fratmae import FratMAE
+from .fratmae_downstream import FratMAEClassifier, FratMAESegmenter
 
-__all__ = ["FratMAE"]
+__all__ = ["FratMAE", "FratMAEClassifier", "FratMAESegmenter"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -89,7 +90,7 @@ class FratMAE(nn.Module):
             }
         )
         self.patch_size = self.encoders["pet"].patch_size
-        self.patch_dim = in_channels * int(torch.tensor(self.patch_size).prod())
+        self.patch_dim = in_channels * math.prod(self.patch_size)
         self.decoders = nn.ModuleDict(
             {
                 m: MAEDecoder(

@@ -1,0 +1,151 @@
+"""FratMAE downstream models: lesion segmentation (UNETR-style decoder) and staging (MLP classifier)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+from medfm.networks.blocks.twin_encoder import TwinViTEncoder, evenly_spaced_layers
+
+__all__ = ["FratMAEClassifier", "FratMAESegmenter"]
+
+
+def _tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """(B, 1 + N, C) tokens (CLS first) -> (B, C, *grid)."""
+    b, _, c = tokens.shape
+    return tokens[:, 1:].transpose(1, 2).reshape(b, c, *grid)
+
+
+class FratMAESegmenter(nn.Module):
+    """Lesion segmentation on FratMAE's twin encoders: PET and CT hidden states concatenated layer-wise at
+    ``log2(patch)`` depths feed a UNETR decoder (Hatamizadeh et al., arXiv:2103.10504) built from MONAI's
+    UNETR blocks, with a full-resolution convolutional skip from the image.
+
+    With patch 16 and 12 blocks this is UNETR's layout: features of blocks 3, 6, 9 and 12 (1-based), skips at
+    1/2, 1/4 and 1/8 resolution and the bottleneck at 1/16; any power-of-two patch size works the same way.
+
+    Args:
+        out_channels: segmentation classes (2: background, lesion).
+        patch_size: encoder patch size, a power of two >= 4, the same along every axis.
+        hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate: encoder size (ViT-B).
+        feature_size: decoder width at full resolution (UNETR: 16).
+        feature_layers: encoder blocks (0-based) giving the skips and the bottleneck, shallowest first;
+            ``log2(patch)`` entries. Default: evenly spaced, ending with the last block.
+        norm_name: decoder normalisation.
+        res_block: residual decoder blocks.
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 2,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        feature_size: int = 16,
+        feature_layers: Sequence[int] | None = None,
+        norm_name: str | tuple = "instance",
+        res_block: bool = True,
+    ) -> None:
+        super().__init__()
+        levels = int(round(math.log2(patch_size))) if patch_size > 0 else 0
+        if patch_size < 4 or 2**levels != patch_size:
+            raise ValueError(f"patch_size must be a power of two >= 4, got {patch_size}.")
+        layers = list(feature_layers) if feature_layers is not None else evenly_spaced_layers(num_layers, levels)
+        if len(layers) != levels or any(not 0 <= i < num_layers for i in layers):
+            raise ValueError(
+                f"feature_layers must hold {levels} block indices in [0, {num_layers}) for patch {patch_size}, "
+                f"got {layers}."
+            )
+        self.feature_layers = layers
+        self.backbone = TwinViTEncoder(patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
+                                       drop_path_rate)  # fmt: skip
+        h2 = 2 * hidden_size
+        f = feature_size
+        self.stem = UnetrBasicBlock(3, 2, f, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
+        # skip j (1..levels-1) at 1/2^j resolution from hidden state j-1
+        self.skips = nn.ModuleList(
+            UnetrPrUpBlock(3, h2, f * 2**j, num_layer=levels - 1 - j, kernel_size=3, stride=1,
+                           upsample_kernel_size=2, norm_name=norm_name, conv_block=True, res_block=res_block)
+            for j in range(1, levels)
+        )  # fmt: skip
+        # decoder j (levels-1 .. 0) upsamples to 1/2^j and merges skip j (the stem for j = 0)
+        self.decoders = nn.ModuleList(
+            UnetrUpBlock(3, h2 if j == levels - 1 else f * 2 ** (j + 1), f * 2**j, kernel_size=3,
+                         upsample_kernel_size=2, norm_name=norm_name, res_block=res_block)
+            for j in reversed(range(levels))
+        )  # fmt: skip
+        self.out = UnetOutBlock(3, f, out_channels)
+
+    @property
+    def encoders(self) -> nn.ModuleDict:
+        return self.backbone.encoders
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            image: (B, 2, X, Y, Z), channel 0 PET, channel 1 CT, each size a multiple of the patch size.
+
+        Returns:
+            logits (B, out_channels, X, Y, Z).
+        """
+        final, hidden, grid = self.backbone(image, self.feature_layers[:-1])
+        skips = [self.stem(image)] + [blk(_tokens_to_volume(h, grid)) for blk, h in zip(self.skips, hidden)]
+        x = _tokens_to_volume(final, grid)
+        for dec, skip in zip(self.decoders, reversed(skips)):
+            x = dec(x, skip)
+        return self.out(x)
+
+
+class FratMAEClassifier(nn.Module):
+    """Whole-body staging classifier on FratMAE's twin encoders: the PET and CT CLS tokens concatenated,
+    then an MLP (Oh et al., arXiv:2503.02824, Sec. 2.4.3: Ann Arbor early vs advanced).
+
+    Args:
+        num_classes: classes (2: early I/II, advanced III/IV).
+        patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate: encoder size.
+        mlp_hidden: hidden width of the MLP head.
+        dropout: dropout before the last layer.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        mlp_hidden: int = 512,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+        self.backbone = TwinViTEncoder(patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
+                                       drop_path_rate)  # fmt: skip
+        self.head = nn.Sequential(
+            nn.LayerNorm(2 * hidden_size),
+            nn.Linear(2 * hidden_size, mlp_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_hidden, num_classes),
+        )
+
+    @property
+    def encoders(self) -> nn.ModuleDict:
+        return self.backbone.encoders
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (B, 2, X, Y, Z) PET/CT -> logits (B, num_classes)."""
+        final, _, _ = self.backbone(image, ())
+        return self.head(final[:, 0])

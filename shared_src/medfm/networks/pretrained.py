@@ -1,0 +1,89 @@
+"""Initialise downstream networks from a FratMAE pre-training checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["filter_fratmae_encoders", "init_from_pretraining", "load_fratmae_encoders"]
+
+logger = logging.getLogger(__name__)
+
+
+def _read_state(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pre-training checkpoint {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read pre-training checkpoint {path}: {e}") from e
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]  # a training checkpoint (model, optimizer, ...) rather than bare weights
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def filter_fratmae_encoders(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """Keep FratMAE's encoder tensors (``encoders.pet.*``, ``encoders.ct.*``), renamed under ``prefix``.
+
+    A pure key mapping: ``encoders.pet.blocks.0.attn.qkv.weight`` -> ``backbone.encoders.pet.blocks.0.attn.qkv.weight``.
+    Decoders, text encoder and projection are dropped. ``module.`` prefixes (DDP) are removed first.
+    """
+    out = {}
+    for k, v in state.items():
+        k = k[len("module.") :] if k.startswith("module.") else k
+        if k.startswith(("encoders.pet.", "encoders.ct.")):
+            out[prefix + k] = v
+    return out
+
+
+def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy the PET and CT encoders of a FratMAE pre-training checkpoint into a downstream network.
+
+    Accepts the final ``model.pt`` or a training checkpoint (``checkpoint_iter=<n>.pt``). Every encoder tensor
+    of the network must be found with the same shape; otherwise nothing is loaded and a ValueError names
+    the file and the first differences (a checkpoint of another model or of another encoder size).
+
+    Returns:
+        ``{"loaded": [...], "not_in_checkpoint": [...]}`` — network tensors taken from the checkpoint, and
+        network tensors left as initialised (the task decoder or head).
+    """
+    state = filter_fratmae_encoders(_read_state(path))
+    own = network.state_dict()
+    wanted = [k for k in own if k.startswith("backbone.encoders.")]
+    if not state:
+        raise ValueError(
+            f"{path} is not a FratMAE pre-training checkpoint: it holds no 'encoders.pet.*' / 'encoders.ct.*' tensors."
+        )
+    missing = [k for k in wanted if k not in state]
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wanted if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        raise ValueError(
+            f"{path} does not fit this network's encoders: {len(missing)} tensors missing "
+            f"(e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]}); was it pre-trained with the "
+            "same encoder size and patch size?"
+        )
+    for k in wanted:
+        own[k] = state[k].to(own[k].dtype)
+    network.load_state_dict(own)
+    report = {"loaded": wanted, "not_in_checkpoint": [k for k in own if k not in wanted]}
+    logger.info(
+        "loaded %d encoder tensors from %s; %d tensors (task decoder/head) keep their initialisation",
+        len(report["loaded"]), path, len(report["not_in_checkpoint"]),
+    )  # fmt: skip
+    return report
+
+
+def init_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
+    """``network`` with its encoders loaded from ``path`` (see :func:`load_fratmae_encoders`); with no path
+    it is returned as initialised (the paper's "Baseline" row: no pre-training)."""
+    if path:
+        load_fratmae_encoders(network, path)
+    else:
+        logger.info("no pre-training checkpoint given: encoders start from random initialisation")
+    return network
