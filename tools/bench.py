@@ -21,8 +21,10 @@ Everything runs in one process; stdout carries exactly one JSON object per case,
     qkv bias on, as in our encoders), decoder 512/8/16/2048 -- MONAI's API takes every one of our decoder
     sizes; what it cannot express is the cross-attention sub-layer (its decoders attend to themselves only),
     so this is the plain per-modality MAE of the paper's ablation. Its decoder position embedding is
-    ``learnable``: MONAI's 3D sin-cos embedding needs a width divisible by 6, which 512 is not (same FLOPs). Both modalities are masked (MONAI masks
-    inside ``forward``, ratio 0.5). One step: forward both, MSE on the masked patches, backward, AdamW.
+    ``learnable``: MONAI's 3D sin-cos embedding needs a width divisible by 6, which 512 is not (same FLOPs).
+    Both modalities are masked (MONAI masks inside ``forward``, ratio 0.5). One step: forward both, MSE on
+    the masked patches, backward, AdamW. Needs ``einops`` (MONAI's attention block imports it); without it
+    this case is left out.
 ``fratmae``
     ``medfm.networks.nets.FratMAE`` (cross_modal=True, context_align=True, paper sizes), a batch prepared by
     ``medfm.engines.FratMAEPrepareBatch`` each step (mask drawn each step), ``FratMAELoss.forward_terms``,
@@ -40,10 +42,14 @@ Everything runs in one process; stdout carries exactly one JSON object per case,
     / samples/s the fp32 FratMAE step consumes (batch / step_s); the target is >= 2 (``meets_target``).
 
 Timing: the model steps are interleaved (one step of each model per round, the order rotated each round)
-so that both see the same machine; ``step_s`` is the median over the timed rounds after ``--warmup``
-warm-up steps. Each step also records its process CPU time and ``foreign_cpu``: the share of the machine's
-CPU time that other processes used during the step (from /proc/stat; null elsewhere) -- a step timed while
-something else ran is slower for reasons that are not the model's.
+so that all see the same machine, after ``--warmup`` untimed steps each (the FLOP-counting step below is the
+first of them for the fp32 steps). Each step records its wall time, its process CPU time and ``foreign_cpu``:
+the share of the machine's CPU time that other processes used meanwhile (from /proc/stat; null elsewhere).
+On a small shared machine that matters a lot: with every core in use by torch's threads, a second busy
+process slows a step many times over, not by its share of the CPU. A round is quiet when every step in it
+saw ``foreign_cpu <= 0.10``; up to ``--steps`` extra rounds are run in place of rounds that were not (while
+time allows), and ``step_s`` is the median over the quiet rounds (over all rounds, with a warning, if none
+was quiet). ``step_s_all`` / ``foreign_cpu_all`` list every round, ``rounds`` / ``quiet_rounds`` count them.
 
 FLOPs: counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` on one extra, untimed step
 (forward and backward counted separately; the optimizer does no matmuls). PyTorch's counter has no formula
@@ -66,7 +72,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +81,7 @@ import torch.nn as nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FRATMAE_TRAIN_CONFIG = REPO_ROOT / "bundles" / "fratmae_petct" / "configs" / "train.json"
+FUSED_ADAMW = True  # as the bundle configs set it; both models get the same optimizer
 DATA_TARGET = 2.0  # the data pipeline should deliver at least this many times what training consumes
 
 _STDOUT = sys.stdout  # JSON lines only; everything else (ours and libraries') goes to stderr
@@ -109,6 +116,9 @@ def _busy_cpu_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+QUIET = 0.10  # a timed round counts when other processes used at most this share of the machine's CPU
+
+
 @dataclass
 class Sample:
     wall_s: float
@@ -126,6 +136,10 @@ def _timed(fn: Callable[[], Any]) -> Sample:
         # /proc/stat ticks at 100 Hz: over short steps this is coarse, so clamp to [0, 1]
         foreign = min(1.0, max(0.0, (busy1 - busy0 - cpu) / (wall * (os.cpu_count() or 1))))
     return Sample(wall, cpu, foreign)
+
+
+def _is_quiet(rnd: dict[str, Sample]) -> bool:
+    return all(s.foreign_cpu is None or s.foreign_cpu <= QUIET for s in rnd.values())
 
 
 def _summary(samples: Sequence[Sample]) -> dict[str, Any]:
@@ -215,19 +229,32 @@ def _component_names(module: nn.Module) -> list[str]:
 
 
 class Trainee:
-    """One model's training step, split so that FLOPs can be counted per phase."""
+    """One model's training step, split so that FLOPs can be counted (and time profiled) per phase."""
 
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
 
     def loss(self) -> torch.Tensor:
+        """Prepare the batch, forward, loss."""
         raise NotImplementedError
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss().backward()
         self.optimizer.step()
+
+    def labelled_step(self) -> None:
+        """``step`` with each phase labelled for torch.profiler."""
+        from torch.profiler import record_function
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("phase: batch + forward + loss"):
+            loss = self.loss()
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: optimizer"):
+            self.optimizer.step()
 
     def count_flops(self) -> dict[str, Any]:
         """Run one step under FlopCounterMode; forward (+ loss) and backward counted separately."""
@@ -243,7 +270,8 @@ class Trainee:
         counts = fwd.get_flop_counts()
         root = type(self.module).__name__
         by_module = {
-            n: _flops_under(counts, f"{root}.{n}", self.module.get_submodule(n)) for n in _component_names(self.module)
+            n: _flops_under(counts, f"{root}.{n}", self.module.get_submodule(n))
+            for n in _component_names(self.module)
         }
         attn_ops = set(mapping)
         attn = sum(v for k, v in fwd.get_flop_counts().get("Global", {}).items() if k in attn_ops)
@@ -255,6 +283,23 @@ class Trainee:
             "flops_sdpa_kernel": int(attn),
             "flops_fwd_by_module": {k: v for k, v in by_module.items() if v},
         }
+
+
+def _profile(t: Trainee, top: int = 15) -> None:
+    """One profiled step: time per phase and the ops with the most self time, to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        t.labelled_step()
+        wall = time.perf_counter() - t0
+    rows = [(e.key, e.cpu_time_total / 1e6, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+    _note(f"profile {t.name}: one step {wall:.3f} s under the profiler")
+    for key, total, _, _ in rows:
+        if key.startswith("phase: "):
+            _note(f"  {key[7:]:<58} {total:8.3f} s")
+    for key, _, self_s, count in sorted((r for r in rows if not r[0].startswith("phase: ")), key=lambda r: -r[2])[:top]:
+        _note(f"  {key[:50]:<50} x{count:<5} {self_s:8.3f} s self ({100 * self_s / wall:4.1f}%)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,6 +331,7 @@ class FratMAESize:
     data_cases: int
     matmul_sizes: tuple[int, ...]
     matmul_repeats: int
+    extra_rounds_after_s: float  # no extra timed rounds once the timed phase has run this long
 
 
 FRATMAE_SIZES = {
@@ -299,7 +345,7 @@ FRATMAE_SIZES = {
         dec_hidden=512, dec_layers=8, dec_heads=16, dec_mlp=2048,
         text_width=512, text_layers=12, text_heads=8, embed_dim=512, mask_ratio=0.5,
         whole_body=(160, 160, 192), data_shape=(200, 200, 326), data_spacing=(4.0, 4.0, 3.0), data_cases=3,
-        matmul_sizes=(2048, 3072, 4096), matmul_repeats=3,
+        matmul_sizes=(2048, 3072, 4096), matmul_repeats=3, extra_rounds_after_s=90.0,
     ),
     # a few seconds: 8 x 2 x 8 = 128 tokens of width 48, so attention is a large share of the FLOPs (a
     # missing attention count shows); the same pipeline on a 64^3 whole-body grid.
@@ -308,7 +354,7 @@ FRATMAE_SIZES = {
         dec_hidden=32, dec_layers=2, dec_heads=2, dec_mlp=128,
         text_width=32, text_layers=2, text_heads=2, embed_dim=32, mask_ratio=0.5,
         whole_body=(64, 64, 64), data_shape=(48, 48, 96), data_spacing=(10.0, 10.0, 20.0), data_cases=2,
-        matmul_sizes=(512, 1024), matmul_repeats=3,
+        matmul_sizes=(512, 1024), matmul_repeats=3, extra_rounds_after_s=5.0,
     ),
 }  # fmt: skip
 DEFAULT_STEPS = {"base": (1, 3), "tiny": (1, 3)}  # (warmup, timed steps)
@@ -341,7 +387,7 @@ class FratMAETrainee(Trainee):
         self.module.train()
         self.prepare = FratMAEPrepareBatch(cfg.patch, mask_ratio=cfg.mask_ratio, cross_modal=True, seed=0)
         self.loss_fn = FratMAELoss(infonce_weight=1.0, temperature=0.07)
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.05)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.05, fused=FUSED_ADAMW)
         self.batch = batch
         self.bf16 = bf16
         self.device_type = "cpu"
@@ -383,7 +429,7 @@ class MonaiMAETrainee(Trainee):
         self.name = "monai_mae"
         self.module = MonaiMAEPair(cfg)
         self.module.train()
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.05)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.05, fused=FUSED_ADAMW)
         self.batch = batch
         self.patch = (cfg.patch,) * 3
 
@@ -427,7 +473,8 @@ def _run_models(
     torch.manual_seed(0)
 
     # --- matmul peak, start of run
-    _note(f"matmul peak: sizes {cfg.matmul_sizes}, {cfg.matmul_repeats} repeats (fp32{', bf16' if args.bf16 else ''})")
+    dtypes = "fp32, bf16" if args.bf16 else "fp32"
+    _note(f"matmul peak: sizes {cfg.matmul_sizes}, {cfg.matmul_repeats} repeats ({dtypes})")
     fp32_start = _matmul_sweep(cfg.matmul_sizes, torch.float32, cfg.matmul_repeats)
     bf16_start = _matmul_sweep(cfg.matmul_sizes, torch.bfloat16, cfg.matmul_repeats) if args.bf16 else {}
 
@@ -447,6 +494,7 @@ def _run_models(
         _note("einops is not installed: MONAI's MaskedAutoEncoderViT cannot be built; monai_mae is skipped")
     fr = FratMAETrainee(cfg, batch, tokenizer, bf16=False)
     trainees.append(fr)
+    by_name = {t.name: t for t in trainees}
     runners: dict[str, Callable[[], None]] = {t.name: t.step for t in trainees}
     if args.bf16:
         fr_bf16 = copy.copy(fr)  # the same model, optimiser and batch; the forward autocast
@@ -464,18 +512,38 @@ def _run_models(
         flops["fratmae_bf16"] = flops["fratmae"]
 
     names = list(runners)
-    for w in range(warmup):
-        for name in names:
+    # the FLOP-counting step was the first warm-up step of monai_mae and fratmae (allocations, optimiser
+    # state); the bf16 step warms its own kernels
+    for name in names:
+        for w in range(warmup if name == "fratmae_bf16" else max(0, warmup - 1)):
             s = _timed(runners[name])
-            _note(f"warm-up {w + 1}/{warmup} {name}: {s.wall_s:.3f} s")
-    samples: dict[str, list[Sample]] = {n: [] for n in names}
-    for r in range(steps):
+            _note(f"warm-up {w + 1} {name}: {s.wall_s:.3f} s")
+    rounds: list[dict[str, Sample]] = []
+    t_timed = time.perf_counter()
+    while True:
+        r = len(rounds)
         order = names[r % len(names) :] + names[: r % len(names)]
+        rnd = {}
         for name in order:
-            s = _timed(runners[name])
-            samples[name].append(s)
+            s = rnd[name] = _timed(runners[name])
             fc = "" if s.foreign_cpu is None else f", other processes {100 * s.foreign_cpu:.0f}% CPU"
-            _note(f"step {r + 1}/{steps} {name}: {s.wall_s:.3f} s (cpu {s.cpu_s:.2f} s{fc})")
+            _note(f"round {r + 1} {name}: {s.wall_s:.3f} s (cpu {s.cpu_s:.2f} s{fc})")
+        rounds.append(rnd)
+        clean = [x for x in rounds if _is_quiet(x)]
+        if len(rounds) < steps:
+            continue
+        if len(clean) >= steps or len(rounds) >= 2 * steps:
+            break
+        if time.perf_counter() - t_timed > cfg.extra_rounds_after_s:
+            _note("no time left for more rounds in place of those that other processes slowed down")
+            break
+        _note(f"{len(rounds) - len(clean)} of {len(rounds)} rounds ran beside other busy processes: one more")
+    clean = [x for x in rounds if _is_quiet(x)]
+    used = clean if clean else rounds
+    samples: dict[str, list[Sample]] = {n: [x[n] for x in used] for n in names}
+    all_samples: dict[str, list[Sample]] = {n: [x[n] for x in rounds] for n in names}
+    if not clean:
+        _note("WARNING: every timed round ran beside other busy processes; step times are not this model's")
 
     # --- matmul peak again at the best size, after the steps
     best_n = max(fp32_start, key=lambda n: max(fp32_start[n]))
@@ -488,19 +556,27 @@ def _run_models(
     peak16 = max(max(v) for v in [*bf16_start.values(), bf16_end]) if args.bf16 else None
 
     records = []
-    rec = {"case": "matmul_peak", "size": args.size, "threads": threads, "sizes": list(cfg.matmul_sizes),
-           "repeats": cfg.matmul_repeats, "fp32_gflops": _r(peak32),
-           "fp32_gflops_start": _r(max(max(v) for v in fp32_start.values())), "fp32_gflops_end": _r(max(fp32_end)),
-           "fp32_by_size": {str(n): _r(max(v)) for n, v in fp32_start.items()}}  # fmt: skip
-    if args.bf16:
-        rec |= {"bf16_gflops": _r(peak16), "bf16_gflops_start": _r(max(max(v) for v in bf16_start.values())),
-                "bf16_gflops_end": _r(max(bf16_end)), "bf16_by_size": {str(n): _r(max(v)) for n, v in bf16_start.items()}}  # fmt: skip
+    rec: dict[str, Any] = {"case": "matmul_peak", "size": args.size, "threads": threads,
+                           "sizes": list(cfg.matmul_sizes), "repeats": cfg.matmul_repeats}  # fmt: skip
+    for tag, start, end, peak in (("fp32", fp32_start, fp32_end, peak32), ("bf16", bf16_start, bf16_end, peak16)):
+        if start:
+            rec |= {
+                f"{tag}_gflops": _r(peak),
+                f"{tag}_gflops_start": _r(max(max(v) for v in start.values())),
+                f"{tag}_gflops_end": _r(max(end)),
+                f"{tag}_by_size": {str(n): _r(max(v)) for n, v in start.items()},
+            }
     rec["loadavg"] = _loadavg()
     records.append(rec)
 
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        summ = _summary(samples[name]) if samples[name] else {"step_s": None}
+        summ = _summary(samples[name]) | {
+            "step_s_all": [_r(x.wall_s) for x in all_samples[name]],
+            "foreign_cpu_all": [None if x.foreign_cpu is None else _r(x.foreign_cpu, 2) for x in all_samples[name]],
+            "rounds": len(rounds),
+            "quiet_rounds": len(clean),
+        }  # step_s etc. over the quiet rounds (all rounds if none was quiet); the *_all lists over all
         f = flops[name]
         step_s = summ["step_s"]
         gflops = f["flops_per_step"] / step_s / 1e9 if step_s else None
@@ -511,7 +587,7 @@ def _run_models(
         results[name] = rec
     if "monai_mae" in results:
         results["monai_mae"] |= {
-            "params": _params(trainees[0].module),
+            "params": _params(by_name["monai_mae"].module),
             "model": {**_fratmae_config_fields(cfg), "decoder_cross_attention": False, "masked": ["pet", "ct"],
                       "qkv_bias": True, "context_align": False},
         }  # fmt: skip
@@ -531,7 +607,12 @@ def _run_models(
 
     train_step = results["fratmae"]["step_s"]
     bf16_step = results.get("fratmae_bf16", {}).get("step_s")
-    del trainees, runners, fr, batch  # free the models before the data pipeline runs
+    if args.profile:
+        for t in [*trainees, *([fr_bf16] if args.bf16 else [])]:
+            _profile(t)
+    del trainees, by_name, runners, fr, batch  # free the models before the data pipeline runs
+    if args.bf16:
+        del fr_bf16
     gc.collect()
     return records, (train_step, bf16_step)
 
@@ -579,9 +660,10 @@ def _run_data(args: argparse.Namespace, cfg: FratMAESize, train_step: float, bf1
         def rate_record(case: str, samples: list[Sample], extra: dict[str, Any]) -> dict[str, Any]:
             total = sum(s.wall_s for s in samples)
             rate = len(samples) / total
+            ratio = rate / train_rate
             rec = {"case": case, **common, "samples": len(samples), "samples_per_s": _r(rate),
                    "sample_s": _r(statistics.median(s.wall_s for s in samples)),
-                   "ratio_vs_train": _r(rate / train_rate), "meets_target": rate / train_rate >= DATA_TARGET}  # fmt: skip
+                   "ratio_vs_train": _r(ratio), "meets_target": ratio >= DATA_TARGET}  # fmt: skip
             if bf16_step:
                 rec["ratio_vs_train_bf16"] = _r(rate / (b / bf16_step))
             foreign = [s.foreign_cpu for s in samples if s.foreign_cpu is not None]
@@ -593,8 +675,10 @@ def _run_data(args: argparse.Namespace, cfg: FratMAESize, train_step: float, bf1
         first = cold[0]  # imports and first-call costs, and the check that the pipeline fits the model
         for key in ("pet", "ct"):
             if tuple(first[key].shape[1:]) != cfg.spatial:
-                raise RuntimeError(f"the train.json pipeline gives {key} crops of {tuple(first[key].shape)}, "
-                                   f"the model takes {cfg.spatial}: adapt _fratmae_pipeline to the config.")  # fmt: skip
+                raise RuntimeError(
+                    f"the train.json pipeline gives {key} crops of {tuple(first[key].shape)}, the model takes "
+                    f"{cfg.spatial}: adapt _fratmae_pipeline to the config."
+                )
         samples = [_timed(lambda i=i: cold[i]) for _ in range(passes_cold) for i in range(len(cold))]
         records.append(rate_record("data_cold", samples, {}))
         _note(f"data cold: {records[-1]['samples_per_s']} samples/s")
@@ -641,7 +725,9 @@ def _add_fratmae(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the bf16-autocast step (default on)")  # fmt: skip
     p.add_argument("--data", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the data pipeline (default on)")  # fmt: skip
+                   help="also time the data pipeline (default on)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed rounds, profile one step per model (phases, top ops) to stderr")  # fmt: skip
     p.set_defaults(func=_run_fratmae)
 
 

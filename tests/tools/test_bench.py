@@ -12,8 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench.py"
+HAVE_EINOPS = importlib.util.find_spec("einops") is not None  # MONAI's MaskedAutoEncoderViT needs it
 CASES = ("matmul_peak", "monai_mae", "fratmae", "fratmae_bf16", "data_cold", "data_warm")
 MODEL_CASES = ("monai_mae", "fratmae", "fratmae_bf16")
+needs_einops = pytest.mark.skipif(not HAVE_EINOPS, reason="the monai_mae baseline needs einops")
 
 # The tiny size, written out here so that the closed forms below do not take it from the tool under test.
 B = 2
@@ -84,8 +86,6 @@ def monai_mae_step_flops() -> int:
 
 @pytest.fixture(scope="module")
 def records() -> dict[str, dict]:
-    if importlib.util.find_spec("einops") is None:
-        pytest.skip("MONAI's MaskedAutoEncoderViT (the monai_mae baseline) needs einops")
     proc = subprocess.run(
         [sys.executable, str(BENCH), "fratmae", "--size", "tiny", "--steps", "1", "--warmup", "0"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
@@ -102,23 +102,30 @@ def records() -> dict[str, dict]:
 
 
 def test_all_cases_once(records):
-    assert tuple(records) == CASES
+    assert tuple(records) == tuple(c for c in CASES if HAVE_EINOPS or c != "monai_mae")
 
 
 def test_model_cases(records):
     peak = records["matmul_peak"]
     assert peak["fp32_gflops"] > 0 and peak["bf16_gflops"] > 0
     for case in MODEL_CASES:
+        if case not in records and not HAVE_EINOPS:
+            continue
         r = records[case]
         assert r["size"] == "tiny" and r["batch"] == B and r["input"] == [B, 1, *SPATIAL]
         assert r["flops_per_step"] > 0 and r["flops_per_step"] == r["flops_fwd"] + r["flops_bwd"]
         assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5, r
         assert r["gflops"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9, rel=1e-3)
+    fm = records["fratmae"]
+    assert records["fratmae_bf16"]["speedup_vs_fp32"] > 0
+    assert fm["model"]["encoder"] == [D, L, 3, M] and fm["model"]["tokens"] == N and fm["model"]["patch"] == PATCH
+
+
+@needs_einops
+def test_ratio_vs_monai(records):
     fm, mo = records["fratmae"], records["monai_mae"]
     assert fm["ratio_vs_monai"] == pytest.approx(fm["mfu"] / mo["mfu"], rel=1e-2)
     assert fm["step_ratio_vs_monai"] == pytest.approx(fm["step_s"] / mo["step_s"], rel=1e-2)
-    assert records["fratmae_bf16"]["speedup_vs_fp32"] > 0
-    assert fm["model"]["encoder"] == [D, L, 3, M] and fm["model"]["tokens"] == N and fm["model"]["patch"] == PATCH
 
 
 def test_fratmae_flops_match_closed_form(records):
@@ -133,6 +140,7 @@ def test_fratmae_flops_match_closed_form(records):
     assert r["flops_sdpa_kernel"] > 0  # medfm's attention runs in the SDPA kernels, and they are counted
 
 
+@needs_einops
 def test_monai_flops_match_closed_form(records):
     assert records["monai_mae"]["flops_per_step"] == pytest.approx(monai_mae_step_flops(), rel=0.10)
 
