@@ -94,22 +94,33 @@ def _refs(cfg):
     return set()
 
 
-@pytest.mark.parametrize(
-    "override", [None, *sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
-                             if os.path.basename(p) not in ("train.json", "metadata.json"))]
+# override file -> the config it is merged over; files with "imports" stand alone
+BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_stage.json",
+           "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
+           "evaluate_stage.json": "finetune_stage.json"}  # fmt: skip
+ALL_CONFIGS = sorted(
+    os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
+    if os.path.basename(p) != "metadata.json"
 )
-def test_every_reference_resolves(override):
-    base = json.load(open(configs(B, "train.json")[0]))
-    ids = _ids(base)
-    refs = _refs(base)
-    if override:
-        extra = json.load(open(configs(B, override)[0]))
-        for k, v in extra.items():
+
+
+def _merged(name):
+    cfg = json.load(open(configs(B, name)[0]))
+    if "imports" in cfg:
+        return [cfg]
+    return _merged(BASE_OF.get(name, "train.json")) + [cfg]
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_reference_resolves(name):
+    ids, refs = set(), set()
+    for cfg in _merged(name):
+        for k, v in cfg.items():
             ids.add(k)
             ids |= _ids(v, k)
-        refs |= _refs(extra)
+        refs |= _refs(cfg)
     missing = sorted(r for r in refs if r not in ids)
-    assert not missing, f"{override or 'train.json'} refers to ids that do not exist: {missing}"
+    assert not missing, f"{name} refers to ids that do not exist: {missing}"
 
 
 def test_demo_runs_from_another_directory_with_cli(tmp_path):

@@ -1,0 +1,19 @@
+"""Evaluation metrics and report handlers (FratMAE, arXiv:2503.02824; AutoPET challenge definitions)."""
+
+from .bootstrap import bootstrap_ci
+from .classification import accuracy, macro_sensitivity, per_class_recall
+from .handlers import ClassificationReport, SegmentationReport
+from .segmentation import as_binary_mask, dice_iou, lesion_fp_fn_volumes, voxel_volume_from_affine
+
+__all__ = [
+    "ClassificationReport",
+    "SegmentationReport",
+    "accuracy",
+    "as_binary_mask",
+    "bootstrap_ci",
+    "dice_iou",
+    "lesion_fp_fn_volumes",
+    "macro_sensitivity",
+    "per_class_recall",
+    "voxel_volume_from_affine",
+]
