@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import data, engines, losses, masking, networks, transforms, utils  # noqa: E402
+from . import data, engines, losses, masking, metrics, networks, transforms, utils  # noqa: E402
 
-__all__ = ["data", "engines", "losses", "masking", "networks", "transforms", "utils"]
+__all__ = ["data", "engines", "losses", "masking", "metrics", "networks", "transforms", "utils"]

@@ -81,8 +81,9 @@ def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[s
 
 def init_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
     """``network`` with its encoders loaded from ``path`` (see :func:`load_fratmae_encoders`); with no path
-    it is returned as initialised (the paper's "Baseline" row: no pre-training)."""
-    if path:
+    (None, ``""`` or ``"none"``, which a command line can pass) it is returned as initialised (the paper's
+    "Baseline" row: no pre-training)."""
+    if path is not None and str(path).strip().lower() not in ("", "none"):
         load_fratmae_encoders(network, path)
     else:
         logger.info("no pre-training checkpoint given: encoders start from random initialisation")
