@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from .vit_encoder import ViTEncoder
 
-__all__ = ["TwinViTEncoder", "evenly_spaced_layers"]
+__all__ = ["TwinViTEncoder", "evenly_spaced_layers", "twin_vit_encoders"]
+
+MODALITIES = ("pet", "ct")
 
 
 def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
@@ -20,6 +22,27 @@ def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
     if count < 1:
         raise ValueError(f"count must be positive, got {count}.")
     return [max(0, round((i + 1) * num_layers / count) - 1) for i in range(count)]
+
+
+def twin_vit_encoders(
+    in_channels: int = 1,
+    patch_size: int | Sequence[int] = 16,
+    hidden_size: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    mlp_dim: int = 3072,
+    qkv_bias: bool = True,
+    drop_path_rate: float = 0.0,
+    spatial_dims: int = 3,
+) -> nn.ModuleDict:
+    """``{"pet": ViTEncoder, "ct": ViTEncoder}`` of one size: FratMAE's fraternal twins."""
+    return nn.ModuleDict(
+        {
+            m: ViTEncoder(in_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
+                          drop_path_rate, spatial_dims)  # fmt: skip
+            for m in MODALITIES
+        }
+    )
 
 
 class TwinViTEncoder(nn.Module):
@@ -35,7 +58,7 @@ class TwinViTEncoder(nn.Module):
             the encoders' size (as :class:`ViTEncoder`); ``in_channels`` is 1 per modality.
     """
 
-    MODALITIES = ("pet", "ct")
+    MODALITIES = MODALITIES
 
     def __init__(
         self,
@@ -49,12 +72,8 @@ class TwinViTEncoder(nn.Module):
         spatial_dims: int = 3,
     ) -> None:
         super().__init__()
-        self.encoders = nn.ModuleDict(
-            {
-                m: ViTEncoder(1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate,
-                              spatial_dims)  # fmt: skip
-                for m in self.MODALITIES
-            }
+        self.encoders = twin_vit_encoders(
+            1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate, spatial_dims
         )
         self.patch_size = self.encoders["pet"].patch_size
         self.hidden_size = hidden_size

@@ -9,11 +9,10 @@ import torch
 import torch.nn as nn
 
 from medfm.masking import TokenMask
-from medfm.networks.blocks import MAEDecoder, TextEncoder, ViTEncoder, load_clip_text_weights
+from medfm.networks.blocks import MAEDecoder, TextEncoder, load_clip_text_weights
+from medfm.networks.blocks.twin_encoder import MODALITIES, twin_vit_encoders
 
 __all__ = ["FratMAE", "MODALITIES"]
-
-MODALITIES = ("pet", "ct")
 
 
 class FratMAE(nn.Module):
@@ -80,15 +79,10 @@ class FratMAE(nn.Module):
         self.cross_modal = cross_modal
         self.context_align = context_align
         self.in_channels = in_channels
-        self.encoders = nn.ModuleDict(
-            {
-                m: ViTEncoder(
-                    in_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
-                    drop_path_rate, spatial_dims,
-                )  # fmt: skip
-                for m in MODALITIES
-            }
-        )
+        self.encoders = twin_vit_encoders(
+            in_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate,
+            spatial_dims,
+        )  # fmt: skip
         self.patch_size = self.encoders["pet"].patch_size
         self.patch_dim = in_channels * math.prod(self.patch_size)
         self.decoders = nn.ModuleDict(
