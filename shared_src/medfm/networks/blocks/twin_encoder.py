@@ -58,8 +58,6 @@ class TwinViTEncoder(nn.Module):
             the encoders' size (as :class:`ViTEncoder`); ``in_channels`` is 1 per modality.
     """
 
-    MODALITIES = MODALITIES
-
     def __init__(
         self,
         patch_size: int | Sequence[int] = 16,
@@ -95,7 +93,7 @@ class TwinViTEncoder(nn.Module):
             raise ValueError(f"expected a (B, 2, ...) PET/CT image, got shape {tuple(image.shape)}.")
         finals, inters = [], []
         grid: tuple[int, ...] = ()
-        for c, m in enumerate(self.MODALITIES):
+        for c, m in enumerate(MODALITIES):
             final, inter, grid = self.encoders[m].forward_intermediates(image[:, c : c + 1], indices)
             finals.append(final)
             inters.append(inter)
