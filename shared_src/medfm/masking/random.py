@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TokenMask", "random_masking"]
+__all__ = ["TokenMask", "num_visible", "random_masking"]
 
 
 class TokenMask(NamedTuple):
