@@ -49,7 +49,7 @@ def seg_model(work):
 def test_finetune_seg_loads_pretraining_and_records_split(seg_model):
     assert "loaded 58 encoder tensors" in seg_model["log"]  # 2 encoders x 29 tensors of the demo ViT
     weights = torch.load(seg_model["model"], weights_only=True)
-    assert any(k.startswith("backbone.encoders.pet.") for k in weights) and any(k.startswith("decoders.") for k in weights)
+    assert any(k.startswith("encoders.pet.") for k in weights) and any(k.startswith("decoders.") for k in weights)
     split = json.load(open(seg_model["out"] / "split.json"))
     assert split["label_fraction"] == 1.0 and split["train"] and split["val"]
     assert not set(split["train"]) & set(split["val"])

@@ -57,18 +57,23 @@ def _pretrain(tmp_path, **kw):
 def test_pretrained_encoders_load_and_report(tmp_path, cls):
     src, path = _pretrain(tmp_path)
     net = cls(patch_size=8, **ENC)
-    head_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+    head_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("encoders.")}
     report = load_fratmae_encoders(net, path)
     own = net.state_dict()
     for m in ("pet", "ct"):
         for k, v in src.encoders[m].state_dict().items():
-            assert torch.equal(own[f"backbone.encoders.{m}.{k}"], v)
+            assert torch.equal(own[f"encoders.{m}.{k}"], v)
     assert len(report["loaded"]) == 2 * len(src.encoders["pet"].state_dict())
     assert set(report["not_in_checkpoint"]) == set(head_before)
     assert all(torch.equal(own[k], v) for k, v in head_before.items())  # the task head is untouched
     # a training checkpoint (model under "model") works the same
     torch.save({"model": src.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
     assert load_fratmae_encoders(cls(patch_size=8, **ENC), tmp_path / "ckpt.pt")["loaded"] == report["loaded"]
+    # fine-tuned weights of one downstream model carry their encoders to another, by the same names
+    torch.save(net.state_dict(), tmp_path / "finetuned.pt")
+    other = FratMAEClassifier(patch_size=8, **ENC) if cls is FratMAESegmenter else FratMAESegmenter(patch_size=8, **ENC)
+    load_fratmae_encoders(other, tmp_path / "finetuned.pt")
+    assert all(torch.equal(other.state_dict()[k], own[k]) for k in report["loaded"])
 
 
 def test_wrong_checkpoints_are_refused(tmp_path):

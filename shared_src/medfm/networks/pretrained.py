@@ -28,24 +28,24 @@ def _read_state(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return state
 
 
-def filter_fratmae_encoders(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
-    """Keep FratMAE's encoder tensors (``encoders.pet.*``, ``encoders.ct.*``), renamed under ``prefix``.
-
-    A pure key mapping: ``encoders.pet.blocks.0.attn.qkv.weight`` -> ``backbone.encoders.pet.blocks.0.attn.qkv.weight``.
-    Decoders, text encoder and projection are dropped. ``module.`` prefixes (DDP) are removed first.
+def filter_fratmae_encoders(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep FratMAE's encoder tensors (``encoders.pet.*``, ``encoders.ct.*``); every FratMAE model (pre-training,
+    segmentation, staging) names them so. Decoders, text encoder, projections and task heads are dropped;
+    ``module.`` prefixes (DDP) are removed first.
     """
     out = {}
     for k, v in state.items():
         k = k[len("module.") :] if k.startswith("module.") else k
         if k.startswith(("encoders.pet.", "encoders.ct.")):
-            out[prefix + k] = v
+            out[k] = v
     return out
 
 
 def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
     """Copy the PET and CT encoders of a FratMAE pre-training checkpoint into a downstream network.
 
-    Accepts the final ``model.pt`` or a training checkpoint (``checkpoint_iter=<n>.pt``). Every encoder tensor
+    Accepts the final ``model.pt`` or a training checkpoint (``checkpoint_iter=<n>.pt``) of pre-training, or the
+    weights of a fine-tuned FratMAE segmenter or classifier (their encoders too). Every encoder tensor
     of the network must be found with the same shape; otherwise nothing is loaded and a ValueError names
     the file and the first differences (a checkpoint of another model or of another encoder size).
 
@@ -55,7 +55,7 @@ def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[s
     """
     state = filter_fratmae_encoders(_read_state(path))
     own = network.state_dict()
-    wanted = [k for k in own if k.startswith("backbone.encoders.")]
+    wanted = [k for k in own if k.startswith(("encoders.pet.", "encoders.ct."))]
     if not state:
         raise ValueError(
             f"{path} is not a FratMAE pre-training checkpoint: it holds no 'encoders.pet.*' / 'encoders.ct.*' tensors."

@@ -4,7 +4,7 @@ from .mae_decoder import MAEDecoder
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
 from .pos_embed import sincos_pos_embed
 from .text_encoder import TextEncoder, filter_clip_text_state_dict, load_clip_text_weights
-from .twin_encoder import TwinViTEncoder, evenly_spaced_layers, twin_vit_encoders
+from .twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
 from .transformer_block import Mlp, TransformerBlock
 from .vit_encoder import ViTEncoder, init_transformer_weights
 
@@ -16,7 +16,6 @@ __all__ = [
     "SelfAttention",
     "TextEncoder",
     "TransformerBlock",
-    "TwinViTEncoder",
     "ViTEncoder",
     "evenly_spaced_layers",
     "filter_clip_text_state_dict",
@@ -25,6 +24,7 @@ __all__ = [
     "patchify",
     "sincos_pos_embed",
     "token_grid",
+    "twin_features",
     "twin_vit_encoders",
     "unpatchify",
 ]

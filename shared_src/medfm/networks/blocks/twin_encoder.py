@@ -1,4 +1,8 @@
-"""Two ViT encoders, one per modality, with layer-wise concatenated features (FratMAE downstream)."""
+"""Two ViT encoders, one per modality, with layer-wise concatenated features (FratMAE downstream).
+
+Every FratMAE model keeps its pair under ``encoders.pet.*`` / ``encoders.ct.*``, so pre-trained, fine-tuned
+and released weights load into each other by name.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import torch.nn as nn
 
 from .vit_encoder import ViTEncoder
 
-__all__ = ["TwinViTEncoder", "evenly_spaced_layers", "twin_vit_encoders"]
+__all__ = ["MODALITIES", "evenly_spaced_layers", "twin_features", "twin_vit_encoders"]
 
 MODALITIES = ("pet", "ct")
 
@@ -45,57 +49,28 @@ def twin_vit_encoders(
     )
 
 
-class TwinViTEncoder(nn.Module):
-    """A PET encoder and a CT encoder of one size, applied to channel 0 (PET) and channel 1 (CT) of an
-    image; their hidden states are concatenated layer-wise, as FratMAE's downstream models do (Oh et al.,
-    arXiv:2503.02824, Sec. 2.4.3).
-
-    Parameter names (``encoders.pet.*``, ``encoders.ct.*``) match :class:`~medfm.networks.nets.FratMAE`,
-    so pre-trained encoders load by name.
+def twin_features(
+    encoders: nn.ModuleDict, image: torch.Tensor, indices: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
+    """Run the PET encoder on channel 0 and the CT encoder on channel 1 of ``image`` and concatenate their
+    hidden states layer-wise, as FratMAE's downstream models do (Oh et al., arXiv:2503.02824, Sec. 2.4.3).
 
     Args:
-        patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate, spatial_dims:
-            the encoders' size (as :class:`ViTEncoder`); ``in_channels`` is 1 per modality.
+        encoders: ``{"pet": ViTEncoder, "ct": ViTEncoder}`` (see :func:`twin_vit_encoders`), one input channel each.
+        image: (B, 2, *spatial), channel 0 PET, channel 1 CT.
+        indices: block indices whose outputs to return.
+
+    Returns:
+        final normed tokens (B, 1 + N, 2 * hidden_size), the requested block outputs
+        (B, 1 + N, 2 * hidden_size) each, and the token grid. PET features come first.
     """
-
-    def __init__(
-        self,
-        patch_size: int | Sequence[int] = 16,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
-        qkv_bias: bool = True,
-        drop_path_rate: float = 0.0,
-        spatial_dims: int = 3,
-    ) -> None:
-        super().__init__()
-        self.encoders = twin_vit_encoders(
-            1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate, spatial_dims
-        )
-        self.patch_size = self.encoders["pet"].patch_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-
-    def forward(
-        self, image: torch.Tensor, indices: Sequence[int]
-    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
-        """
-        Args:
-            image: (B, 2, *spatial), channel 0 PET, channel 1 CT.
-            indices: block indices whose outputs to return.
-
-        Returns:
-            final normed tokens (B, 1 + N, 2 * hidden_size), the requested block outputs
-            (B, 1 + N, 2 * hidden_size) each, and the token grid. PET features come first.
-        """
-        if image.ndim < 3 or image.shape[1] != 2:
-            raise ValueError(f"expected a (B, 2, ...) PET/CT image, got shape {tuple(image.shape)}.")
-        finals, inters = [], []
-        grid: tuple[int, ...] = ()
-        for c, m in enumerate(MODALITIES):
-            final, inter, grid = self.encoders[m].forward_intermediates(image[:, c : c + 1], indices)
-            finals.append(final)
-            inters.append(inter)
-        merged = [torch.cat([p, c], dim=-1) for p, c in zip(inters[0], inters[1])]
-        return torch.cat(finals, dim=-1), merged, grid
+    if image.ndim < 3 or image.shape[1] != 2:
+        raise ValueError(f"expected a (B, 2, ...) PET/CT image, got shape {tuple(image.shape)}.")
+    finals, inters = [], []
+    grid: tuple[int, ...] = ()
+    for c, m in enumerate(MODALITIES):
+        final, inter, grid = encoders[m].forward_intermediates(image[:, c : c + 1], indices)
+        finals.append(final)
+        inters.append(inter)
+    merged = [torch.cat([p, c], dim=-1) for p, c in zip(inters[0], inters[1])]
+    return torch.cat(finals, dim=-1), merged, grid

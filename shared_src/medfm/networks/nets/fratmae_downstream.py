@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
-from medfm.networks.blocks.twin_encoder import TwinViTEncoder, evenly_spaced_layers
+from medfm.networks.blocks.twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
 
 __all__ = ["FratMAEClassifier", "FratMAESegmenter"]
 
@@ -65,8 +65,8 @@ class FratMAESegmenter(nn.Module):
                 f"got {layers}."
             )
         self.feature_layers = layers
-        self.backbone = TwinViTEncoder(patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
-                                       drop_path_rate)  # fmt: skip
+        self.encoders = twin_vit_encoders(1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
+                                          drop_path_rate)  # fmt: skip
         h2 = 2 * hidden_size
         f = feature_size
         self.stem = UnetrBasicBlock(3, 2, f, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
@@ -84,10 +84,6 @@ class FratMAESegmenter(nn.Module):
         )  # fmt: skip
         self.out = UnetOutBlock(3, f, out_channels)
 
-    @property
-    def encoders(self) -> nn.ModuleDict:
-        return self.backbone.encoders
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -96,7 +92,7 @@ class FratMAESegmenter(nn.Module):
         Returns:
             logits (B, out_channels, X, Y, Z).
         """
-        final, hidden, grid = self.backbone(image, self.feature_layers[:-1])
+        final, hidden, grid = twin_features(self.encoders, image, self.feature_layers[:-1])
         skips = [self.stem(image)] + [blk(_tokens_to_volume(h, grid)) for blk, h in zip(self.skips, hidden)]
         x = _tokens_to_volume(final, grid)
         for dec, skip in zip(self.decoders, reversed(skips)):
@@ -131,8 +127,8 @@ class FratMAEClassifier(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
-        self.backbone = TwinViTEncoder(patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
-                                       drop_path_rate)  # fmt: skip
+        self.encoders = twin_vit_encoders(1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
+                                          drop_path_rate)  # fmt: skip
         self.head = nn.Sequential(
             nn.LayerNorm(2 * hidden_size),
             nn.Linear(2 * hidden_size, mlp_hidden),
@@ -141,11 +137,7 @@ class FratMAEClassifier(nn.Module):
             nn.Linear(mlp_hidden, num_classes),
         )
 
-    @property
-    def encoders(self) -> nn.ModuleDict:
-        return self.backbone.encoders
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image: (B, 2, X, Y, Z) PET/CT -> logits (B, num_classes)."""
-        final, _, _ = self.backbone(image, ())
+        final, _, _ = twin_features(self.encoders, image, ())
         return self.head(final[:, 0])
