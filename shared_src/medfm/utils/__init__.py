@@ -1,3 +1,4 @@
 from .bundle import bundle_root, default_device
+from .release import download_bundle, package_bundle, safe_extract, sha256_file
 
-__all__ = ["bundle_root", "default_device"]
+__all__ = ["bundle_root", "default_device", "download_bundle", "package_bundle", "safe_extract", "sha256_file"]
