@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import threading
@@ -24,6 +25,18 @@ DEMO_NET = {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "mlp_dim": 192, 
             "text_width": 64, "text_num_layers": 1, "text_num_heads": 4, "embed_dim": 64}  # fmt: skip
 
 
+@contextlib.contextmanager
+def serve(directory):
+    """An HTTP server for ``directory`` on a free loopback port; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """A demo-size segmentation model whose encoders come from a demo pre-training, packaged and served."""
@@ -40,12 +53,9 @@ def release(tmp_path_factory):
     weights = root / "model.pt"
     torch.save(seg.state_dict(), weights)
     zip_path, digest = package_bundle(f"{REPO}/bundles/{B}", weights, root / "dist")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root / "dist"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/{zip_path.name}"
-    yield {"root": root, "data": data, "zip": zip_path, "sha": digest, "url": url, "weights": weights}
-    server.shutdown()
+    with serve(root / "dist") as base:
+        yield {"root": root, "data": data, "zip": zip_path, "sha": digest, "url": f"{base}/{zip_path.name}",
+               "weights": weights}  # fmt: skip
 
 
 def test_zip_layout_and_large_files(release):
@@ -97,13 +107,6 @@ def test_member_escaping_the_bundle_folder_is_refused(tmp_path, member):
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr(f"{B}/configs/train.json", "{}")
         zf.writestr(member, "x")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(ValueError, match="outside"):
-            download_bundle(f"http://127.0.0.1:{server.server_address[1]}/bad.zip", B, tmp_path / "dl",
-                            sha256_file(bad))  # fmt: skip
-    finally:
-        server.shutdown()
+    with serve(tmp_path) as base, pytest.raises(ValueError, match="outside"):
+        download_bundle(f"{base}/bad.zip", B, tmp_path / "dl", sha256_file(bad))
     assert not (tmp_path / "dl").exists() and not (tmp_path / "escaped.txt").exists()
