@@ -17,6 +17,11 @@ def configs(bundle: str, *names: str) -> list[str]:
     return [os.path.join(REPO, "bundles", bundle, "configs", n) for n in names]
 
 
+def config_list(bundle: str, *names: str) -> str:
+    """The ``--config_file`` argument that merges a bundle's config files in order: ``"['/abs/a.json', …]"``."""
+    return "[" + ",".join(f"'{p}'" for p in configs(bundle, *names)) + "]"
+
+
 def workflow(bundle: str, names: list[str], workflow_type: str = "train", **override) -> ConfigWorkflow:
     files = configs(bundle, *names)
     return ConfigWorkflow(

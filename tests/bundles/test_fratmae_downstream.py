@@ -14,13 +14,13 @@ import torch
 
 from medfm.data import generate_synthetic_petct
 
-from .helpers import configs, run_cli, workflow
+from .helpers import config_list, configs, run_cli, workflow
 
 B = "fratmae_petct"
 
 
 def _files(*names: str) -> str:
-    return "[" + ",".join(f"'{p}'" for p in configs(B, *names)) + "]"
+    return config_list(B, *names)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 from medfm.data import ensure_demo_petct, generate_synthetic_petct
 from medfm.networks.nets import FratMAE
 
-from .helpers import REPO, SCHEMA, configs, error_text, event_tags, run_cli, workflow
+from .helpers import REPO, SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
 
 B = "fratmae_petct"
 TRAIN = ["train.json", "demo.json"]
@@ -125,7 +125,7 @@ def test_every_reference_resolves(name):
 
 def test_demo_runs_from_another_directory_with_cli(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
-    files = "[" + ",".join(f"'{p}'" for p in configs(B, *TRAIN)) + "]"
+    files = config_list(B, *TRAIN)
     res = run_cli(["run", "--config_file", files, "--dataset_dir", str(data), "--output_dir", str(out),
                    "--epochs", "2"], cwd=str(tmp_path))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -170,7 +170,7 @@ def test_axial_and_coronal_stacks(tmp_path, demo_dir, stack, expected):
 
 def test_killed_run_resumes_from_last_checkpoint(tmp_path, demo_dir):
     out = tmp_path / "out"
-    files = "[" + ",".join(f"'{p}'" for p in configs(B, *TRAIN)) + "]"
+    files = config_list(B, *TRAIN)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files,
            "--dataset_dir", demo_dir, "--output_dir", str(out), "--epochs", "500"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -263,7 +263,7 @@ def test_empty_or_missing_dataset_dir_is_an_error(tmp_path):
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(tmp_path, demo_dir):
     out = tmp_path / "out"
-    files = "[" + ",".join(f"'{p}'" for p in configs(B, *TRAIN, "multi_gpu_train.json")) + "]"
+    files = config_list(B, *TRAIN, "multi_gpu_train.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", demo_dir,
            "--output_dir", str(out), "--epochs", "1"]  # fmt: skip
