@@ -1,4 +1,20 @@
 from . import blocks, nets
-from .pretrained import filter_fratmae_encoders, init_from_pretraining, load_fratmae_encoders
+from .pretrained import (
+    filter_fratmae_encoders,
+    filter_spad_vit_encoder,
+    init_from_pretraining,
+    init_spad_vit_from_pretraining,
+    load_fratmae_encoders,
+    load_spad_vit_encoder,
+)
 
-__all__ = ["blocks", "filter_fratmae_encoders", "init_from_pretraining", "load_fratmae_encoders", "nets"]
+__all__ = [
+    "blocks",
+    "filter_fratmae_encoders",
+    "filter_spad_vit_encoder",
+    "init_from_pretraining",
+    "init_spad_vit_from_pretraining",
+    "load_fratmae_encoders",
+    "load_spad_vit_encoder",
+    "nets",
+]

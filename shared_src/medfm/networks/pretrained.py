@@ -1,4 +1,4 @@
-"""Initialise downstream networks from a FratMAE pre-training checkpoint."""
+"""Initialise downstream networks from a pre-training checkpoint (FratMAE encoders, SPAD-ViT encoder)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ import os
 from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-__all__ = ["filter_fratmae_encoders", "init_from_pretraining", "load_fratmae_encoders"]
+__all__ = [
+    "filter_fratmae_encoders",
+    "filter_spad_vit_encoder",
+    "init_from_pretraining",
+    "init_spad_vit_from_pretraining",
+    "load_fratmae_encoders",
+    "load_spad_vit_encoder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,33 +42,40 @@ def filter_fratmae_encoders(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     """
     out = {}
     for k, v in state.items():
-        k = k[len("module.") :] if k.startswith("module.") else k
+        k = k.removeprefix("module.")
         if k.startswith(("encoders.pet.", "encoders.ct.")):
             out[k] = v
     return out
 
 
-def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Copy the PET and CT encoders of a FratMAE pre-training checkpoint into a downstream network.
+def filter_spad_vit_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SPAD-ViT encoder tensors named as in the downstream models (``encoder.*``).
 
-    Accepts the final ``model.pt`` or a training checkpoint (``checkpoint_iter=<n>.pt``) of pre-training, or the
-    weights of a fine-tuned FratMAE segmenter or classifier (their encoders too). Every encoder tensor
-    of the network must be found with the same shape; otherwise nothing is loaded and a ValueError names
-    the file and the first differences (a checkpoint of another model or of another encoder size).
-
-    Returns:
-        ``{"loaded": [...], "not_in_checkpoint": [...]}`` — network tensors taken from the checkpoint, and
-        network tensors left as initialised (the task decoder or head).
+    A MIM pre-training state (``cls_token``, ``blocks.*``, ... at the top level) is prefixed with ``encoder.``
+    after dropping ``mask_token`` and ``mim_head.*``; a downstream model's state keeps its ``encoder.*``.
+    ``module.`` prefixes (DDP) are removed first.
     """
-    state = filter_fratmae_encoders(_read_state(path))
+    state = {(k.removeprefix("module.")): v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):
+        return {k: v for k, v in state.items() if k.startswith("encoder.")}
+    return {f"encoder.{k}": v for k, v in state.items() if k != "mask_token" and not k.startswith("mim_head.")}
+
+
+def _load_part(
+    network: nn.Module, path: str | os.PathLike, state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], what: str
+) -> dict[str, list[str]]:
     own = network.state_dict()
-    wanted = [k for k in own if k.startswith(("encoders.pet.", "encoders.ct."))]
-    if not state:
+    wanted = [k for k in own if k.startswith(prefixes)]
+    if not state or not any(k.startswith(prefixes) for k in state):
         raise ValueError(
-            f"{path} is not a FratMAE pre-training checkpoint: it holds no 'encoders.pet.*' / 'encoders.ct.*' tensors."
+            f"{path} is not a {what} checkpoint: it holds no {' / '.join(p + '*' for p in prefixes)} tensors."
         )
     missing = [k for k in wanted if k not in state]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wanted if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in wanted
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or wrong:
         raise ValueError(
             f"{path} does not fit this network's encoders: {len(missing)} tensors missing "
@@ -79,12 +93,42 @@ def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[s
     return report
 
 
-def init_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
+def load_fratmae_encoders(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy the PET and CT encoders of a FratMAE pre-training checkpoint into a downstream network.
+
+    Accepts the final ``model.pt`` or a training checkpoint (``checkpoint_iter=<n>.pt``) of pre-training, or the
+    weights of a fine-tuned FratMAE segmenter or classifier (their encoders too). Every encoder tensor
+    of the network must be found with the same shape; otherwise nothing is loaded and a ValueError names
+    the file and the first differences (a checkpoint of another model or of another encoder size).
+
+    Returns:
+        ``{"loaded": [...], "not_in_checkpoint": [...]}`` — network tensors taken from the checkpoint, and
+        network tensors left as initialised (the task decoder or head).
+    """
+    state = filter_fratmae_encoders(_read_state(path))
+    return _load_part(network, path, state, ("encoders.pet.", "encoders.ct."), "FratMAE pre-training")
+
+
+def load_spad_vit_encoder(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy a SPAD-ViT encoder (MIM pre-training checkpoint, converted release, or a fine-tuned SPAD-ViT model)
+    into a downstream SPAD-ViT model's ``encoder``; same checks and report as :func:`load_fratmae_encoders`."""
+    state = filter_spad_vit_encoder(_read_state(path))
+    return _load_part(network, path, state, ("encoder.",), "SPAD-ViT")
+
+
+def init_from_pretraining(
+    network: nn.Module, path: str | os.PathLike | None, loader=load_fratmae_encoders
+) -> nn.Module:
     """``network`` with its encoders loaded from ``path`` (see :func:`load_fratmae_encoders`); with no path
     (None, ``""`` or ``"none"``, which a command line can pass) it is returned as initialised (the paper's
     "Baseline" row: no pre-training)."""
     if path is not None and str(path).strip().lower() not in ("", "none"):
-        load_fratmae_encoders(network, path)
+        loader(network, path)
     else:
         logger.info("no pre-training checkpoint given: encoders start from random initialisation")
     return network
+
+
+def init_spad_vit_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
+    """:func:`init_from_pretraining` for SPAD-ViT downstream models (:func:`load_spad_vit_encoder`)."""
+    return init_from_pretraining(network, path, load_spad_vit_encoder)

@@ -1,0 +1,57 @@
+"""Sliding-window inference whose window follows the batch's anisotropy level."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer, sliding_window_inference
+
+from medfm.networks.blocks.spad import default_aniso_d
+
+__all__ = ["SpadSlidingWindowInferer", "spad_window"]
+
+
+def spad_window(tokens: Sequence[int], aniso_d: int, patch_size: int = 16, depth: int | None = None) -> tuple[int, ...]:
+    """Window (D, H, W) of ``tokens`` = (t_d, t_h, t_w) tokens: ``t_d * (patch_size >> aniso_d)`` slices (at least
+    1 per token), and 1 slice for a depth-1 (2D) input."""
+    if len(tokens) != 3:
+        raise ValueError(f"tokens must be (depth, height, width) token counts, got {list(tokens)}.")
+    d = 1 if depth == 1 else tokens[0] * max(patch_size >> aniso_d, 1)
+    return (d, tokens[1] * patch_size, tokens[2] * patch_size)
+
+
+class SpadSlidingWindowInferer(Inferer):
+    """``sliding_window_inference`` with a window of ``tokens`` patches, sized per call from ``aniso_d``.
+
+    ``aniso_d`` reaches the network as a keyword (``network(window, aniso_d=…)``); it defaults to 5 for a
+    depth-1 input and 0 otherwise, as in the networks. Images smaller than the window are padded.
+
+    Args:
+        tokens: window size in tokens (t_d, t_h, t_w).
+        patch_size: the ViT's in-plane patch size.
+        sw_batch_size, overlap, mode: as in ``monai.inferers.SlidingWindowInferer``.
+    """
+
+    def __init__(
+        self, tokens: Sequence[int], patch_size: int = 16, sw_batch_size: int = 1, overlap: float = 0.25,
+        mode: str = "gaussian",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.tokens = tuple(int(t) for t in tokens)
+        spad_window(self.tokens, 0, patch_size)
+        self.patch_size = patch_size
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = mode
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, aniso_d: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        aniso_d = default_aniso_d(inputs, aniso_d)
+        roi = spad_window(self.tokens, aniso_d, self.patch_size, depth=inputs.shape[2])
+        return sliding_window_inference(
+            inputs, roi, self.sw_batch_size, network, self.overlap, self.mode, *args, aniso_d=aniso_d, **kwargs
+        )

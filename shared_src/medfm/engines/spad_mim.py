@@ -1,0 +1,89 @@
+"""Batch preparation for SPAD-ViT masked image modelling: soft-token targets and masks built outside the ViT."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.engines.utils import PrepareBatch
+from torch import nn
+
+__all__ = ["SpadMIMPrepareBatch", "batch_aniso_d", "plain_tensor"]
+
+
+def plain_tensor(x: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
+    """A plain tensor on ``device`` (MetaTensor metadata is not needed on the hot path)."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
+
+
+def batch_aniso_d(batchdata: Mapping[str, Any], key: str = "aniso_d") -> int:
+    """The single anisotropy level of a collated batch; a clear error when it is missing or mixed."""
+    if key not in batchdata:
+        raise KeyError(f"the batch has no '{key}' (add medfm.transforms.ReorientToDepthd to the transforms).")
+    values = torch.as_tensor(batchdata[key]).reshape(-1).unique()
+    if values.numel() != 1:
+        raise ValueError(
+            f"a batch mixes aniso_d values {values.tolist()}; build the DataLoader with "
+            "medfm.data.AnisoBatchSampler so that every batch has one."
+        )
+    return int(values.item())
+
+
+class SpadMIMPrepareBatch(PrepareBatch):
+    """``(image, {"probs", "mask"}, (), {"aniso_d", "mask"})`` for ``SupervisedTrainer`` running
+    :class:`medfm.networks.nets.SpadViTMIM`.
+
+    The frozen tokenizer sees ``2 * image - 1`` and gives the soft tokens ``softmax(logits)`` (N, L, K); a
+    uniform random mask hides ``L - int(L * (1 - mask_ratio))`` tokens of every sample (the reference's count).
+    Masks come from this object's generator, seeded with ``seed + rank``.
+
+    Args:
+        tokenizer: a trained :class:`medfm.networks.nets.SpadVT` (kept frozen, in eval mode).
+        mask_ratio: fraction of masked tokens (SPAD-ViT: 0.55).
+        seed: base seed of the mask generator.
+        image_key, aniso_key: batch keys.
+    """
+
+    def __init__(
+        self, tokenizer: nn.Module, mask_ratio: float = 0.55, seed: int = 0, image_key: str = "image",
+        aniso_key: str = "aniso_d",
+    ) -> None:  # fmt: skip
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.mask_ratio = mask_ratio
+        self.seed = seed
+        self.image_key = image_key
+        self.aniso_key = aniso_key
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        key = str(torch.device(device))
+        if key not in self._generators:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._generators[key] = torch.Generator(device=key).manual_seed(self.seed + rank)
+        return self._generators[key]
+
+    def random_mask(self, batch_size: int, num_tokens: int, device: torch.device | str) -> torch.Tensor:
+        """(N, L) bool, True at exactly ``L - int(L * (1 - mask_ratio))`` random tokens per row."""
+        num_masked = num_tokens - int(num_tokens * (1.0 - self.mask_ratio))
+        noise = torch.rand(batch_size, num_tokens, device=device, generator=self.generator(device))
+        ranks = noise.argsort(dim=1).argsort(dim=1)
+        return ranks < num_masked
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, Any]]:  # fmt: skip
+        aniso_d = batch_aniso_d(batchdata, self.aniso_key)
+        image = plain_tensor(batchdata[self.image_key], device, non_blocking)
+        self.tokenizer.eval()
+        with torch.no_grad():
+            logits = self.tokenizer.tokenize(2.0 * image - 1.0, aniso_d).logits
+        probs = logits.float().flatten(1, -2).softmax(dim=-1)
+        mask = self.random_mask(probs.shape[0], probs.shape[1], image.device)
+        return image, {"probs": probs, "mask": mask}, (), {"aniso_d": aniso_d, "mask": mask}
