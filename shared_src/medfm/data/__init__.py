@@ -5,15 +5,25 @@ from .splits import finetune_splits, label_fraction_subset, with_class_label
 from .cache import transform_state_hash
 from .prompt import PromptTokenizer, build_prompt
 from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
+from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
+from .spad import build_spad_datalist, find_spad_images
+from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [
+    "SPAD_LABELS",
+    "AnisoBatchSampler",
     "PromptTokenizer",
+    "aniso_batch_sampler",
     "build_autopet_datalist",
     "build_prompt",
+    "build_spad_datalist",
     "ensure_demo_petct",
+    "ensure_demo_spad",
     "find_petct_images",
+    "find_spad_images",
     "finetune_splits",
     "generate_synthetic_petct",
+    "generate_synthetic_spad",
     "label_fraction_subset",
     "split_datalist",
     "transform_state_hash",

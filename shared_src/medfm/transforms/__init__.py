@@ -1,4 +1,4 @@
-"""Transforms of medfm: PET/CT loading and FratMAE's stack crops."""
+"""Transforms of medfm: PET/CT loading, FratMAE's stack crops and SPAD-ViT's depth-first layout."""
 
 from __future__ import annotations
 
@@ -14,13 +14,30 @@ from .petct import (
 from .stack_presets import STACKS, stack_settings
 from .text import TokenizePromptd
 from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
+from .spad import (
+    SUPPORTED_INTENSITY,
+    ReorientToDepthd,
+    ScaleIntensitySpadd,
+    SpadLayout,
+    SpadRandCropd,
+    ToRGBd,
+    spad_layout,
+    spad_roi_size,
+    through_plane_axis,
+)
 
 __all__ = [
     "STACKS",
+    "SUPPORTED_INTENSITY",
     "LoadPETCTd",
     "RandStackCrop",
     "RandStackCropd",
+    "ReorientToDepthd",
+    "ScaleIntensitySpadd",
+    "SpadLayout",
+    "SpadRandCropd",
     "StackCrop",
+    "ToRGBd",
     "TokenizePromptd",
     "check_finite",
     "check_same_grid",
@@ -28,6 +45,9 @@ __all__ = [
     "count_nonfinite",
     "grid_mismatch",
     "resample_to_reference",
+    "spad_layout",
+    "spad_roi_size",
     "stack_crop_starts",
     "stack_settings",
+    "through_plane_axis",
 ]
