@@ -302,6 +302,94 @@ def _profile(t: Trainee, top: int = 15) -> None:
         _note(f"  {key[:50]:<50} x{count:<5} {self_s:8.3f} s self ({100 * self_s / wall:4.1f}%)")
 
 
+def _matmul_peak_record(
+    fp32_start: dict[int, list[float]], bf16_start: dict[int, list[float]], repeats: int
+) -> tuple[dict[str, Any], float, float | None]:
+    """Measure the best start size again (after the model steps) and return the peak fields, fp32 and bf16 peaks."""
+    ends: dict[str, list[float]] = {}
+    for tag, start, dtype in (("fp32", fp32_start, torch.float32), ("bf16", bf16_start, torch.bfloat16)):
+        if start:
+            best_n = max(start, key=lambda n: max(start[n]))
+            ends[tag] = _matmul_gflops(best_n, dtype, repeats)
+    rec: dict[str, Any] = {}
+    peaks: dict[str, float | None] = {"fp32": None, "bf16": None}
+    for tag, start in (("fp32", fp32_start), ("bf16", bf16_start)):
+        if start:
+            peak = peaks[tag] = max(max(v) for v in [*start.values(), ends[tag]])
+            rec |= {
+                f"{tag}_gflops": _r(peak),
+                f"{tag}_gflops_start": _r(max(max(v) for v in start.values())),
+                f"{tag}_gflops_end": _r(max(ends[tag])),
+                f"{tag}_by_size": {str(n): _r(max(v)) for n, v in start.items()},
+            }
+    rec["loadavg"] = _loadavg()
+    return rec, peaks["fp32"], peaks["bf16"]  # type: ignore[return-value]
+
+
+def _time_rounds(
+    runners: dict[str, Callable[[], None]], warmups: dict[str, int], steps: int, extra_rounds_after_s: float
+) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]], list[dict[str, Sample]], list[dict[str, Sample]]]:
+    """Warm-up steps, then interleaved timed rounds (one step of each runner, order rotated each round), with
+    extra rounds in place of those other processes slowed down (see the module docstring). Returns the samples
+    used per runner (quiet rounds, or all), all samples per runner, all rounds and the quiet rounds."""
+    names = list(runners)
+    for name in names:
+        for w in range(warmups.get(name, 0)):
+            s = _timed(runners[name])
+            _note(f"warm-up {w + 1} {name}: {s.wall_s:.3f} s")
+    rounds: list[dict[str, Sample]] = []
+    t_timed = time.perf_counter()
+    while True:
+        r = len(rounds)
+        order = names[r % len(names) :] + names[: r % len(names)]
+        rnd = {}
+        for name in order:
+            s = rnd[name] = _timed(runners[name])
+            fc = "" if s.foreign_cpu is None else f", other processes {100 * s.foreign_cpu:.0f}% CPU"
+            _note(f"round {r + 1} {name}: {s.wall_s:.3f} s (cpu {s.cpu_s:.2f} s{fc})")
+        rounds.append(rnd)
+        clean = [x for x in rounds if _is_quiet(x)]
+        if len(rounds) < steps:
+            continue
+        if len(clean) >= steps or len(rounds) >= 2 * steps:
+            break
+        if time.perf_counter() - t_timed > extra_rounds_after_s:
+            _note("no time left for more rounds in place of those that other processes slowed down")
+            break
+        _note(f"{len(rounds) - len(clean)} of {len(rounds)} rounds ran beside other busy processes: one more")
+    clean = [x for x in rounds if _is_quiet(x)]
+    used = clean if clean else rounds
+    if not clean:
+        _note("WARNING: every timed round ran beside other busy processes; step times are not this model's")
+    samples = {n: [x[n] for x in used] for n in names}
+    all_samples = {n: [x[n] for x in rounds] for n in names}
+    return samples, all_samples, rounds, clean
+
+
+def _step_records(
+    names: Sequence[str], samples: dict[str, list[Sample]], all_samples: dict[str, list[Sample]],
+    rounds: list, clean: list, flops: dict[str, dict[str, Any]], peaks: dict[str, float | None],
+    base: Callable[[str], dict[str, Any]],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """One record per runner: ``base(name)``, timing summary, FLOP counts, GFLOP/s and MFU vs ``peaks[name]``."""
+    results = {}
+    for name in names:
+        summ = _summary(samples[name]) | {
+            "step_s_all": [_r(x.wall_s) for x in all_samples[name]],
+            "foreign_cpu_all": [None if x.foreign_cpu is None else _r(x.foreign_cpu, 2) for x in all_samples[name]],
+            "rounds": len(rounds),
+            "quiet_rounds": len(clean),
+        }  # step_s etc. over the quiet rounds (all rounds if none was quiet); the *_all lists over all
+        f = flops[name]
+        step_s = summ["step_s"]
+        gflops = f["flops_per_step"] / step_s / 1e9 if step_s else None
+        peak = peaks[name]
+        rec = base(name) | summ | dict(f)
+        rec |= {"gflops": _r(gflops), "mfu": _r(gflops / peak) if gflops and peak else None}
+        results[name] = rec
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------
 # FratMAE
 
@@ -514,77 +602,18 @@ def _run_models(
     names = list(runners)
     # the FLOP-counting step was the first warm-up step of monai_mae and fratmae (allocations, optimiser
     # state); the bf16 step warms its own kernels
-    for name in names:
-        for w in range(warmup if name == "fratmae_bf16" else max(0, warmup - 1)):
-            s = _timed(runners[name])
-            _note(f"warm-up {w + 1} {name}: {s.wall_s:.3f} s")
-    rounds: list[dict[str, Sample]] = []
-    t_timed = time.perf_counter()
-    while True:
-        r = len(rounds)
-        order = names[r % len(names) :] + names[: r % len(names)]
-        rnd = {}
-        for name in order:
-            s = rnd[name] = _timed(runners[name])
-            fc = "" if s.foreign_cpu is None else f", other processes {100 * s.foreign_cpu:.0f}% CPU"
-            _note(f"round {r + 1} {name}: {s.wall_s:.3f} s (cpu {s.cpu_s:.2f} s{fc})")
-        rounds.append(rnd)
-        clean = [x for x in rounds if _is_quiet(x)]
-        if len(rounds) < steps:
-            continue
-        if len(clean) >= steps or len(rounds) >= 2 * steps:
-            break
-        if time.perf_counter() - t_timed > cfg.extra_rounds_after_s:
-            _note("no time left for more rounds in place of those that other processes slowed down")
-            break
-        _note(f"{len(rounds) - len(clean)} of {len(rounds)} rounds ran beside other busy processes: one more")
-    clean = [x for x in rounds if _is_quiet(x)]
-    used = clean if clean else rounds
-    samples: dict[str, list[Sample]] = {n: [x[n] for x in used] for n in names}
-    all_samples: dict[str, list[Sample]] = {n: [x[n] for x in rounds] for n in names}
-    if not clean:
-        _note("WARNING: every timed round ran beside other busy processes; step times are not this model's")
+    warmups = {n: warmup if n == "fratmae_bf16" else max(0, warmup - 1) for n in names}
+    samples, all_samples, rounds, clean = _time_rounds(runners, warmups, steps, cfg.extra_rounds_after_s)
 
     # --- matmul peak again at the best size, after the steps
-    best_n = max(fp32_start, key=lambda n: max(fp32_start[n]))
-    fp32_end = _matmul_gflops(best_n, torch.float32, cfg.matmul_repeats)
-    bf16_end: list[float] = []
-    if args.bf16:
-        best_nb = max(bf16_start, key=lambda n: max(bf16_start[n]))
-        bf16_end = _matmul_gflops(best_nb, torch.bfloat16, cfg.matmul_repeats)
-    peak32 = max(max(v) for v in [*fp32_start.values(), fp32_end])
-    peak16 = max(max(v) for v in [*bf16_start.values(), bf16_end]) if args.bf16 else None
+    rec, peak32, peak16 = _matmul_peak_record(fp32_start, bf16_start, cfg.matmul_repeats)
+    records = [{"case": "matmul_peak", "size": args.size, "threads": threads, "sizes": list(cfg.matmul_sizes),
+                "repeats": cfg.matmul_repeats} | rec]  # fmt: skip
 
-    records = []
-    rec: dict[str, Any] = {"case": "matmul_peak", "size": args.size, "threads": threads,
-                           "sizes": list(cfg.matmul_sizes), "repeats": cfg.matmul_repeats}  # fmt: skip
-    for tag, start, end, peak in (("fp32", fp32_start, fp32_end, peak32), ("bf16", bf16_start, bf16_end, peak16)):
-        if start:
-            rec |= {
-                f"{tag}_gflops": _r(peak),
-                f"{tag}_gflops_start": _r(max(max(v) for v in start.values())),
-                f"{tag}_gflops_end": _r(max(end)),
-                f"{tag}_by_size": {str(n): _r(max(v)) for n, v in start.items()},
-            }
-    rec["loadavg"] = _loadavg()
-    records.append(rec)
-
-    results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        summ = _summary(samples[name]) | {
-            "step_s_all": [_r(x.wall_s) for x in all_samples[name]],
-            "foreign_cpu_all": [None if x.foreign_cpu is None else _r(x.foreign_cpu, 2) for x in all_samples[name]],
-            "rounds": len(rounds),
-            "quiet_rounds": len(clean),
-        }  # step_s etc. over the quiet rounds (all rounds if none was quiet); the *_all lists over all
-        f = flops[name]
-        step_s = summ["step_s"]
-        gflops = f["flops_per_step"] / step_s / 1e9 if step_s else None
-        peak = peak16 if name == "fratmae_bf16" else peak32
-        rec = _model_record(name, args.size, b, cfg, threads) | summ
-        rec |= {k: v for k, v in f.items()}
-        rec |= {"gflops": _r(gflops), "mfu": _r(gflops / peak) if gflops and peak else None}
-        results[name] = rec
+    peaks = {n: peak16 if n == "fratmae_bf16" else peak32 for n in names}
+    results = _step_records(
+        names, samples, all_samples, rounds, clean, flops, peaks, lambda n: _model_record(n, args.size, b, cfg, threads)
+    )
     if "monai_mae" in results:
         results["monai_mae"] |= {
             "params": _params(by_name["monai_mae"].module),
@@ -731,7 +760,156 @@ def _add_fratmae(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_fratmae)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae]
+# ----------------------------------------------------------------------------------------------------------
+# SPAD-ViT
+
+
+@dataclass(frozen=True)
+class SpadSize:
+    """SPAD-ViT MIM sizes of one ``--size``."""
+
+    tokens: tuple[int, int, int]  # token grid of the crop (isotropic: aniso_d = 0)
+    hidden: int
+    layers: int
+    heads: int
+    mlp: int  # SwiGLU width (MONAI's GELU MLP gets 1.5x this: the same FLOPs)
+    tok_channels: tuple[int, int, int]
+    codes: int
+    code_dim: int
+    mask_ratio: float
+    matmul_sizes: tuple[int, ...]
+    matmul_repeats: int
+    extra_rounds_after_s: float
+
+    @property
+    def spatial(self) -> tuple[int, int, int]:
+        return tuple(16 * t for t in self.tokens)  # type: ignore[return-value]
+
+
+SPAD_SIZES = {
+    # the release: ViT-B (768/12/12, SwiGLU 2048), SPAD-VT 1024 x 512 codes, MIM crops of 5 x 10 x 10 tokens
+    "base": SpadSize(tokens=(5, 10, 10), hidden=768, layers=12, heads=12, mlp=2048, tok_channels=(128, 256, 512),
+                     codes=1024, code_dim=512, mask_ratio=0.55, matmul_sizes=(2048, 3072, 4096), matmul_repeats=3,
+                     extra_rounds_after_s=90.0),
+    "tiny": SpadSize(tokens=(2, 4, 4), hidden=48, layers=2, heads=3, mlp=128, tok_channels=(8, 16, 32), codes=64,
+                     code_dim=32, mask_ratio=0.55, matmul_sizes=(512, 1024), matmul_repeats=3,
+                     extra_rounds_after_s=5.0),
+}  # fmt: skip
+
+
+class MimHeadViT(nn.Module):
+    """MONAI's ViT with the SPAD-ViT MIM head on its patch tokens (no CLS): what a MONAI user would build."""
+
+    def __init__(self, cfg: SpadSize) -> None:
+        super().__init__()
+        from monai.networks.nets import ViT
+
+        self.vit = ViT(
+            in_channels=3, img_size=cfg.spatial, patch_size=16, hidden_size=cfg.hidden, mlp_dim=cfg.mlp * 3 // 2,
+            num_layers=cfg.layers, num_heads=cfg.heads, proj_type="conv", pos_embed_type="learnable",
+            classification=False, qkv_bias=True, spatial_dims=3,
+        )  # fmt: skip
+        self.mim_head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.codes))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.vit(x)[0]
+        return {"logits": self.mim_head(tokens[mask]), "mask": mask}
+
+
+class SpadMIMTrainee(Trainee):
+    """One MIM step: soft-token targets from the frozen SPAD-VT, the model, soft-label CE, backward, AdamW."""
+
+    def __init__(self, name: str, module: nn.Module, tokenizer: nn.Module, cfg: SpadSize, batch: dict) -> None:
+        from medfm.engines.spad_mim import SpadMIMPrepareBatch
+        from medfm.losses.soft_ce import SoftTokenCELoss
+
+        self.name = name
+        self.module = module.train()
+        self.prepare = SpadMIMPrepareBatch(tokenizer, mask_ratio=cfg.mask_ratio, seed=0)
+        self.loss_fn = SoftTokenCELoss()
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05, fused=FUSED_ADAMW)
+        self.batch = batch
+        self.spad = name == "spad_vit"
+
+    def loss(self) -> torch.Tensor:
+        image, targets, _, kwargs = self.prepare(self.batch, torch.device("cpu"))
+        preds = self.module(image, **kwargs) if self.spad else self.module(image, kwargs["mask"])
+        return self.loss_fn.forward_terms(preds, targets)["loss"]
+
+
+def _run_spad(args: argparse.Namespace) -> int:
+    from medfm.networks.nets.spad_vit import SpadViTMIM
+    from medfm.networks.nets.spad_vt import SpadVT
+
+    cfg = SPAD_SIZES[args.size]
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        raise SystemExit("--steps must be >= 1, --warmup >= 0 and --batch >= 1.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    b = args.batch
+    start = time.perf_counter()
+    _note(f"spad --size {args.size}: batch {b}, input {[b, 3, *cfg.spatial]}, warm-up {args.warmup}, "
+          f"steps {args.steps}, {threads} threads, torch {torch.__version__}, load average {_loadavg()}")  # fmt: skip
+    torch.manual_seed(0)
+    fp32_start = _matmul_sweep(cfg.matmul_sizes, torch.float32, cfg.matmul_repeats)
+    tokenizer = SpadVT(channels=cfg.tok_channels, num_codes=cfg.codes, code_dim=cfg.code_dim).eval()
+    batch = {"image": torch.rand(b, 3, *cfg.spatial), "aniso_d": torch.zeros(b, dtype=torch.long)}
+    trainees = [
+        SpadMIMTrainee("monai_vit", MimHeadViT(cfg), tokenizer, cfg, batch),
+        SpadMIMTrainee(
+            "spad_vit",
+            SpadViTMIM(num_codes=cfg.codes, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads,
+                       mlp_dim=cfg.mlp, pos_embed_shape=cfg.tokens),
+            tokenizer, cfg, batch,
+        ),
+    ]  # fmt: skip
+    flops = {}
+    for t in trainees:
+        _note(f"{t.name}: {_params(t.module) / 1e6:.1f} M parameters; counting FLOPs on one untimed step")
+        flops[t.name] = t.count_flops()
+        _note(f"  {flops[t.name]['flops_per_step'] / 1e9:.2f} GFLOP per step")
+    runners = {t.name: t.step for t in trainees}
+    warmups = {n: max(0, args.warmup - 1) for n in runners}
+    samples, all_samples, rounds, clean = _time_rounds(runners, warmups, args.steps, cfg.extra_rounds_after_s)
+    rec, peak32, _ = _matmul_peak_record(fp32_start, {}, cfg.matmul_repeats)
+    _emit({"case": "matmul_peak", "size": args.size, "threads": threads, "sizes": list(cfg.matmul_sizes),
+           "repeats": cfg.matmul_repeats} | rec)  # fmt: skip
+    model = {"tokens": list(cfg.tokens), "encoder": [cfg.hidden, cfg.layers, cfg.heads], "mask_ratio": cfg.mask_ratio,
+             "tokenizer": {"channels": list(cfg.tok_channels), "codes": [cfg.codes, cfg.code_dim]}}  # fmt: skip
+    mlps = {"monai_vit": f"GELU {cfg.mlp * 3 // 2}", "spad_vit": f"SwiGLU {cfg.mlp} + inner LayerNorm, 3D RoPE"}
+    results = _step_records(
+        list(runners), samples, all_samples, rounds, clean, flops, dict.fromkeys(runners, peak32),
+        lambda n: {"case": n, "size": args.size, "batch": b, "input": [b, 3, *cfg.spatial], "threads": threads,
+                   "params": _params(next(t.module for t in trainees if t.name == n)),
+                   "model": model | {"mlp": mlps[n]}},
+    )  # fmt: skip
+    mo, sp = results["monai_vit"], results["spad_vit"]
+    if mo["mfu"] and sp["mfu"]:
+        sp |= {"ratio_vs_monai": _r(sp["mfu"] / mo["mfu"]), "step_ratio_vs_monai": _r(sp["step_s"] / mo["step_s"]),
+               "flops_ratio_vs_monai": _r(sp["flops_per_step"] / mo["flops_per_step"])}  # fmt: skip
+    for n in ("monai_vit", "spad_vit"):
+        _emit(results[n])
+    if args.profile:
+        for t in trainees:
+            _profile(t)
+    _note(f"done in {time.perf_counter() - start:.1f} s; load average {_loadavg()}")
+    return 0
+
+
+def _add_spad(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("spad", help="SPAD-ViT's MIM step vs MONAI's ViT of the same size")
+    p.add_argument("--size", choices=sorted(SPAD_SIZES), default="base", help="model size (default base)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per model (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed rounds, profile one step per model (phases, top ops) to stderr")  # fmt: skip
+    p.set_defaults(func=_run_spad)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
