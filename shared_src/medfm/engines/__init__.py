@@ -5,6 +5,11 @@ from .image_handler import ReconstructionImageHandler, reconstruction_panel
 from .iteration import SSLIteration, loss_terms
 from .prepare_batch import FratMAEPrepareBatch
 from .progress import ProgressBar
+from .sampler_epoch import SamplerEpochHandler
+from .spad_inferer import SpadSlidingWindowInferer
+from .spad_mim import SpadMIMPrepareBatch, batch_aniso_d
+from .spad_prepare_batch import SpadPrepareBatch
+from .tokenizer_iteration import TokenizerIteration
 
 __all__ = [
     "BestModelSaver",
@@ -15,7 +20,13 @@ __all__ = [
     "ReconstructionImageHandler",
     "ResumeFromCheckpoint",
     "SSLIteration",
+    "SamplerEpochHandler",
+    "SpadMIMPrepareBatch",
+    "SpadPrepareBatch",
+    "SpadSlidingWindowInferer",
+    "TokenizerIteration",
     "atomic_torch_save",
+    "batch_aniso_d",
     "handlers_for_rank",
     "latest_checkpoint",
     "loss_terms",

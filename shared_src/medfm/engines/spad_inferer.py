@@ -9,17 +9,9 @@ import torch
 from monai.inferers import Inferer, sliding_window_inference
 
 from medfm.networks.blocks.spad import default_aniso_d
+from medfm.transforms.spad import spad_roi_size
 
-__all__ = ["SpadSlidingWindowInferer", "spad_window"]
-
-
-def spad_window(tokens: Sequence[int], aniso_d: int, patch_size: int = 16, depth: int | None = None) -> tuple[int, ...]:
-    """Window (D, H, W) of ``tokens`` = (t_d, t_h, t_w) tokens: ``t_d * (patch_size >> aniso_d)`` slices (at least
-    1 per token), and 1 slice for a depth-1 (2D) input."""
-    if len(tokens) != 3:
-        raise ValueError(f"tokens must be (depth, height, width) token counts, got {list(tokens)}.")
-    d = 1 if depth == 1 else tokens[0] * max(patch_size >> aniso_d, 1)
-    return (d, tokens[1] * patch_size, tokens[2] * patch_size)
+__all__ = ["SpadSlidingWindowInferer"]
 
 
 class SpadSlidingWindowInferer(Inferer):
@@ -40,7 +32,7 @@ class SpadSlidingWindowInferer(Inferer):
     ) -> None:  # fmt: skip
         super().__init__()
         self.tokens = tuple(int(t) for t in tokens)
-        spad_window(self.tokens, 0, patch_size)
+        spad_roi_size(self.tokens, 0, patch_size)
         self.patch_size = patch_size
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
@@ -51,7 +43,7 @@ class SpadSlidingWindowInferer(Inferer):
         **kwargs: Any,
     ) -> torch.Tensor:  # fmt: skip
         aniso_d = default_aniso_d(inputs, aniso_d)
-        roi = spad_window(self.tokens, aniso_d, self.patch_size, depth=inputs.shape[2])
+        roi = spad_roi_size(self.tokens, aniso_d, self.patch_size, is_2d=inputs.shape[2] == 1)
         return sliding_window_inference(
             inputs, roi, self.sw_batch_size, network, self.overlap, self.mode, *args, aniso_d=aniso_d, **kwargs
         )

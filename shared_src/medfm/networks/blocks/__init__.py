@@ -1,19 +1,50 @@
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
+from .eva_block import EvaAttention, EvaBlock, SwiGLU
 from .mae_decoder import MAEDecoder
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
 from .pos_embed import sincos_pos_embed
+from .rope import Rope3D, apply_rope, rope_frequencies
+from .soft_quantizer import SoftQuantizer, SoftQuantizerOutput
+from .spad import (
+    MAX_ANISO_D,
+    SpadConv3d,
+    SpadConvTranspose3d,
+    SpadDownsample,
+    SpadSequential,
+    SpadUpsample,
+    aniso_d_from_spacing,
+    default_aniso_d,
+    inflate_2d_weight,
+)
 from .text_encoder import TextEncoder, filter_clip_text_state_dict, load_clip_text_weights
 from .twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
 from .transformer_block import Mlp, TransformerBlock
 from .vit_encoder import ViTEncoder, init_transformer_weights
 
 __all__ = [
+    "MAX_ANISO_D",
+    "EvaAttention",
+    "EvaBlock",
+    "Rope3D",
+    "SpadConv3d",
+    "SpadConvTranspose3d",
+    "SpadDownsample",
+    "SpadSequential",
+    "SpadUpsample",
+    "SwiGLU",
+    "aniso_d_from_spacing",
+    "apply_rope",
+    "default_aniso_d",
+    "inflate_2d_weight",
+    "rope_frequencies",
     "CrossAttention",
     "MAEDecoder",
     "Mlp",
     "PatchEmbed",
     "SelfAttention",
+    "SoftQuantizer",
+    "SoftQuantizerOutput",
     "TextEncoder",
     "TransformerBlock",
     "ViTEncoder",

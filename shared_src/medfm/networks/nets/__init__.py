@@ -1,4 +1,18 @@
 from .fratmae import FratMAE
 from .fratmae_downstream import FratMAEClassifier, FratMAESegmenter
+from .spad_vit import SpadViT, SpadViTMIM
+from .spad_vit_downstream import SpadViTClassifier, SpadViTSegmenter
+from .spad_vt import ChannelLayerNorm, SpadPatchDiscriminator, SpadVT
 
-__all__ = ["FratMAE", "FratMAEClassifier", "FratMAESegmenter"]
+__all__ = [
+    "ChannelLayerNorm",
+    "FratMAE",
+    "FratMAEClassifier",
+    "FratMAESegmenter",
+    "SpadPatchDiscriminator",
+    "SpadViT",
+    "SpadViTClassifier",
+    "SpadViTMIM",
+    "SpadViTSegmenter",
+    "SpadVT",
+]

@@ -1,0 +1,71 @@
+"""Batch preparation for SPAD networks: the image (scaled for the tokenizer) and the batch's anisotropy level."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch
+
+from medfm.networks.blocks.spad import default_aniso_d
+
+from .spad_mim import batch_aniso_d, plain_tensor
+
+__all__ = ["SpadPrepareBatch"]
+
+
+class SpadPrepareBatch(PrepareBatch):
+    """Turn a collated batch into ``(image, target, (), {"aniso_d": int})`` for ``SupervisedTrainer`` /
+    ``SupervisedEvaluator``.
+
+    SPAD networks take one anisotropy level per batch (the reference buckets batches by ``aniso_d``), passed
+    as a Python int so the network sees plain tensors; a batch mixing levels is refused. The target is the
+    (scaled) image itself (SPAD-VT reconstructs its input) or, with ``label_key``, the label (fine-tuning).
+
+    Args:
+        image_key: batch key of the (N, C, D, H, W) images, intensities in [0, 1].
+        aniso_key: batch key of the per-sample levels (collated ints); None derives the level from the depth
+            (5 for D = 1, else 0, :func:`medfm.networks.blocks.spad.default_aniso_d`).
+        scale_to_tokenizer: map [0, 1] to [-1, 1] (``2 x - 1``), the SPAD-VT input range.
+        label_key: batch key of the target (segmentation map or class); None makes the image the target.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        aniso_key: str | None = "aniso_d",
+        scale_to_tokenizer: bool = True,
+        label_key: str | None = None,
+    ):
+        self.image_key = image_key
+        self.label_key = label_key
+        self.aniso_key = aniso_key
+        self.scale_to_tokenizer = scale_to_tokenizer
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, int]]:
+        if self.image_key not in batchdata:
+            raise KeyError(f"the batch has no {self.image_key!r} entry (keys: {sorted(batchdata)}).")
+        image = plain_tensor(batchdata[self.image_key], device, non_blocking)
+        if kwargs:  # the engine's to_kwargs (e.g. memory_format)
+            image = image.to(**kwargs)
+        if image.ndim != 5:
+            raise ValueError(f"{self.image_key!r} must be (N, C, D, H, W), got shape {tuple(image.shape)}.")
+        # one level per batch (clear errors when missing or mixed), checked to lie in [0, MAX_ANISO_D]
+        aniso_d = batch_aniso_d(batchdata, self.aniso_key) if self.aniso_key else None
+        aniso_d = default_aniso_d(image, aniso_d)
+        if not image.is_floating_point():
+            image = image.float()
+        if self.scale_to_tokenizer:
+            image = image * 2 - 1
+        if self.label_key is None:
+            return image, image, (), {"aniso_d": aniso_d}
+        label = batchdata.get(self.label_key)
+        label = None if label is None else plain_tensor(label, device, non_blocking)
+        return image, label, (), {"aniso_d": aniso_d}
