@@ -9,12 +9,13 @@ import torch.distributed as dist
 from monai.handlers import LrScheduleHandler
 
 from .checkpoint import ResumeFromCheckpoint
+from .sampler_epoch import SamplerEpochHandler
 
 __all__ = ["EVERY_RANK_HANDLERS", "handlers_for_rank"]
 
-# Handlers that change the training state: every process must run them. Everything else (progress bar,
+# Handlers that change the training state (or what each process samples): every process must run them. Everything else (progress bar,
 # TensorBoard, checkpoint saving) writes output and runs on rank 0 only.
-EVERY_RANK_HANDLERS: tuple[type, ...] = (ResumeFromCheckpoint, LrScheduleHandler)
+EVERY_RANK_HANDLERS: tuple[type, ...] = (ResumeFromCheckpoint, LrScheduleHandler, SamplerEpochHandler)
 
 
 def handlers_for_rank(handlers: Sequence[Any], rank: int | None = None) -> list[Any]:

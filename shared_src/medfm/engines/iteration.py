@@ -18,8 +18,9 @@ __all__ = ["SSLIteration", "loss_terms"]
 class SSLIteration:
     """Forward (bf16 autocast optional), loss with named terms, backward, optional clipping, step.
 
-    The loss function must offer ``forward_terms(preds, targets) -> {"loss": total, <term>: …}`` (all
-    ``medfm.losses`` objectives do). The engine's output holds the batch, predictions, ``loss`` and
+    A loss function with ``forward_terms(preds, targets) -> {"loss": total, <term>: …}`` (all ``medfm.losses``
+    objectives) has every term logged; any other loss (e.g. MONAI's ``DiceCELoss``) gives ``{"loss": …}``.
+    The engine's output holds the batch, predictions, ``loss`` and
     ``terms`` (floats of every term plus the learning rate) for handlers.
 
     Args:
@@ -44,7 +45,10 @@ class SSLIteration:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
             preds = engine.inferer(inputs, engine.network, *args, **kwargs)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms = engine.loss_function.forward_terms(preds, targets)
+        if hasattr(engine.loss_function, "forward_terms"):
+            terms = engine.loss_function.forward_terms(preds, targets)
+        else:
+            terms = {"loss": engine.loss_function(preds, targets)}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         terms["loss"].backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

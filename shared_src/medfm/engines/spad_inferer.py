@@ -6,9 +6,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 
-from medfm.networks.blocks.spad import default_aniso_d
+from medfm.networks.blocks.spad import aniso_d_from_spacing, default_aniso_d
 from medfm.transforms.spad import spad_roi_size
 
 __all__ = ["SpadSlidingWindowInferer"]
@@ -17,8 +18,10 @@ __all__ = ["SpadSlidingWindowInferer"]
 class SpadSlidingWindowInferer(Inferer):
     """``sliding_window_inference`` with a window of ``tokens`` patches, sized per call from ``aniso_d``.
 
-    ``aniso_d`` reaches the network as a keyword (``network(window, aniso_d=…)``); it defaults to 5 for a
-    depth-1 input and 0 otherwise, as in the networks. Images smaller than the window are padded.
+    ``aniso_d`` reaches the network as a keyword (``network(window, aniso_d=…)``). When the caller gives none
+    (MONAI Label calls ``inferer(image, network)``), it is read from the input's spacing if the input is a
+    MetaTensor laid out depth first (after :class:`medfm.transforms.ReorientToDepthd`), else 5 for a depth-1
+    input and 0 otherwise. Images smaller than the window are padded.
 
     Args:
         tokens: window size in tokens (t_d, t_h, t_w).
@@ -42,6 +45,8 @@ class SpadSlidingWindowInferer(Inferer):
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, aniso_d: int | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:  # fmt: skip
+        if aniso_d is None and isinstance(inputs, MetaTensor) and inputs.shape[2] > 1:
+            aniso_d = aniso_d_from_spacing([float(v) for v in inputs.pixdim[:3]])
         aniso_d = default_aniso_d(inputs, aniso_d)
         roi = spad_roi_size(self.tokens, aniso_d, self.patch_size, is_2d=inputs.shape[2] == 1)
         return sliding_window_inference(

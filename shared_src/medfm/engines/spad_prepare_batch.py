@@ -29,6 +29,8 @@ class SpadPrepareBatch(PrepareBatch):
             (5 for D = 1, else 0, :func:`medfm.networks.blocks.spad.default_aniso_d`).
         scale_to_tokenizer: map [0, 1] to [-1, 1] (``2 x - 1``), the SPAD-VT input range.
         label_key: batch key of the target (segmentation map or class); None makes the image the target.
+        keep_meta: keep MetaTensor metadata on image and label (inference: ``Invertd`` in the postprocessing
+            needs the image's applied transforms); training drops it, the hot path needs plain tensors.
     """
 
     def __init__(
@@ -37,11 +39,18 @@ class SpadPrepareBatch(PrepareBatch):
         aniso_key: str | None = "aniso_d",
         scale_to_tokenizer: bool = True,
         label_key: str | None = None,
+        keep_meta: bool = False,
     ):
         self.image_key = image_key
+        self.keep_meta = keep_meta
         self.label_key = label_key
         self.aniso_key = aniso_key
         self.scale_to_tokenizer = scale_to_tokenizer
+
+    def _tensor(self, x: Any, device: str | torch.device | None, non_blocking: bool) -> torch.Tensor:
+        if self.keep_meta and isinstance(x, torch.Tensor):
+            return x.to(device=device, non_blocking=non_blocking)
+        return plain_tensor(x, device, non_blocking)
 
     def __call__(
         self,
@@ -52,7 +61,7 @@ class SpadPrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, int]]:
         if self.image_key not in batchdata:
             raise KeyError(f"the batch has no {self.image_key!r} entry (keys: {sorted(batchdata)}).")
-        image = plain_tensor(batchdata[self.image_key], device, non_blocking)
+        image = self._tensor(batchdata[self.image_key], device, non_blocking)
         if kwargs:  # the engine's to_kwargs (e.g. memory_format)
             image = image.to(**kwargs)
         if image.ndim != 5:
@@ -67,5 +76,5 @@ class SpadPrepareBatch(PrepareBatch):
         if self.label_key is None:
             return image, image, (), {"aniso_d": aniso_d}
         label = batchdata.get(self.label_key)
-        label = None if label is None else plain_tensor(label, device, non_blocking)
+        label = None if label is None else self._tensor(label, device, non_blocking)
         return image, label, (), {"aniso_d": aniso_d}

@@ -6,6 +6,7 @@ from .pretrained import (
     init_spad_vit_from_pretraining,
     load_fratmae_encoders,
     load_spad_vit_encoder,
+    load_weights,
 )
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "init_spad_vit_from_pretraining",
     "load_fratmae_encoders",
     "load_spad_vit_encoder",
+    "load_weights",
     "nets",
 ]

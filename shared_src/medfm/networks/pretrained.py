@@ -16,6 +16,7 @@ __all__ = [
     "init_spad_vit_from_pretraining",
     "load_fratmae_encoders",
     "load_spad_vit_encoder",
+    "load_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,3 +133,21 @@ def init_from_pretraining(
 def init_spad_vit_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
     """:func:`init_from_pretraining` for SPAD-ViT downstream models (:func:`load_spad_vit_encoder`)."""
     return init_from_pretraining(network, path, load_spad_vit_encoder)
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """``network`` with every tensor loaded from ``path`` (bare weights or a training checkpoint's ``model``),
+    strictly: a missing, unexpected or differently shaped tensor is a ValueError naming the file."""
+    state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not fit {type(network).__name__}: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})."
+        )
+    network.load_state_dict(state)
+    logger.info("loaded %d tensors of %s from %s", len(own), type(network).__name__, path)
+    return network

@@ -44,7 +44,8 @@ class SpadViTSegmenter(nn.Module):
     Args:
         out_channels: classes (background included).
         feature_layers: four block indices feeding the pyramid.
-        decoder_channels: channels per level 0 … p+1 (``p + 2`` values).
+        decoder_channels: channels per level 0 … p+1 (``p + 2`` values; the reference's BTCV decoder: 32, 64 in
+            the full-resolution stem, 128, 256, 512, 512 on the pyramid levels).
         encoder_kwargs: everything else goes to :class:`SpadViT` (``in_channels``, ``patch_size``, sizes, …).
     """
 
@@ -52,7 +53,7 @@ class SpadViTSegmenter(nn.Module):
         self,
         out_channels: int,
         feature_layers: Sequence[int] = (3, 5, 7, 11),
-        decoder_channels: Sequence[int] = (32, 64, 128, 256, 320, 320),
+        decoder_channels: Sequence[int] = (32, 64, 128, 256, 512, 512),
         **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
