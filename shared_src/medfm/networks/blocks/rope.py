@@ -70,12 +70,15 @@ class Rope3D(nn.Module):
     def forward(self, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape (d*h*w, head_dim/2) for the row-major grid ``(d, h, w)``."""
         key = (tuple(int(g) for g in grid), self.w_z.device)
-        if key not in self._cache:
-            axes = [torch.arange(g, device=self.w_z.device) for g in key[0]]
-            positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-            theta = self.angles(positions)
-            self._cache[key] = (theta.cos().float(), theta.sin().float())
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        axes = [torch.arange(g, device=self.w_z.device) for g in key[0]]
+        positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        theta = self.angles(positions)
+        table = (theta.cos().float(), theta.sin().float())
+        if not torch.jit.is_tracing():  # a traced graph must compute the table, not close over a cached one
+            self._cache[key] = table
+        return table
 
     def _apply(self, fn, recurse=True):
         self._cache = {}

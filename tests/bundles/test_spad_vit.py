@@ -1,0 +1,226 @@
+"""SPAD-ViT bundle end to end through the ``monai.bundle`` CLI: tokenizer -> MIM -> segmentation fine-tuning ->
+inference -> evaluation, and classification, on the mixed 2D/3D demo data."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medfm.data import build_spad_datalist, ensure_demo_spad
+from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
+
+from .helpers import REPO, SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
+
+B = "spad_vit"
+pytestmark = pytest.mark.slow
+
+
+def _cli(cwd, names, *overrides, mode="training"):
+    args = ["run", mode] if mode else ["run"]
+    res = run_cli([*args, "--config_file", config_list(B, *names), *overrides], cwd=str(cwd))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+def _demo_sizes(name: str) -> dict:
+    """``network_def#…`` overrides of a demo config as constructor keyword arguments."""
+    cfg = json.load(open(configs(B, name)[0]))
+    return {k.split("#", 1)[1]: v for k, v in cfg.items() if k.startswith("network_def#")}
+
+
+def _tokenizer_sizes() -> dict:
+    cfg = json.load(open(configs(B, "demo_tokenizer.json")[0]))
+    return {k.split("#", 1)[1]: v for k, v in cfg.items() if k.startswith("network_def#")}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The demo chain, each step reading the previous step's output, all under one temporary folder."""
+    root = tmp_path_factory.mktemp("spad")
+    data = str(root / "data")
+    ensure_demo_spad(data, seed=0)
+    out = {k: str(root / k) for k in ("tok", "mim", "seg", "inf", "eval", "cls")}
+    common = ["--dataset_dir", data]
+    _cli(root, ["train_tokenizer.json", "demo_tokenizer.json"], *common, "--output_dir", out["tok"])
+    tok_ckpt = os.path.join(out["tok"], "models", "model.pt")
+    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["mim"], "--tokenizer_ckpt", tok_ckpt)
+    mim_ckpt = os.path.join(out["mim"], "models", "model.pt")
+    _cli(root, ["finetune_seg.json", "demo_seg.json"], *common, "--output_dir", out["seg"],
+         "--pretrained_checkpoint", mim_ckpt)  # fmt: skip
+    seg_ckpt = os.path.join(out["seg"], "models", "model.pt")
+    inf = ["inference.json", "demo_inference.json"]
+    _cli(root, inf, *common, "--output_dir", out["inf"], "--ckpt_path", seg_ckpt, mode=None)
+    _cli(root, ["inference.json", "evaluate.json", "demo_inference.json"], *common, "--output_dir", out["eval"],
+         "--ckpt_path", seg_ckpt, mode=None)  # fmt: skip
+    _cli(root, ["finetune_cls.json", "demo_cls.json"], *common, "--output_dir", out["cls"],
+         "--pretrained_checkpoint", mim_ckpt)  # fmt: skip
+    return {"root": root, "data": data, "tok_ckpt": tok_ckpt, "mim_ckpt": mim_ckpt, "seg_ckpt": seg_ckpt, **out}
+
+
+def test_demo_data_mixes_2d_and_3d_levels(chain):
+    items = build_spad_datalist(chain["data"], require_labels=True)
+    assert {d["dim"] for d in items} == {2, 3}
+    assert {d["aniso_d"] for d in items} == {0, 1, 2, 5}
+
+
+def test_tokenizer_run_wrote_a_loadable_tokenizer_and_every_loss_term(chain):
+    state = torch.load(chain["tok_ckpt"], weights_only=True)
+    SpadVT(**_tokenizer_sizes()).load_state_dict(state)  # strict
+    scalars, _ = event_tags(os.path.join(chain["tok"], "logs"))
+    for term in ("rec", "usage", "entropy", "gan", "gan_enabled", "disc_loss", "disc_loss_ema"):
+        assert any(t.endswith(term) for t in scalars), (term, scalars)
+    last = sorted(glob.glob(os.path.join(chain["tok"], "models", "checkpoint_iter=*.pt")))[-1]
+    ckpt = torch.load(last, weights_only=True)
+    assert {"discriminator", "d_optimizer", "gan_gate", "trainer"} <= set(ckpt)
+
+
+def test_mim_run_learns_and_its_weights_load(chain):
+    model = SpadViTMIM(num_codes=64, **_demo_sizes("demo.json"))
+    model.load_state_dict(torch.load(chain["mim_ckpt"], weights_only=True))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses = []
+    for f in glob.glob(os.path.join(chain["mim"], "logs", "events.out.tfevents.*")):
+        acc = EventAccumulator(f)
+        acc.Reload()
+        tag = next(t for t in acc.Tags()["scalars"] if t.endswith("loss"))
+        losses += [e.value for e in acc.Scalars(tag)]
+    assert len(losses) >= 40 and all(np.isfinite(losses))
+    # the soft-label CE on a 64-code vocabulary starts near log(64) = 4.16 and must fall
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]), losses
+
+
+def test_segmentation_trained_on_2d_and_3d_and_loaded_the_pretrained_encoder(chain):
+    split = json.load(open(os.path.join(chain["seg"], "split.json")))
+    suffixes = {os.path.basename(p).split(".", 1)[1] for p in split["train"]}
+    assert {"png", "nii.gz"} <= suffixes, suffixes
+    seg = SpadViTSegmenter(4, **_demo_sizes("demo_seg.json"))
+    seg.load_state_dict(torch.load(chain["seg_ckpt"], weights_only=True))
+    mim = torch.load(chain["mim_ckpt"], weights_only=True)
+    # the fine-tuned encoder started from the MIM weights: the position embedding moved little from them
+    drift = (seg.encoder.pos_embed - mim["pos_embed"]).norm() / mim["pos_embed"].norm()
+    assert drift < 0.5, float(drift)
+
+
+def test_inference_keeps_the_input_shape_and_affine(chain):
+    images = sorted(glob.glob(os.path.join(chain["data"], "images", "*")))
+    assert images
+    for path in images:
+        name = os.path.basename(path).split(".", 1)[0]
+        out = nib.load(os.path.join(chain["inf"], f"{name}_seg.nii.gz"))
+        pred = np.asarray(out.dataobj)
+        assert set(np.unique(pred)) <= {0, 1, 2, 3}
+        if path.endswith(".nii.gz"):
+            src = nib.load(path)
+            assert out.shape == src.shape
+            np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
+        else:  # MONAI reads a PNG as (width, height)
+            w, h = Image.open(path).size
+            assert out.shape == (w, h)
+
+
+def test_evaluation_reports_dice_per_class(chain):
+    rows = list(csv.reader(open(os.path.join(chain["eval"], "mean_dice_raw.csv"))))
+    assert len(rows) - 1 == len(build_spad_datalist(chain["data"], require_labels=True))
+    # one column per foreground class (labels 1..3) and their mean
+    assert rows[0][1:] == ["class0", "class1", "class2", "mean"]
+    values = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    assert np.all((values >= 0) & (values <= 1))
+    np.testing.assert_allclose(values[:, 3], values[:, :3].mean(1), rtol=1e-5)
+    metrics = open(os.path.join(chain["eval"], "metrics.csv")).read()
+    assert "mean_dice" in metrics and "dice_per_class" in metrics
+
+
+def test_classification_reports_auc_and_accuracy(chain):
+    scalars, _ = event_tags(os.path.join(chain["cls"], "logs"))
+    assert {"val_auc", "val_accuracy"} <= scalars, scalars
+    assert os.path.isfile(os.path.join(chain["cls"], "models", "model.pt"))
+
+
+@pytest.mark.parametrize(
+    "names, kind",
+    [(["train_tokenizer.json", "demo_tokenizer.json"], "train"), (["finetune_seg.json", "demo_seg.json"], "train"),
+     (["finetune_cls.json", "demo_cls.json"], "train"), (["inference.json", "demo_inference.json"], "infer"),
+     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
+)  # fmt: skip
+def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
+    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"))
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_check_properties_mim_and_multi_gpu(chain, tmp_path, monkeypatch):
+    for names in (["train.json", "demo.json"], ["train.json", "demo.json", "multi_gpu_train.json"]):
+        if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": str(port)}.items():  # fmt: skip
+                monkeypatch.setenv(k, v)
+        wf = workflow(B, names, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"),
+                      tokenizer_ckpt=chain["tok_ckpt"])  # fmt: skip
+        wf.initialize()
+        try:
+            assert wf.check_properties() == []
+        finally:
+            wf.finalize()
+
+
+def test_metadata_net_in_out_and_export(chain, tmp_path):
+    meta = configs(B, "metadata.json")[0]
+    if os.path.isfile(SCHEMA):
+        res = run_cli(["verify_metadata", "--meta_file", meta, "--filepath", SCHEMA], cwd=str(tmp_path))
+        assert res.returncode == 0, res.stderr[-2000:]
+    files = config_list(B, "inference.json", "demo_inference.json")
+    res = run_cli(["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", files], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ts = tmp_path / "model.ts"
+    res = run_cli(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", chain["seg_ckpt"],
+                   "--meta_file", meta, "--config_file", files, "--use_trace", "True",
+                   "--input_shape", "[1, 3, 32, 64, 64]"], cwd=str(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    exported = torch.jit.load(str(ts))
+    net = SpadViTSegmenter(4, **_demo_sizes("demo_inference.json"))
+    net.load_state_dict(torch.load(chain["seg_ckpt"], weights_only=True))
+    x = torch.rand(1, 3, 32, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_missing_tokenizer_checkpoint_is_a_clear_error(chain, tmp_path):
+    wf = workflow(B, ["train.json", "demo.json"], dataset_dir=chain["data"], output_dir=str(tmp_path / "out"),
+                  tokenizer_ckpt=str(tmp_path / "nope.pt"))  # fmt: skip
+    wf.initialize()
+    with pytest.raises(Exception) as e:
+        wf.run()
+    assert "nope.pt does not exist" in error_text(e.value)
+
+
+def test_user_dataset_dir_without_images_is_an_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wf = workflow(B, ["train_tokenizer.json", "demo_tokenizer.json"], dataset_dir=str(empty),
+                  output_dir=str(tmp_path / "out"))  # fmt: skip
+    wf.initialize()
+    with pytest.raises(Exception) as e:
+        wf.run()
+    assert str(empty) in error_text(e.value) and "no images" in error_text(e.value)
+    assert not os.path.exists(os.path.join(str(empty), "images"))
+
+
+def test_every_config_is_json_with_4_space_indent():
+    for path in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json")):
+        text = open(path).read()
+        json.loads(text)
+        assert text.startswith("{\n    \""), path
