@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FRATMAE_TRAIN_CONFIG = REPO_ROOT / "bundles" / "fratmae_petct" / "configs" / "train.json"
@@ -270,8 +270,7 @@ class Trainee:
         counts = fwd.get_flop_counts()
         root = type(self.module).__name__
         by_module = {
-            n: _flops_under(counts, f"{root}.{n}", self.module.get_submodule(n))
-            for n in _component_names(self.module)
+            n: _flops_under(counts, f"{root}.{n}", self.module.get_submodule(n)) for n in _component_names(self.module)
         }
         attn_ops = set(mapping)
         attn = sum(v for k, v in fwd.get_flop_counts().get("Global", {}).items() if k in attn_ops)
@@ -497,11 +496,23 @@ class MonaiMAEPair(nn.Module):
         self.nets = nn.ModuleDict(
             {
                 m: MaskedAutoEncoderViT(
-                    in_channels=1, img_size=cfg.spatial, patch_size=cfg.patch, hidden_size=cfg.hidden,
-                    mlp_dim=cfg.mlp, num_layers=cfg.layers, num_heads=cfg.heads, masking_ratio=cfg.mask_ratio,
-                    decoder_hidden_size=cfg.dec_hidden, decoder_mlp_dim=cfg.dec_mlp,
-                    decoder_num_layers=cfg.dec_layers, decoder_num_heads=cfg.dec_heads, proj_type="conv",
-                    pos_embed_type="sincos", decoder_pos_embed_type="learnable", spatial_dims=3, qkv_bias=True,
+                    in_channels=1,
+                    img_size=cfg.spatial,
+                    patch_size=cfg.patch,
+                    hidden_size=cfg.hidden,
+                    mlp_dim=cfg.mlp,
+                    num_layers=cfg.layers,
+                    num_heads=cfg.heads,
+                    masking_ratio=cfg.mask_ratio,
+                    decoder_hidden_size=cfg.dec_hidden,
+                    decoder_mlp_dim=cfg.dec_mlp,
+                    decoder_num_layers=cfg.dec_layers,
+                    decoder_num_heads=cfg.dec_heads,
+                    proj_type="conv",
+                    pos_embed_type="sincos",
+                    decoder_pos_embed_type="learnable",
+                    spatial_dims=3,
+                    qkv_bias=True,
                 )  # fmt: skip
                 for m in ("pet", "ct")
             }
@@ -667,9 +678,8 @@ def _fratmae_pipeline(cfg: FratMAESize) -> tuple[Any, list[str]]:
 
 
 def _run_data(args: argparse.Namespace, cfg: FratMAESize, train_step: float, bf16_step: float | None) -> list[dict]:
-    from monai.data import Dataset, PersistentDataset
-
     from medfm.data import build_autopet_datalist, generate_synthetic_petct
+    from monai.data import Dataset, PersistentDataset
 
     b = args.batch
     train_rate = b / train_step
@@ -753,8 +763,9 @@ def _add_fratmae(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the bf16-autocast step (default on)")  # fmt: skip
-    p.add_argument("--data", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the data pipeline (default on)")
+    p.add_argument(
+        "--data", action=argparse.BooleanOptionalAction, default=True, help="also time the data pipeline (default on)"
+    )
     p.add_argument("--profile", action="store_true",
                    help="after the timed rounds, profile one step per model (phases, top ops) to stderr")  # fmt: skip
     p.set_defaults(func=_run_fratmae)

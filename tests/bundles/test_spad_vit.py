@@ -12,10 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from medfm.data import build_spad_datalist, ensure_demo_spad
 from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
+from PIL import Image
 
 from .helpers import REPO, SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
 
@@ -223,4 +222,4 @@ def test_every_config_is_json_with_4_space_indent():
     for path in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json")):
         text = open(path).read()
         json.loads(text)
-        assert text.startswith("{\n    \""), path
+        assert text.startswith('{\n    "'), path

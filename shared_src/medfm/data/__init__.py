@@ -1,12 +1,12 @@
 """Datalists, prompts and synthetic demo data."""
 
+from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
 from .autopet import build_autopet_datalist, find_petct_images, split_datalist
-from .splits import finetune_splits, label_fraction_subset, with_class_label
 from .cache import transform_state_hash
 from .prompt import PromptTokenizer, build_prompt
-from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
-from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
 from .spad import build_spad_datalist, find_spad_images
+from .splits import finetune_splits, label_fraction_subset, with_class_label
+from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [

@@ -12,9 +12,9 @@ from .spad_prepare_batch import SpadPrepareBatch
 from .tokenizer_iteration import TokenizerIteration
 
 __all__ = [
-    "BestModelSaver",
     "EVERY_RANK_HANDLERS",
     "AtomicCheckpointSaver",
+    "BestModelSaver",
     "FratMAEPrepareBatch",
     "ProgressBar",
     "ReconstructionImageHandler",

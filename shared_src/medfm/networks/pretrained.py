@@ -142,7 +142,11 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         raise ValueError(
             f"{path} does not fit {type(network).__name__}: {len(missing)} tensors missing (e.g. {missing[:3]}), "

@@ -11,9 +11,6 @@ from .petct import (
     grid_mismatch,
     resample_to_reference,
 )
-from .stack_presets import STACKS, stack_settings
-from .text import TokenizePromptd
-from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .spad import (
     SUPPORTED_INTENSITY,
     ReorientToDepthd,
@@ -25,6 +22,9 @@ from .spad import (
     spad_roi_size,
     through_plane_axis,
 )
+from .stack_presets import STACKS, stack_settings
+from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
+from .text import TokenizePromptd
 
 __all__ = [
     "STACKS",

@@ -10,9 +10,9 @@ __all__ = [
     "FratMAEClassifier",
     "FratMAESegmenter",
     "SpadPatchDiscriminator",
+    "SpadVT",
     "SpadViT",
     "SpadViTClassifier",
     "SpadViTMIM",
     "SpadViTSegmenter",
-    "SpadVT",
 ]
