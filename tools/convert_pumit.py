@@ -6,7 +6,7 @@ Usage::
     python tools/convert_pumit.py --vit pumit-b.ckpt --tokenizer simple-soft.ckpt --out-dir bundles/spad_vit/models
 
 Writes ``spad_vit_mim.pt`` (weights of ``medfm.networks.nets.SpadViTMIM``: ViT-B, mask token and MIM head, the
-``pretrained_ckpt`` a fine-tuning config takes) and ``spad_vt.pt`` (``medfm.networks.nets.SpadVT``, the
+``pretrained_checkpoint`` a fine-tuning config takes) and ``spad_vt.pt`` (``medfm.networks.nets.SpadVT``, the
 ``tokenizer_ckpt`` of MIM pre-training). Prints what was converted and every unmatched key; exits 1 when a key
 is unmatched or a shape differs (nothing is written then), unless ``--allow-partial``.
 Sizes other than the release's (ViT-B, SPAD-VT 1024 x 512) can be given with ``--vit-kwargs``/``--tokenizer-kwargs``

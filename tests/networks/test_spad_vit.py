@@ -211,3 +211,20 @@ def test_classifier_and_encoder_transfer(tmp_path):
     other = SpadViTClassifier(3, **{**TINY, "hidden_size": 64, "num_heads": 4})
     with pytest.raises(ValueError, match="does not fit"):
         load_spad_vit_encoder(other, path)
+
+
+def test_weight_decay_groups_exempt_vectors_tokens_and_codebook():
+    from medfm.networks.nets import SpadVT
+    from medfm.utils import weight_decay_groups
+
+    model = SpadViTMIM(num_codes=24, **TINY)
+    decay, no_decay = weight_decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "mask_token", "blocks.0.attn.q_bias", "blocks.1.norm2.weight"} <= exempt
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - exempt
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
+    assert no_decay["weight_decay"] == 0.0
+    vt = SpadVT(channels=(8, 16, 32), num_codes=24, code_dim=16)
+    _, vt_no_decay = weight_decay_groups(vt, 0.05)
+    assert any(p is vt.quantize.embedding.weight for p in vt_no_decay["params"])

@@ -1,6 +1,6 @@
 """Batches with one anisotropy level each, for SPAD-ViT's mixed 2D/3D training.
 
-SPAD-ViT (PUMIT, `arXiv:2403.07453 <https://arxiv.org/abs/2403.07453>`_) batches samples by ``aniso_d``: the
+SPAD-ViT (SPAD-Nets, `arXiv:2312.07630 <https://arxiv.org/abs/2312.07630>`_) batches samples by ``aniso_d``: the
 depth patch size ``16 >> aniso_d`` is a property of the whole batch, so every batch holds a single level.
 :class:`AnisoBatchSampler` is a ``batch_sampler`` for ``torch.utils.data.DataLoader`` that does this and
 shards the batches over distributed ranks the way ``DistributedSampler`` shards samples.

@@ -1,6 +1,6 @@
 """Datalists of mixed 2D images and 3D volumes for SPAD-ViT (the demo set: :mod:`medfm.data.synthetic_spad`).
 
-SPAD-ViT (PUMIT, `arXiv:2403.07453 <https://arxiv.org/abs/2403.07453>`_) trains one network on 2D images and
+SPAD-ViT (SPAD-Nets, `arXiv:2312.07630 <https://arxiv.org/abs/2312.07630>`_) trains one network on 2D images and
 3D volumes of any spacing. The layout read by :func:`build_spad_datalist`::
 
     <dataset_dir>/images/<name>.png|.jpg|.jpeg|.dcm   2D images (a .dcm file holds one slice)

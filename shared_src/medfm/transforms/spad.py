@@ -1,6 +1,6 @@
 """SPAD-ViT data transforms: depth-first reorientation, intensity scaling and token-grid crops.
 
-SPAD-ViT (Spacing-Adaptive ViT, PUMIT, `arXiv:2403.07453 <https://arxiv.org/abs/2403.07453>`_) takes 2D images
+SPAD-ViT (SPAD-Nets, Luo et al., `arXiv:2312.07630 <https://arxiv.org/abs/2312.07630>`_) takes 2D images
 and 3D volumes of any spacing in one network. Its tensors are channel-first ``(C, D, H, W)`` with ``D`` the
 through-plane axis, and each sample carries an anisotropy level ``aniso_d``
 (:func:`medfm.networks.blocks.spad.aniso_d_from_spacing`) that sets the depth patch size ``16 >> aniso_d``.

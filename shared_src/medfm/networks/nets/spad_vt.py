@@ -114,6 +114,10 @@ class SpadVT(nn.Module):
         self.decoder = SpadSequential(*dec)
         self._levels = self.encoder.level_change
 
+    def no_weight_decay(self) -> set[str]:
+        """The codebook is exempt from weight decay (as in the reference code)."""
+        return {"quantize.embedding.weight"}
+
     @property
     def stride(self) -> int:
         """In-plane (and isotropic) downsampling factor of the token grid (16)."""
