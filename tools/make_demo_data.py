@@ -4,6 +4,7 @@
 Usage::
 
     python tools/make_demo_data.py fratmae --out DIR [--num-cases N] [--seed S]
+    python tools/make_demo_data.py spad --out DIR [--num-2d N] [--num-3d N] [--slice-spacings 1 2.5 5] [--seed S]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 """
@@ -61,7 +62,39 @@ def _add_fratmae(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_fratmae)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae]
+def _run_spad(args: argparse.Namespace) -> int:
+    """Generate mixed 2D/3D images with organ labels in the SPAD-ViT layout."""
+    from medfm.data import SPAD_LABELS, build_spad_datalist, generate_synthetic_spad
+
+    start = time.perf_counter()
+    generate_synthetic_spad(
+        args.out, num_2d=args.num_2d, num_3d=args.num_3d, slice_spacings=tuple(args.slice_spacings),
+        size_2d=args.size_2d, size_3d=args.size_3d, seed=args.seed, overwrite=args.overwrite,
+    )  # fmt: skip
+    items = build_spad_datalist(args.out, require_labels=True, classes_file="classes.csv")
+    print(f"Wrote {len(items)} synthetic images to {os.path.abspath(args.out)} in {time.perf_counter() - start:.1f} s")
+    print(f"  labels {SPAD_LABELS}; classes.csv: 1 = lesion present")
+    for item in items:
+        print(f"  {os.path.basename(item['image']):<16} {item['dim']}D aniso_d {item['aniso_d']} "
+              f"spacing {[round(s, 2) for s in item['spacing']]} class {item['class']}")  # fmt: skip
+    return 0
+
+
+def _add_spad(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("spad", help="synthetic 2D radiographs and 3D CT/MR volumes for SPAD-ViT")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--num-2d", type=int, default=6, help="2D images (default 6)")
+    p.add_argument("--num-3d", type=int, default=6, help="3D volumes (default 6)")
+    p.add_argument("--slice-spacings", type=float, nargs="+", default=[1.0, 2.5, 5.0],
+                   help="slice spacings in mm the volumes cycle through (default 1 2.5 5)")  # fmt: skip
+    p.add_argument("--size-2d", type=int, default=96, help="2D image side in pixels (default 96)")
+    p.add_argument("--size-3d", type=int, default=64, help="volume in-plane side in 1 mm voxels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=_run_spad)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

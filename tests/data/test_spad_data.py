@@ -340,3 +340,23 @@ def test_sampler_ill_args():
         AnisoBatchSampler([0, 0, 1], 4, drop_last=True)
     with pytest.raises(ValueError, match=r"item 1 \(b\.png\)"):
         aniso_batch_sampler([{"image": "a.png", "aniso_d": 5}, {"image": "b.png"}], 2)
+
+
+def test_cli_spad(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "make_demo_data.py"
+    spec = importlib.util.spec_from_file_location("make_demo_data", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cli"
+    argv = ["spad", "--out", str(out), "--num-2d", "2", "--num-3d", "3", "--slice-spacings", "1", "4", "--seed", "1"]
+    assert module.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Wrote 5 synthetic images" in printed
+    items = build_spad_datalist(str(out), require_labels=True, classes_file="classes.csv")
+    # slice spacings cycle 1, 4, 1 mm over in-plane 1 mm: aniso_d 0, 2, 0; the PNGs are 2D (5)
+    assert sorted(d["aniso_d"] for d in items) == [0, 0, 2, 5, 5]
+    with pytest.raises(SystemExit):  # a second run would overwrite
+        module.main(argv)
