@@ -81,6 +81,7 @@ from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FRATMAE_TRAIN_CONFIG = REPO_ROOT / "bundles" / "fratmae_petct" / "configs" / "train.json"
+SPAD_TRAIN_CONFIG = REPO_ROOT / "bundles" / "spad_vit" / "configs" / "train.json"
 FUSED_ADAMW = True  # as the bundle configs set it; both models get the same optimizer
 DATA_TARGET = 2.0  # the data pipeline should deliver at least this many times what training consumes
 
@@ -791,6 +792,10 @@ class SpadSize:
     matmul_sizes: tuple[int, ...]
     matmul_repeats: int
     extra_rounds_after_s: float
+    data_2d: int  # synthetic images for the data pipeline case
+    data_3d: int
+    data_size_2d: int
+    data_size_3d: int
 
     @property
     def spatial(self) -> tuple[int, int, int]:
@@ -801,10 +806,10 @@ SPAD_SIZES = {
     # the release: ViT-B (768/12/12, SwiGLU 2048), SPAD-VT 1024 x 512 codes, MIM crops of 5 x 10 x 10 tokens
     "base": SpadSize(tokens=(5, 10, 10), hidden=768, layers=12, heads=12, mlp=2048, tok_channels=(128, 256, 512),
                      codes=1024, code_dim=512, mask_ratio=0.55, matmul_sizes=(2048, 3072, 4096), matmul_repeats=3,
-                     extra_rounds_after_s=90.0),
+                     extra_rounds_after_s=90.0, data_2d=4, data_3d=6, data_size_2d=512, data_size_3d=256),
     "tiny": SpadSize(tokens=(2, 4, 4), hidden=48, layers=2, heads=3, mlp=128, tok_channels=(8, 16, 32), codes=64,
                      code_dim=32, mask_ratio=0.55, matmul_sizes=(512, 1024), matmul_repeats=3,
-                     extra_rounds_after_s=5.0),
+                     extra_rounds_after_s=5.0, data_2d=2, data_3d=3, data_size_2d=96, data_size_3d=64),
 }  # fmt: skip
 
 
@@ -904,8 +909,52 @@ def _run_spad(args: argparse.Namespace) -> int:
     if args.profile:
         for t in trainees:
             _profile(t)
+    if args.data:
+        del trainees, runners
+        gc.collect()
+        for rec in _run_spad_data(args, cfg, b / sp["step_s"]):
+            _emit(rec)
     _note(f"done in {time.perf_counter() - start:.1f} s; load average {_loadavg()}")
     return 0
+
+
+def _run_spad_data(args: argparse.Namespace, cfg: SpadSize, train_rate: float) -> list[dict[str, Any]]:
+    """The MIM training pipeline of bundles/spad_vit/configs/train.json on synthetic 2D and 3D images."""
+    from monai.bundle import ConfigParser
+    from monai.data import Dataset, PersistentDataset
+    from monai.transforms import Compose
+
+    from medfm.data import build_spad_datalist, generate_synthetic_spad
+
+    parser = ConfigParser(globals={"medfm": "medfm"})
+    parser.read_config(str(SPAD_TRAIN_CONFIG))
+    parser["crop_tokens"] = list(cfg.tokens)
+    transforms = parser.get_parsed_content("train#deterministic_transforms")
+    random = parser.get_parsed_content("train#random_transforms")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="medfm_bench_") as tmp:
+        data_dir = os.path.join(tmp, "data")
+        t0 = time.perf_counter()
+        generate_synthetic_spad(data_dir, num_2d=cfg.data_2d, num_3d=cfg.data_3d, size_2d=cfg.data_size_2d,
+                                size_3d=cfg.data_size_3d)  # fmt: skip
+        datalist = build_spad_datalist(data_dir)
+        _note(f"data: {len(datalist)} synthetic images ({cfg.data_size_2d}^2 PNG, {cfg.data_size_3d}^2 x "
+              f"slices NIfTI) written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        full = Compose(transforms + random)
+        common = {"size": args.size, "images": len(datalist), "pipeline": [type(t).__name__ for t in transforms + random],
+                  "train_samples_per_s": _r(train_rate), "target": DATA_TARGET}  # fmt: skip
+        for case, ds in (
+            ("data_cold", Dataset(datalist, transform=full)),
+            ("data_warm", PersistentDataset(datalist, transform=full, cache_dir=os.path.join(tmp, "cache"))),
+        ):
+            fill = [_timed(lambda i=i: ds[i]) for i in range(len(ds))]  # first pass: imports, cache fill
+            samples = [_timed(lambda i=i: ds[i]) for _ in range(2) for i in range(len(ds))]
+            rate = len(samples) / sum(x.wall_s for x in samples)
+            records.append({"case": case, **common, "samples": len(samples), "samples_per_s": _r(rate),
+                            "ratio_vs_train": _r(rate / train_rate), "meets_target": rate / train_rate >= DATA_TARGET,
+                            "first_pass_s": _r(sum(x.wall_s for x in fill))})  # fmt: skip
+            _note(f"{case}: {records[-1]['samples_per_s']} samples/s")
+    return records
 
 
 def _add_spad(subparsers: argparse._SubParsersAction) -> None:
@@ -915,6 +964,8 @@ def _add_spad(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per model (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--data", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the data pipeline (default on)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed rounds, profile one step per model (phases, top ops) to stderr")  # fmt: skip
     p.set_defaults(func=_run_spad)
