@@ -49,7 +49,8 @@ def test_metadata_verifies_against_schema():
 
 
 @pytest.mark.parametrize(
-    "names", [TRAIN, ["train.json"], ["train.json", "multi_gpu_train.json"], [*TRAIN, "mae.json"], [*TRAIN, "axial.json"]]
+    "names",
+    [TRAIN, ["train.json"], ["train.json", "multi_gpu_train.json"], [*TRAIN, "mae.json"], [*TRAIN, "axial.json"]],
 )
 def test_check_properties_nothing_missing(names, monkeypatch, demo_dir, tmp_path):
     if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
@@ -99,7 +100,8 @@ BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_st
            "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
            "evaluate_stage.json": "finetune_stage.json"}  # fmt: skip
 ALL_CONFIGS = sorted(
-    os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
+    os.path.basename(p)
+    for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
     if os.path.basename(p) != "metadata.json"
 )
 
@@ -267,9 +269,13 @@ def test_multi_gpu_config_runs_two_processes_on_cpu(tmp_path, demo_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", demo_dir,
            "--output_dir", str(out), "--epochs", "1"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        cmd, cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+    )
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-3000:]
     assert log.count("Engine run finished") == 2  # both ranks stepped through the epoch
     # 4 demo cases, 2 ranks, batch 2: one iteration per rank; rank 0 alone writes the checkpoint
-    assert [os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))] == ["checkpoint_iter=1.pt"]
+    assert [os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))] == [
+        "checkpoint_iter=1.pt"
+    ]

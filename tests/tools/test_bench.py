@@ -88,7 +88,7 @@ def monai_mae_step_flops() -> int:
 def records() -> dict[str, dict]:
     proc = subprocess.run(
         [sys.executable, str(BENCH), "fratmae", "--size", "tiny", "--steps", "1", "--warmup", "0"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]

@@ -19,7 +19,9 @@ TINY_TOK = {"channels": [8, 16, 32], "num_codes": 24, "code_dim": 16}
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, TOOL, *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+    )
 
 
 def _release_files(tmp_path):

@@ -11,7 +11,7 @@ TOOL = f"{REPO}/tools/verify_bundles.py"
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, TOOL, "--schema", SCHEMA, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, TOOL, "--schema", SCHEMA, *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=600)  # fmt: skip
 
 
@@ -34,7 +34,9 @@ def test_every_bundle_passes_the_model_zoo_checks():
 
 def test_a_version_missing_from_the_changelog_fails(tmp_path):
     bundle = tmp_path / "fratmae_petct"
-    shutil.copytree(f"{REPO}/bundles/fratmae_petct", bundle, ignore=shutil.ignore_patterns("runs", "demo_data", "models"))
+    shutil.copytree(
+        f"{REPO}/bundles/fratmae_petct", bundle, ignore=shutil.ignore_patterns("runs", "demo_data", "models")
+    )
     meta_file = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())
     meta["version"] = "9.9.9"
