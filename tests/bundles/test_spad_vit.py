@@ -151,7 +151,9 @@ def test_classification_reports_auc_and_accuracy(chain):
      (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
 )  # fmt: skip
 def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"))
+    extra = {"pretrained_checkpoint": chain["mim_ckpt"]} if names[0].startswith("finetune") else {}
+    extra |= {"ckpt_path": chain["seg_ckpt"]} if kind == "infer" else {}
+    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
     wf.initialize()
     assert wf.check_properties() == []
 
@@ -223,3 +225,25 @@ def test_every_config_is_json_with_4_space_indent():
         text = open(path).read()
         json.loads(text)
         assert text.startswith('{\n    "'), path
+
+
+def test_multi_gpu_mim_runs_two_processes_on_cpu(chain, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", chain["data"],
+           "--output_dir", str(out), "--tokenizer_ckpt", chain["tok_ckpt"], "--max_steps", "3"]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert log.count("Engine run finished") == 2  # both ranks stepped through the epoch
+    # 12 demo images in aniso_d buckets {0: 2, 1: 2, 2: 2, 5: 6}, batch 2: 6 batches, 3 per rank;
+    # max_steps 3 -> one epoch of 3 iterations; rank 0 alone writes the checkpoint
+    ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))
+    assert ckpts == ["checkpoint_iter=3.pt"]
+    assert os.path.isfile(out / "models" / "model.pt")

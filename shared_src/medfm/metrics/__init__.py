@@ -3,17 +3,22 @@
 from .bootstrap import bootstrap_ci
 from .classification import accuracy, macro_sensitivity, per_class_recall
 from .handlers import ClassificationReport, SegmentationReport
+from .multilabel import SubjectProbabilityWriter, auroc, multilabel_auroc, write_auroc_table
 from .segmentation import as_binary_mask, dice_iou, lesion_fp_fn_volumes, voxel_volume_from_affine
 
 __all__ = [
     "ClassificationReport",
     "SegmentationReport",
+    "SubjectProbabilityWriter",
     "accuracy",
     "as_binary_mask",
+    "auroc",
     "bootstrap_ci",
     "dice_iou",
     "lesion_fp_fn_volumes",
     "macro_sensitivity",
+    "multilabel_auroc",
     "per_class_recall",
     "voxel_volume_from_affine",
+    "write_auroc_table",
 ]
