@@ -3,13 +3,26 @@
 from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
 from .autopet import build_autopet_datalist, find_petct_images, split_datalist
 from .cache import transform_state_hash
+from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
 from .prompt import PromptTokenizer, build_prompt
 from .spad import build_spad_datalist, find_spad_images
 from .splits import finetune_splits, label_fraction_subset, with_class_label
 from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
+from .synthetic_panfm import (
+    DEFAULT_ORGAN_SHAPES,
+    DEFAULT_ORGAN_SPACINGS,
+    PANFM_DEMO_LABELS,
+    ensure_demo_panfm,
+    generate_synthetic_panfm,
+)
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [
+    "DEFAULT_ORGAN_SHAPES",
+    "DEFAULT_ORGAN_SPACINGS",
+    "ORGANS",
+    "PANFM_DEMO_LABELS",
+    "PANFM_TABLE",
     "SPAD_LABELS",
     "AnisoBatchSampler",
     "PromptTokenizer",
@@ -17,14 +30,18 @@ __all__ = [
     "build_autopet_datalist",
     "build_prompt",
     "build_spad_datalist",
+    "ensure_demo_panfm",
     "ensure_demo_petct",
     "ensure_demo_spad",
     "find_petct_images",
     "find_spad_images",
     "finetune_splits",
+    "generate_synthetic_panfm",
     "generate_synthetic_petct",
     "generate_synthetic_spad",
     "label_fraction_subset",
+    "label_names_from_table",
+    "read_subject_table",
     "split_datalist",
     "transform_state_hash",
     "with_class_label",

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from .panfm import (
+    SUPPORTED_DROP_MODES,
+    SUPPORTED_ORGAN_INTENSITY,
+    DropOrgansd,
+    LoadOrgansd,
+    organ_drop_draws,
+)
 from .petct import (
     LoadPETCTd,
     check_finite,
@@ -28,7 +35,11 @@ from .text import TokenizePromptd
 
 __all__ = [
     "STACKS",
+    "SUPPORTED_DROP_MODES",
     "SUPPORTED_INTENSITY",
+    "SUPPORTED_ORGAN_INTENSITY",
+    "DropOrgansd",
+    "LoadOrgansd",
     "LoadPETCTd",
     "RandStackCrop",
     "RandStackCropd",
@@ -44,6 +55,7 @@ __all__ = [
     "check_single_channel_3d",
     "count_nonfinite",
     "grid_mismatch",
+    "organ_drop_draws",
     "resample_to_reference",
     "spad_layout",
     "spad_roi_size",

@@ -1,0 +1,164 @@
+"""Pan-FM subject tables (one row per subject, one image per organ) and the synthetic pan-organ demo.
+
+Pan-FM (Wu et al., `arXiv:2605.07055 <https://arxiv.org/abs/2605.07055>`_) pre-trains one backbone on MRI of
+seven organs (:data:`ORGANS`) whose availability is missing not at random. A subject table, read by
+:func:`read_subject_table`, is a CSV or a JSON list of objects::
+
+    subject,brain,heart,adipose,liver,kidney,spleen,pancreas,metabolic,cardiac
+    sub_000,organs/sub_000_brain.nii.gz,organs/sub_000_heart.nii.gz,,...,1,0
+
+with one image path per organ (relative to the table's folder or ``base_dir``, or absolute; empty when the
+organ is missing) and optional 0/1 label columns.
+
+The synthetic demo in this layout: :mod:`medfm.data.synthetic_panfm`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+__all__ = ["ORGANS", "PANFM_TABLE", "label_names_from_table", "read_subject_table"]
+
+ORGANS = ("brain", "heart", "adipose", "liver", "kidney", "spleen", "pancreas")
+PANFM_TABLE = "subjects.csv"
+"""File name of the subject table inside a Pan-FM dataset directory."""
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def _table_path(path: str) -> str:
+    """The table file: ``path`` itself, or ``<path>/subjects.csv`` for a directory."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        path = os.path.join(path, PANFM_TABLE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"subject table {path} does not exist.")
+    return path
+
+
+def _read_rows(path: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """Columns (in order) and ``(where, row)`` pairs of a CSV or JSON table; ``where`` names the line/entry."""
+    if path.lower().endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e}).") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{path}: a JSON subject table must be a list of objects (one per subject).")
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        return columns, [(f"entry {n}", r) for n, r in enumerate(rows)]
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or ()]
+        reader.fieldnames = columns
+        rows = [(f"line {n}", r) for n, r in enumerate(reader, start=2)]
+    return columns, rows
+
+
+def _text(value: Any) -> str:
+    """A cell as stripped text; ``None`` (JSON null, short CSV row) is empty."""
+    return "" if value is None else str(value).strip()
+
+
+def label_names_from_table(path: str, organs: Sequence[str] = ORGANS) -> list[str]:
+    """The columns of a subject table that are neither ``subject`` nor an organ, in table order.
+
+    Args:
+        path: CSV or JSON table, or a dataset directory holding ``subjects.csv``.
+        organs: organ column names.
+    """
+    columns, _ = _read_rows(_table_path(path))
+    return [c for c in columns if c != "subject" and c not in organs]
+
+
+def read_subject_table(
+    path: str,
+    organs: Sequence[str] = ORGANS,
+    label_names: Sequence[str] | None = None,
+    base_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    """Read a Pan-FM subject table (layout: module doc) into a datalist, checking every file.
+
+    Args:
+        path: ``.csv`` or ``.json`` table, or a dataset directory holding ``subjects.csv``.
+        organs: organ columns, in the order of ``present``; a CSV must have every one (empty cells for
+            missing organs), a JSON object may leave a missing organ out.
+        label_names: label columns to read (values 0 or 1, none missing); ``None`` reads no label. Other
+            columns are ignored.
+        base_dir: folder that relative paths start from; default the table's folder.
+
+    Returns:
+        One item per subject, in table order: ``{"subject": id, <organ>: absolute path or None, ...,
+        "present": [bool] * len(organs), "labels": [float] * len(label_names)}`` (``labels`` only with
+        ``label_names``).
+
+    Raises:
+        FileNotFoundError: the table does not exist.
+        ValueError: naming the table and the subject: empty table, missing column, empty or duplicate subject
+            id, a row with no organ, an image file that does not exist, a missing or non-0/1 label.
+    """
+    table = _table_path(path)
+    organs = tuple(organs)
+    labels = None if label_names is None else tuple(label_names)
+    if not organs or len(set(organs)) != len(organs):
+        raise ValueError(f"organs must be distinct names, got {organs}.")
+    if labels is not None and set(labels) & ({"subject"} | set(organs)):
+        raise ValueError(f"label_names {labels} must not repeat 'subject' or an organ of {organs}.")
+    columns, rows = _read_rows(table)
+    if not rows:
+        raise ValueError(f"{table}: empty subject table (no subject rows).")
+    is_csv = not table.lower().endswith(".json")
+    required = ["subject"] + (list(organs) if is_csv else []) + list(labels or ())
+    absent = [c for c in required if c not in columns]
+    if absent:
+        raise ValueError(f"{table}: no column {absent} (columns: {columns}).")
+    root = os.path.abspath(base_dir) if base_dir is not None else os.path.dirname(table)
+    items: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        sid = _text(row.get("subject"))
+        if not sid:
+            raise ValueError(f"{table}, {where}: empty subject id.")
+        if sid in seen:
+            raise ValueError(f"{table}, {where}: subject {sid!r} is listed twice (first at {seen[sid]}).")
+        seen[sid] = where
+        item: dict[str, Any] = {"subject": sid}
+        for organ in organs:
+            value = row.get(organ)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{table}: subject {sid!r}, {organ}: expected a path, got {value!r}.")
+            rel = _text(value)
+            if not rel:
+                item[organ] = None
+                continue
+            full = os.path.normpath(os.path.join(root, os.path.expanduser(rel)))
+            if not os.path.isfile(full):
+                raise ValueError(f"{table}: subject {sid!r}, {organ} image {full} does not exist.")
+            item[organ] = full
+        item["present"] = [item[o] is not None for o in organs]
+        if not any(item["present"]):
+            raise ValueError(f"{table}: subject {sid!r} ({where}) names no organ image (columns {list(organs)}).")
+        if labels is not None:
+            item["labels"] = [_label(row.get(name), table, sid, name) for name in labels]
+        items.append(item)
+    return items
+
+
+def _label(value: Any, table: str, sid: str, name: str) -> float:
+    """One 0/1 label cell as a float."""
+    text = _text(value)
+    if not text:
+        raise ValueError(f"{table}: subject {sid!r} has no value for label {name!r}.")
+    try:
+        x = float(value) if isinstance(value, (bool, int, float)) else float(text)
+    except ValueError:
+        x = math.nan
+    if x not in (0.0, 1.0):
+        raise ValueError(f"{table}: subject {sid!r}, label {name!r} must be 0 or 1, got {value!r}.")
+    return x

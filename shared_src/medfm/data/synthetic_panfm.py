@@ -1,0 +1,360 @@
+"""Synthetic pan-organ demo for Pan-FM in the subject-table layout of :func:`medfm.data.panfm.read_subject_table`.
+
+Synthetic demo (:func:`generate_synthetic_panfm`). Per subject ``i`` (own random stream):
+
+- Attributes: ``age ~ U(40, 80)``, ``sex`` F/M with equal odds, ``bmi = clip(27 + 4.5 N(0, 1), 17, 45)``;
+  ``a = (age - 60) / 11.5``, ``b = (bmi - 27) / 4.5``, ``s = +1`` male / ``-1`` female, ``e_j ~ N(0, 1)``.
+- Latent disease factors (about unit variance): ``f_met = 0.7 b + 0.7 e1``;
+  ``f_card = 0.5 a + 0.3 f_met + 0.2 s + 0.75 e2``; ``f_ren = 0.35 a + 0.3 f_met + 0.85 e3``;
+  ``f_hep = 0.45 f_met + 0.85 e4``.
+- Labels (:data:`PANFM_DEMO_LABELS`): liability ``L_k = f_k + 0.4 e_k'`` (``e_k'`` never imaged); the
+  ``round(p_k N)`` subjects with the highest ``L_k`` are positive (kept within ``[1, N - 1]``), with
+  prevalence ``p = metabolic 0.40, cardiac 0.30, renal 0.25, hepatic 0.30``.
+- Images: smooth anatomy (soft-edged ellipsoids and tubes, low-frequency texture) drawn in a normalised
+  ``[-1, 1]^3`` field of view, so any ``organ_shapes`` shows the same anatomy; then a gain ``U(0.9, 1.1)``,
+  a 5% bias field, magnitude noise ``|x + 0.03 N(0, 1)|`` and rounding to 1/4096. Shapes and spacings are
+  organ-specific (:data:`DEFAULT_ORGAN_SHAPES`, :data:`DEFAULT_ORGAN_SPACINGS`). What each organ shows, with
+  ``s_A = 0.9 f_met + 0.4 f_card`` and ``s_H = 0.9 f_card + 0.4 f_met``:
+
+  - adipose, DOMINANT (strong, easy; metabolic and cardiac): abdominal slab, subcutaneous-fat thickness
+    ``0.12 + 0.045 s_A`` and visceral-fat fraction ``0.25 + 0.12 s_A`` (bright fat on darker muscle).
+  - heart, DOMINANT (strong, easy; cardiac and metabolic): left-ventricular wall thickness
+    ``0.2 + 0.05 s_H`` and blood-pool signal ``0.4 + 0.12 s_H`` (wall 0.9); a fixed bright chest-wall fat
+    band sets the upper intensity percentile.
+  - liver (subtle; metabolic, hepatic): parenchyma ``0.55 + 0.04 f_met``; ``Poisson(max(0, 0.9 f_hep +
+    0.2))`` small hypo-intense lesions (at most 6).
+  - kidney (subtle; renal): medulla fraction ``0.7 + 0.06 f_ren`` (thinner cortex); a dark cyst with
+    probability ``sigmoid(1.2 f_ren - 1.5)``.
+  - spleen (weak; hepatic): size ``x (1 + 0.07 f_hep)``. pancreas (weak; metabolic): fat-lobule fraction
+    ``0.15 + 0.06 f_met``.
+  - brain (weak; age, cardiac): ventricle size ``x (1 + 0.3 a + 0.1 f_card)``; ``Poisson(max(0,
+    1 + 0.9 f_card + 0.4 a))`` bright white-matter lesions (at most 8).
+
+- Missingness NOT at random: organ ``o`` is missing with probability ``sigmoid(z_o)``: brain
+  ``-2.0 + 1.2 a + 0.3 f_card`` (older subjects), heart ``-2.4 + 0.5 f_card``, adipose ``-2.6 + 0.5 b``,
+  liver ``-2.2 + 0.4 f_hep``, kidney ``-2.4 + 1.4 f_ren`` (kidney disease), spleen ``-1.8 + 0.3 a``,
+  pancreas ``-1.6 + 0.8 b`` (high BMI). Then, in order: a subject left with no organ keeps the organ with
+  the lowest missing probability; if no subject has all seven, the first subject with the most organs gets
+  all seven; if no other subject has exactly one, the first other subject with the fewest organs keeps only
+  its present organ with the lowest missing probability.
+
+Files: ``subjects.csv`` (subject, organ paths, label columns), ``attributes.csv`` (subject, age, sex, bmi;
+kept apart so attributes are never read as labels) and ``organs/<subject>_<organ>.nii.gz`` (float32, affine
+``diag(spacing)`` centred on the origin).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy.special import expit
+
+from .panfm import ORGANS, PANFM_TABLE
+
+__all__ = [
+    "DEFAULT_ORGAN_SHAPES", "DEFAULT_ORGAN_SPACINGS", "PANFM_DEMO_LABELS", "ensure_demo_panfm",
+    "generate_synthetic_panfm",
+]  # fmt: skip
+
+PANFM_DEMO_LABELS = ("metabolic", "cardiac", "renal", "hepatic")
+DEFAULT_ORGAN_SHAPES = {
+    "brain": (40, 48, 40), "heart": (32, 32, 24), "adipose": (48, 32, 16), "liver": (36, 36, 24),
+    "kidney": (24, 24, 20), "spleen": (24, 20, 20), "pancreas": (28, 16, 16),
+}  # fmt: skip
+DEFAULT_ORGAN_SPACINGS = {
+    "brain": (1.5, 1.5, 1.5), "heart": (2.0, 2.0, 2.0), "adipose": (3.0, 3.0, 6.0), "liver": (2.5, 2.5, 3.0),
+    "kidney": (1.5, 1.5, 2.0), "spleen": (2.0, 2.0, 2.5), "pancreas": (1.2, 1.2, 2.0),
+}  # fmt: skip
+_PREVALENCE = {"metabolic": 0.40, "cardiac": 0.30, "renal": 0.25, "hepatic": 0.30}
+
+
+# ------------------------------------------------------------------------------------------ synthetic demo
+def _grid(shape: Sequence[int]) -> list[np.ndarray]:
+    """Broadcastable coordinates in ``[-1, 1]`` along each axis (the field of view of every organ)."""
+    return [np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(3)])
+            for a, n in enumerate(shape)]  # fmt: skip
+
+
+def _blob(g: list[np.ndarray], centre: Sequence[float], semi: Sequence[float]) -> np.ndarray:
+    """Soft ellipsoid mask in ``[0, 1]`` with an edge about one voxel wide (any grid size)."""
+    r = np.sqrt(sum(((x - c) / s) ** 2 for x, c, s in zip(g, centre, semi)))
+    sharp = 2.0 * min(x.size * s for x, s in zip(g, semi))
+    return expit((1.0 - r) * sharp).astype(np.float32)
+
+
+def _lerp_matrix(n: int, cells: int) -> np.ndarray:
+    """``(n, cells)`` weights of linear interpolation from ``cells`` lattice points spanning ``n`` samples."""
+    pos = np.linspace(0, cells - 1, n)
+    lo = np.minimum(pos.astype(int), cells - 2)
+    w = np.zeros((n, cells), np.float32)
+    w[np.arange(n), lo] = 1 - (pos - lo)
+    w[np.arange(n), lo + 1] = pos - lo
+    return w
+
+
+def _field(rng: np.random.Generator, shape: Sequence[int], cells: int = 4) -> np.ndarray:
+    """Smooth random field of unit standard deviation (trilinear upsampling of a ``cells**3`` lattice)."""
+    wx, wy, wz = (_lerp_matrix(n, cells) for n in shape)
+    f = rng.standard_normal((cells,) * 3).astype(np.float32)
+    f = np.einsum("kc,ijc->ijk", wz, np.einsum("jb,ibc->ijc", wy, np.einsum("ia,abc->ibc", wx, f)))
+    return ((f - f.mean()) / (f.std() + 1e-6)).astype(np.float32)
+
+
+def _mix(img: np.ndarray, mask: np.ndarray, value: Any) -> np.ndarray:
+    """Paint ``value`` into ``img`` with soft ``mask``."""
+    return img * (1 - mask) + value * mask
+
+
+# Organ renderers: (random stream, normalised grid, array shape, latent factors f_k, standardised age a) -> volume
+_Shape = Sequence[int]
+_Factors = Mapping[str, float]
+
+
+def _brain(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    j, k = rng.uniform(-0.04, 0.04, 3), rng.uniform(0.93, 1.05)
+    head = (0.86 * k, 0.92 * k, 0.86 * k)
+    img = 0.7 * _blob(g, j, head)  # scalp
+    img = _mix(img, _blob(g, j, [0.93 * x for x in head]), 0.25)  # skull
+    img = _mix(img, _blob(g, j, [0.86 * x for x in head]), 0.55 + 0.03 * _field(rng, shape, 6))  # grey matter
+    img = _mix(img, _blob(g, j, [0.6 * x for x in head]), 0.8)  # white matter
+    v = float(np.clip(1 + 0.3 * a + 0.1 * f["cardiac"], 0.6, 2.0))
+    for side in (-1, 1):
+        img = _mix(img, _blob(g, j + (side * 0.12, 0.05, 0.05), (0.08 * v, 0.25 * v, 0.12 * v)), 0.15)
+    for _ in range(min(int(rng.poisson(max(0.0, 1 + 0.9 * f["cardiac"] + 0.4 * a))), 8)):
+        c = j + rng.uniform(-0.35, 0.35, 3)
+        img = img + 0.25 * _blob(g, c, [rng.uniform(0.05, 0.09)] * 3)
+    return img
+
+
+def _heart(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    j, k = rng.uniform(-0.04, 0.04, 3), rng.uniform(0.97, 1.03)
+    s = 0.9 * f["cardiac"] + 0.4 * f["metabolic"]
+    wall = float(np.clip(0.2 + 0.05 * s, 0.06, 0.4))
+    pool = float(np.clip(0.4 + 0.12 * s, 0.1, 0.75))  # blood-pool signal (relative to the bright wall)
+    outer = (0.62 * k, 0.62 * k, 0.8 * k)
+    img = 0.12 + 0.04 * _field(rng, shape)  # lungs, mediastinum
+    img = _mix(img, expit((g[1] - 0.78) * shape[1]).astype(np.float32), 1.0)  # anterior chest-wall fat
+    img = _mix(img, _blob(g, j + (-0.55, 0.1, 0), (0.3, 0.5, 0.6)), 0.35)  # right ventricle
+    img = _mix(img, _blob(g, j, outer), 0.9)  # myocardium
+    return _mix(img, _blob(g, j, [x - wall for x in outer]), pool)  # left-ventricular blood pool
+
+
+def _adipose(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    s = 0.9 * f["metabolic"] + 0.4 * f["cardiac"]
+    t_sc = float(np.clip(0.12 + 0.045 * s, 0.03, 0.3))
+    vf = float(np.clip(0.25 + 0.12 * s, 0.02, 0.7))
+    k = rng.uniform(0.93, 1.0)
+    flat = [g[0], g[1], np.zeros_like(g[2])]  # an abdominal slab: the same outline on every slice
+    body, inner = (_blob(flat, (0, 0, 0), (0.95 * k - t, 0.9 * k - t, 1.0)) for t in (0.0, t_sc))
+    field = _field(rng, shape, 6)
+    visceral = expit((field - np.quantile(field, 1 - vf)) * 8).astype(np.float32)
+    img = _mix(body, inner, 0.35)  # subcutaneous fat (1.0) over the muscle wall
+    img = _mix(img, _blob(flat, (0, 0, 0), (0.95 * k - t_sc - 0.06, 0.9 * k - t_sc - 0.06, 1.0)),
+               0.3 + 0.65 * visceral)  # fmt: skip
+    return _mix(img, _blob(flat, (0, -0.6 * k, 0), (0.12, 0.12, 1.0)), 0.1)  # spine
+
+
+def _liver(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    j, k = rng.uniform(-0.05, 0.05, 3), rng.uniform(0.92, 1.05)
+    liver = _blob(g, j + (0.1, 0, 0), (0.8 * k, 0.7 * k, 0.75 * k))
+    img = _mix(0.12 + 0.03 * _field(rng, shape), liver, 0.55 + 0.04 * f["metabolic"])
+    for _ in range(3):  # portal and hepatic vessels
+        c, semi = j + rng.uniform(-0.3, 0.3, 3), [0.05, 0.05, 0.05]
+        semi[int(rng.integers(3))] = 0.5
+        img = _mix(img, _blob(g, c, semi) * liver, 0.3)
+    for _ in range(min(int(rng.poisson(max(0.0, 0.9 * f["hepatic"] + 0.2))), 6)):
+        img = img - 0.15 * _blob(g, j + rng.uniform(-0.45, 0.45, 3), [rng.uniform(0.07, 0.12)] * 3) * liver
+    return img
+
+
+def _kidney(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    j, k = rng.uniform(-0.05, 0.05, 3), rng.uniform(0.92, 1.06)
+    semi = (0.5 * k, 0.7 * k, 0.85 * k)
+    medulla = float(np.clip(0.7 + 0.06 * f["renal"], 0.5, 0.88))  # inner fraction: thinner cortex when ill
+    img = _mix(0.15 + 0.04 * _field(rng, shape), _blob(g, j, semi), 0.75)
+    img = _mix(img, _blob(g, j, [medulla * x for x in semi]), 0.45)
+    img = _mix(img, _blob(g, j + (0.35 * k, 0, 0), (0.15, 0.2, 0.3)), 0.9)  # sinus fat at the hilum
+    if rng.random() < expit(1.2 * f["renal"] - 1.5):
+        img = _mix(img, _blob(g, j + rng.uniform(-0.3, 0.3, 3), [rng.uniform(0.12, 0.2)] * 3), 0.08)
+    return img
+
+
+def _spleen(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    j = rng.uniform(-0.05, 0.05, 3)
+    k = float(np.clip(1 + 0.07 * f["hepatic"], 0.8, 1.3)) * rng.uniform(0.95, 1.05)
+    return _mix(0.2 + 0.04 * _field(rng, shape), _blob(g, j, (0.55 * k, 0.65 * k, 0.65 * k)),
+                0.6 + 0.04 * _field(rng, shape, 5))  # fmt: skip
+
+
+def _pancreas(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
+    j = rng.uniform(-0.05, 0.05, 3)
+    centre = 0.3 * np.sin(np.pi * (g[0] - j[0]) / 2)  # a gently curved tube along X
+    r = np.sqrt(((g[1] - centre - j[1]) / 0.35) ** 2 + ((g[2] - j[2]) / 0.4) ** 2 + (g[0] / 0.88) ** 8)
+    gland = expit((1 - r) * 0.7 * shape[1]).astype(np.float32)
+    field = _field(rng, shape, 6)
+    fat = float(np.clip(0.15 + 0.06 * f["metabolic"], 0.02, 0.5))
+    lobules = expit((field - np.quantile(field, 1 - fat)) * 8).astype(np.float32)
+    return _mix(0.15 + 0.03 * field, gland, 0.5 + 0.4 * lobules)
+
+
+_RENDER = {"brain": _brain, "heart": _heart, "adipose": _adipose, "liver": _liver, "kidney": _kidney,
+           "spleen": _spleen, "pancreas": _pancreas}  # fmt: skip
+
+
+def _draw_subject(rng: np.random.Generator) -> dict[str, Any]:
+    """Attributes, latent factors, label liabilities and organ missing probabilities of one subject."""
+    age = float(rng.uniform(40, 80))
+    sex = ("F", "M")[int(rng.integers(2))]
+    bmi = float(np.clip(27 + 4.5 * rng.normal(), 17, 45))
+    a, b, s = (age - 60) / 11.5, (bmi - 27) / 4.5, 1.0 if sex == "M" else -1.0
+    e = rng.standard_normal(8)
+    met = 0.7 * b + 0.7 * e[0]
+    f = {"metabolic": met, "cardiac": 0.5 * a + 0.3 * met + 0.2 * s + 0.75 * e[1],
+         "renal": 0.35 * a + 0.3 * met + 0.85 * e[2], "hepatic": 0.45 * met + 0.85 * e[3]}  # fmt: skip
+    z = {"brain": -2.0 + 1.2 * a + 0.3 * f["cardiac"], "heart": -2.4 + 0.5 * f["cardiac"], "adipose": -2.6 + 0.5 * b,
+         "liver": -2.2 + 0.4 * f["hepatic"], "kidney": -2.4 + 1.4 * f["renal"], "spleen": -1.8 + 0.3 * a,
+         "pancreas": -1.6 + 0.8 * b}  # fmt: skip
+    p_missing = np.array([expit(z[o]) for o in ORGANS])
+    return {
+        "age": age, "sex": sex, "bmi": bmi, "a": a, "f": f, "p_missing": p_missing,
+        "liability": {k: f[k] + 0.4 * e[4 + n] for n, k in enumerate(PANFM_DEMO_LABELS)},
+        "present": rng.random(len(ORGANS)) >= p_missing,
+    }  # fmt: skip
+
+
+def _fix_presence(subjects: list[dict[str, Any]]) -> None:
+    """Every subject keeps one organ; the cohort gets a seven-organ and a one-organ subject (module doc)."""
+    for sub in subjects:
+        if not sub["present"].any():
+            sub["present"][int(np.argmin(sub["p_missing"]))] = True
+    counts = [int(sub["present"].sum()) for sub in subjects]
+    full = next((n for n, c in enumerate(counts) if c == len(ORGANS)), None)
+    if full is None:
+        full = int(np.argmax(counts))
+        subjects[full]["present"][:] = True
+        counts[full] = len(ORGANS)
+    if not any(c == 1 for n, c in enumerate(counts) if n != full):
+        one = min((n for n in range(len(subjects)) if n != full), key=lambda n: (counts[n], n))
+        sub = subjects[one]
+        keep = int(np.argmin(np.where(sub["present"], sub["p_missing"], np.inf)))
+        sub["present"][:] = False
+        sub["present"][keep] = True
+
+
+def _save(array: np.ndarray, spacing: Sequence[float], path: str) -> None:
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-(n - 1) / 2 * s for n, s in zip(array.shape, spacing)]
+    img = nib.Nifti1Image(array.astype(np.float32), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def generate_synthetic_panfm(
+    out_dir: str,
+    num_subjects: int = 48,
+    seed: int = 0,
+    organ_shapes: Mapping[str, Sequence[int]] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write the synthetic pan-organ cohort (generative model, files: module doc).
+
+    Args:
+        out_dir: dataset root (created if needed).
+        num_subjects: number of subjects (at least 2), named ``sub_000``, ``sub_001``, ...
+        seed: random seed; the output is deterministic for a seed, shapes and ``num_subjects``.
+        organ_shapes: per-organ array shape overriding :data:`DEFAULT_ORGAN_SHAPES` (e.g. tiny shapes for
+            tests); spacings stay :data:`DEFAULT_ORGAN_SPACINGS`.
+        overwrite: replace existing files instead of raising.
+
+    Returns:
+        Path of ``subjects.csv``.
+
+    Raises:
+        ValueError: ``num_subjects < 2`` or a bad ``organ_shapes`` entry.
+        FileExistsError: a file to write exists and ``overwrite`` is False.
+    """
+    if num_subjects < 2:
+        raise ValueError(
+            f"num_subjects must be at least 2 (a one-organ and a seven-organ subject), got {num_subjects}."
+        )
+    shapes = dict(DEFAULT_ORGAN_SHAPES)
+    for organ, shape in (organ_shapes or {}).items():
+        if organ not in ORGANS:
+            raise ValueError(f"organ_shapes: unknown organ {organ!r}; organs are {ORGANS}.")
+        if len(shape) != 3 or min(int(n) for n in shape) < 4:
+            raise ValueError(f"organ_shapes[{organ!r}] must be three sizes of at least 4 voxels, got {shape}.")
+        shapes[organ] = tuple(int(n) for n in shape)
+    ids = [f"sub_{i:03d}" for i in range(num_subjects)]
+    table, attributes = os.path.join(out_dir, PANFM_TABLE), os.path.join(out_dir, "attributes.csv")
+    children = [c.spawn(1 + len(ORGANS)) for c in np.random.SeedSequence(seed).spawn(num_subjects)]
+    subjects = [_draw_subject(np.random.default_rng(c[0])) for c in children]
+    _fix_presence(subjects)
+    rel = {(sid, o): f"organs/{sid}_{o}.nii.gz" for sid, sub in zip(ids, subjects)
+           for o, on in zip(ORGANS, sub["present"]) if on}  # fmt: skip
+    if not overwrite:
+        for path in [table, attributes] + [os.path.join(out_dir, r) for r in rel.values()]:
+            if os.path.exists(path):
+                raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    os.makedirs(os.path.join(out_dir, "organs"), exist_ok=True)
+    labels = {}
+    for k in PANFM_DEMO_LABELS:
+        n_pos = min(max(round(_PREVALENCE[k] * num_subjects), 1), num_subjects - 1)
+        order = np.argsort([-sub["liability"][k] for sub in subjects], kind="stable")
+        labels[k] = np.zeros(num_subjects, int)
+        labels[k][order[:n_pos]] = 1
+    for sid, sub, child in zip(ids, subjects, children):
+        for o, on, organ_seed in zip(ORGANS, sub["present"], child[1:]):
+            if not on:
+                continue
+            rng = np.random.default_rng(organ_seed)
+            shape = shapes[o]
+            img = _RENDER[o](rng, _grid(shape), shape, sub["f"], sub["a"])
+            img = img * rng.uniform(0.9, 1.1) * (1 + 0.05 * _field(rng, shape, 3))  # gain and bias field
+            img = np.abs(img + 0.03 * rng.standard_normal(shape, dtype=np.float32))  # magnitude noise
+            img = np.round(img * 4096) / 4096  # 12 fractional bits: far below the noise, smaller files
+            _save(img, DEFAULT_ORGAN_SPACINGS[o], os.path.join(out_dir, rel[(sid, o)]))
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject", *ORGANS, *PANFM_DEMO_LABELS])
+        for n, sid in enumerate(ids):
+            writer.writerow([sid, *(rel.get((sid, o), "") for o in ORGANS), *(labels[k][n] for k in PANFM_DEMO_LABELS)])
+    with open(attributes, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject", "age", "sex", "bmi"])
+        writer.writerows([sid, f"{sub['age']:.1f}", sub["sex"], f"{sub['bmi']:.1f}"] for sid, sub in zip(ids, subjects))
+    return table
+
+
+def ensure_demo_panfm(dataset_dir: str, **kw: Any) -> str:
+    """Return a Pan-FM dataset directory, generating the synthetic demo there if it does not exist.
+
+    Same rule as :func:`medfm.data.synthetic_petct.ensure_demo_petct`: a missing ``dataset_dir`` gets the
+    demo; an existing one is returned untouched when it holds ``subjects.csv`` and is never written into
+    otherwise.
+
+    Args:
+        dataset_dir: dataset root.
+        **kw: arguments of :func:`generate_synthetic_panfm` (``num_subjects``, ``seed``, ``organ_shapes``).
+
+    Returns:
+        ``dataset_dir``.
+
+    Raises:
+        ValueError: ``dataset_dir`` exists but holds no ``subjects.csv``.
+    """
+    if not os.path.exists(dataset_dir):
+        generate_synthetic_panfm(dataset_dir, **kw)
+        return dataset_dir
+    if not os.path.isfile(os.path.join(dataset_dir, PANFM_TABLE)):
+        raise ValueError(
+            f"{dataset_dir} exists but holds no {PANFM_TABLE}; refusing to generate demo data into an existing "
+            "directory (a Pan-FM dataset has subjects.csv with a subject column and one image path per organ)."
+        )
+    return dataset_dir
