@@ -49,8 +49,8 @@ def finetune_splits(
         os.makedirs(os.path.dirname(os.path.abspath(record_file)), exist_ok=True)
         record = {
             "seed": seed, "val_fraction": val_fraction, "label_fraction": label_fraction,
-            "train": [d.get("case", d.get("image")) for d in train],
-            "val": [d.get("case", d.get("image")) for d in val],
+            "train": [d.get("case", d.get("subject", d.get("image"))) for d in train],
+            "val": [d.get("case", d.get("subject", d.get("image"))) for d in val],
         }  # fmt: skip
         with open(record_file, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)

@@ -3,6 +3,8 @@ from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torc
 from .distributed import EVERY_RANK_HANDLERS, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
 from .iteration import SSLIteration, loss_terms
+from .panfm_handlers import OrganAttentionPlot, attention_bar_image
+from .panfm_iteration import PanFMIteration, PanFMPrepareBatch
 from .prepare_batch import FratMAEPrepareBatch
 from .progress import ProgressBar
 from .sampler_epoch import SamplerEpochHandler
@@ -16,6 +18,9 @@ __all__ = [
     "AtomicCheckpointSaver",
     "BestModelSaver",
     "FratMAEPrepareBatch",
+    "OrganAttentionPlot",
+    "PanFMIteration",
+    "PanFMPrepareBatch",
     "ProgressBar",
     "ReconstructionImageHandler",
     "ResumeFromCheckpoint",
@@ -26,6 +31,7 @@ __all__ = [
     "SpadSlidingWindowInferer",
     "TokenizerIteration",
     "atomic_torch_save",
+    "attention_bar_image",
     "batch_aniso_d",
     "handlers_for_rank",
     "latest_checkpoint",

@@ -1,6 +1,7 @@
 from .fratmae_loss import FratMAELoss
 from .infonce import InfoNCELoss
 from .masked_mse import MaskedMSELoss, masked_mse
+from .self_distill import DINOLoss, IBOTPatchLoss, PanFMLoss, momentum_schedule, teacher_temp_schedule
 from .soft_ce import SoftTokenCELoss, soft_cross_entropy
 from .tokenizer import (
     PerceptualLoss,
@@ -13,9 +14,12 @@ from .tokenizer import (
 )
 
 __all__ = [
+    "DINOLoss",
     "FratMAELoss",
+    "IBOTPatchLoss",
     "InfoNCELoss",
     "MaskedMSELoss",
+    "PanFMLoss",
     "PerceptualLoss",
     "SoftTokenCELoss",
     "SpadVTLoss",
@@ -23,7 +27,9 @@ __all__ = [
     "hinge_d_loss",
     "lpips_weight_shapes",
     "masked_mse",
+    "momentum_schedule",
     "soft_cross_entropy",
+    "teacher_temp_schedule",
     "token_entropy",
     "usage_entropy_loss",
 ]

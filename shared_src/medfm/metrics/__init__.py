@@ -3,6 +3,7 @@
 from .bootstrap import bootstrap_ci
 from .classification import accuracy, macro_sensitivity, per_class_recall
 from .handlers import ClassificationReport, SegmentationReport
+from .robustness import missing_organ_conditions, missing_organ_robustness
 from .multilabel import SubjectProbabilityWriter, auroc, multilabel_auroc, write_auroc_table
 from .segmentation import as_binary_mask, dice_iou, lesion_fp_fn_volumes, voxel_volume_from_affine
 
@@ -17,6 +18,8 @@ __all__ = [
     "dice_iou",
     "lesion_fp_fn_volumes",
     "macro_sensitivity",
+    "missing_organ_conditions",
+    "missing_organ_robustness",
     "multilabel_auroc",
     "per_class_recall",
     "voxel_volume_from_affine",

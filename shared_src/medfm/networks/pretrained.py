@@ -13,8 +13,10 @@ __all__ = [
     "filter_fratmae_encoders",
     "filter_spad_vit_encoder",
     "init_from_pretraining",
+    "init_panfm_from_pretraining",
     "init_spad_vit_from_pretraining",
     "load_fratmae_encoders",
+    "load_panfm_encoder",
     "load_spad_vit_encoder",
     "load_weights",
 ]
@@ -155,3 +157,18 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     network.load_state_dict(state)
     logger.info("loaded %d tensors of %s from %s", len(own), type(network).__name__, path)
     return network
+
+
+def load_panfm_encoder(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy a Pan-FM encoder into a downstream model's ``encoder``: from a pre-training checkpoint (the EMA
+    teacher's encoder, ``teacher.encoder.*``, as DINO evaluates) or from a fine-tuned model (``encoder.*``);
+    same checks and report as :func:`load_fratmae_encoders`."""
+    state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
+    if any(k.startswith("teacher.encoder.") for k in state):
+        state = {"encoder." + k[len("teacher.encoder.") :]: v for k, v in state.items() if k.startswith("teacher.encoder.")}
+    return _load_part(network, path, state, ("encoder.",), "Pan-FM")
+
+
+def init_panfm_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
+    """:func:`init_from_pretraining` for Pan-FM downstream models (:func:`load_panfm_encoder`)."""
+    return init_from_pretraining(network, path, load_panfm_encoder)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn as nn
 from monai.networks.layers import DropPath
+from torch import nn
 
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
@@ -82,13 +82,17 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(hidden_size, mlp_dim, act=act)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             x: (B, N, hidden_size).
             context: (B, M, context_size), required iff the block has cross-attention.
+            attn_mask: optional (B, N) bool key-padding mask of the self-attention, True = valid key
+                (see :class:`SelfAttention`); None attends to every token.
         """
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask))
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this block has cross-attention: a context tensor is required.")

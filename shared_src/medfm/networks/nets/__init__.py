@@ -1,18 +1,27 @@
 from .fratmae import FratMAE
 from .fratmae_downstream import FratMAEClassifier, FratMAESegmenter
+from .panfm import PANFM_ORGANS, DINOHead, PanFMEncoder, PanFMOutput, PanFMSelfDistill, panfm_encoder_state
+from .panfm_downstream import PanFMClassifier
 from .spad_vit import SpadViT, SpadViTMIM
 from .spad_vit_downstream import SpadViTClassifier, SpadViTSegmenter
 from .spad_vt import ChannelLayerNorm, SpadPatchDiscriminator, SpadVT
 
 __all__ = [
+    "PANFM_ORGANS",
     "ChannelLayerNorm",
+    "DINOHead",
     "FratMAE",
     "FratMAEClassifier",
     "FratMAESegmenter",
+    "PanFMClassifier",
+    "PanFMEncoder",
+    "PanFMOutput",
+    "PanFMSelfDistill",
     "SpadPatchDiscriminator",
     "SpadVT",
     "SpadViT",
     "SpadViTClassifier",
     "SpadViTMIM",
     "SpadViTSegmenter",
+    "panfm_encoder_state",
 ]
