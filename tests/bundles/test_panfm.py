@@ -1,0 +1,179 @@
+"""Pan-FM bundle end to end through the ``monai.bundle`` CLI on the synthetic pan-organ demo: pre-training (each
+masking mode), fine-tuning and linear probing, inference and evaluation with the missing-organ protocol."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from medfm.data import ORGANS, PANFM_DEMO_LABELS, ensure_demo_panfm, read_subject_table
+
+from .helpers import SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
+
+B = "panfm_panorgan"
+pytestmark = pytest.mark.slow
+
+
+def _cli(cwd, names, *overrides, mode="training"):
+    args = ["run", mode] if mode else ["run"]
+    res = run_cli([*args, "--config_file", config_list(B, *names), *overrides], cwd=str(cwd))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("panfm")
+    data = str(root / "data")
+    ensure_demo_panfm(data, seed=0)
+    out = {k: str(root / k) for k in ("pre", "ft", "probe", "inf", "eval")}
+    common = ["--dataset_dir", data]
+    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--max_steps", "12")
+    pre = os.path.join(out["pre"], "models", "model.pt")
+    _cli(root, ["finetune.json", "demo_finetune.json"], *common, "--output_dir", out["ft"], "--pretrained_checkpoint", pre)
+    _cli(root, ["finetune.json", "linear_probe.json", "demo_finetune.json"], *common, "--output_dir", out["probe"],
+         "--pretrained_checkpoint", pre)  # fmt: skip
+    ft = os.path.join(out["ft"], "models", "model.pt")
+    _cli(root, ["inference.json", "demo_inference.json"], *common, "--output_dir", out["inf"], "--ckpt_path", ft, mode=None)
+    _cli(root, ["inference.json", "evaluate.json", "demo_inference.json"], *common, "--output_dir", out["eval"],
+         "--ckpt_path", ft, mode=None)  # fmt: skip
+    return {"root": root, "data": data, "pre_ckpt": pre, "ft_ckpt": ft, **out}
+
+
+def test_demo_has_one_organ_and_seven_organ_subjects(chain):
+    counts = {sum(d["present"]) for d in read_subject_table(chain["data"])}
+    assert {1, 7} <= counts
+
+
+def test_pretraining_logs_losses_and_attention_shares(chain):
+    scalars, images = event_tags(os.path.join(chain["pre"], "logs"))
+    for term in ("cls", "patch", "teacher_temp", "momentum", "masked_fraction", *(f"attn_{o}" for o in ORGANS)):
+        assert any(t.endswith(term) for t in scalars), (term, sorted(scalars))
+    assert any("organ_attention" in t for t in images), images
+    state = torch.load(chain["pre_ckpt"], weights_only=True)
+    assert any(k.startswith("teacher.encoder.") for k in state) and any(k.startswith("student.") for k in state)
+
+
+@pytest.mark.parametrize("mode", ["random", "sgm"])
+def test_masking_switch_configs_run(chain, tmp_path, mode):
+    wf = workflow(B, ["train.json", "demo.json", f"masking_{mode}.json"], dataset_dir=chain["data"],
+                  output_dir=str(tmp_path / "out"), max_steps=2)  # fmt: skip
+    wf.initialize()
+    assert wf.parser.get_parsed_content("train#iteration").masking == mode
+    wf.run()
+    assert os.path.isfile(tmp_path / "out" / "models" / "model.pt")
+
+
+def test_fine_tuning_and_linear_probe_start_from_the_teacher(chain):
+    pre = torch.load(chain["pre_ckpt"], weights_only=True)
+    probe = torch.load(os.path.join(chain["probe"], "models", "last_model.pt"), weights_only=True)
+    # the linear probe leaves the encoder exactly as pre-trained (teacher weights)
+    for k, v in probe.items():
+        if k.startswith("encoder."):
+            torch.testing.assert_close(v, pre["teacher." + k])
+    ft = torch.load(os.path.join(chain["ft"], "models", "last_model.pt"), weights_only=True)
+    assert any(not torch.equal(v, pre["teacher." + k]) for k, v in ft.items() if k.startswith("encoder.blocks"))
+    scalars, _ = event_tags(os.path.join(chain["ft"], "logs"))
+    assert "val_macro_auroc" in scalars
+
+
+def test_inference_writes_one_probability_row_per_subject(chain):
+    rows = list(csv.DictReader(open(os.path.join(chain["inf"], "probabilities.csv"))))
+    subjects = [d["subject"] for d in read_subject_table(chain["data"])]
+    assert [r["subject"] for r in rows] == subjects
+    for r in rows:
+        assert all(0.0 <= float(r[name]) <= 1.0 for name in PANFM_DEMO_LABELS)
+
+
+def test_evaluation_writes_auroc_and_the_robustness_protocol(chain):
+    rows = {r["condition"]: r for r in csv.DictReader(open(os.path.join(chain["eval"], "robustness_auroc.csv")))}
+    expected = ["all organs", *(f"without {o}" for o in ORGANS), "random missing 20%", "random missing 40%",
+                "random missing 60%"]  # fmt: skip
+    assert list(rows) == expected
+    for r in rows.values():
+        vals = [float(r[n]) for n in PANFM_DEMO_LABELS]
+        assert all(0.0 <= v <= 1.0 for v in vals)
+        assert float(r["macro"]) == pytest.approx(sum(vals) / len(vals), abs=1e-3)
+    subjects = {r["condition"]: r for r in csv.DictReader(open(os.path.join(chain["eval"], "robustness_subjects.csv")))}
+    organs = [float(subjects[c]["mean_organs"]) for c in ("random missing 20%", "random missing 40%", "random missing 60%")]
+    assert organs[0] > organs[1] > organs[2] >= 1.0
+    assert os.path.isfile(os.path.join(chain["eval"], "auroc.csv"))
+
+
+@pytest.mark.parametrize(
+    "names, kind",
+    [(["train.json", "demo.json"], "train"), (["finetune.json", "demo_finetune.json"], "train"),
+     (["finetune.json", "linear_probe.json", "demo_finetune.json"], "train"),
+     (["inference.json", "demo_inference.json"], "infer"),
+     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
+)  # fmt: skip
+def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
+    extra = {"pretrained_checkpoint": chain["pre_ckpt"]} if names[0] == "finetune.json" else {}
+    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_metadata_verifies(tmp_path):
+    if not os.path.isfile(SCHEMA):
+        pytest.skip(f"metadata schema not found at {SCHEMA}")
+    res = run_cli(["verify_metadata", "--meta_file", configs(B, "metadata.json")[0], "--filepath", SCHEMA],
+                  cwd=str(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_subject_without_organs_or_with_a_missing_file_stops_naming_it(chain, tmp_path):
+    table = tmp_path / "subjects.csv"
+    header = ["subject", *ORGANS]
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerow(["sub_empty", *[""] * len(ORGANS)])
+    wf = workflow(B, ["train.json"], dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+    wf.initialize()
+    with pytest.raises(Exception) as e:
+        wf.run()
+    assert "sub_empty" in error_text(e.value)
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerow(["sub_gone", "organs/nowhere.nii.gz", *[""] * (len(ORGANS) - 1)])
+    wf = workflow(B, ["train.json"], dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out2"))
+    wf.initialize()
+    with pytest.raises(Exception) as e:
+        wf.run()
+    assert "sub_gone" in error_text(e.value) and "nowhere.nii.gz" in error_text(e.value)
+
+
+def test_every_config_is_json_with_4_space_indent():
+    for path in glob.glob(configs(B, "*.json")[0]):
+        text = open(path).read()
+        json.loads(text)
+        assert text.startswith('{\n    "'), path
+
+
+def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", chain["data"],
+           "--output_dir", str(out), "--max_steps", "2"]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert log.count("Engine run finished") == 2  # both ranks stepped
+    # 48 subjects, 2 ranks, batch 8, drop_last: 3 iterations per rank make one epoch; rank 0 writes the checkpoint
+    ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))
+    assert ckpts == ["checkpoint_iter=3.pt"]
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
