@@ -5,6 +5,8 @@ Usage::
 
     python tools/bench.py fratmae [--size base|tiny] [--batch 2] [--steps N] [--warmup W] [--threads T]
                                   [--bf16/--no-bf16] [--data/--no-data]
+    python tools/bench.py spad [--size base|tiny] [--batch 2] [--steps N] [--data/--no-data]
+    python tools/bench.py panfm [--size base|tiny] [--batch 4] [--rates 0 0.2 0.4 0.6]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 Everything runs in one process; stdout carries exactly one JSON object per case, human notes go to stderr.
@@ -971,7 +973,71 @@ def _add_spad(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_spad)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad]
+# ----------------------------------------------------------------------------------------------------------
+# Pan-FM
+
+
+def _run_panfm(args: argparse.Namespace) -> int:
+    """Pan-FM encoder training step (forward, backward) at organ missing rates: packing must make cost fall."""
+    from medfm.data import DEFAULT_ORGAN_SHAPES, ORGANS
+    from medfm.networks.nets import PanFMEncoder
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = {"brain": (96, 112, 96), "heart": (64, 64, 48), "adipose": (96, 64, 32), "liver": (80, 80, 48),
+            "kidney": (64, 64, 48), "spleen": (64, 48, 48), "pancreas": (64, 48, 32)}  # panfm train.json
+    shapes = base if args.size == "base" else {o: tuple(max(8, s // 32 * 8) for s in DEFAULT_ORGAN_SHAPES[o]) for o in ORGANS}
+    size = {"base": (768, 12, 12, 3072, 16), "tiny": (48, 2, 3, 96, 8)}[args.size]
+    enc = PanFMEncoder(ORGANS, shapes, patch_size=size[4], hidden_size=size[0], num_layers=size[1], num_heads=size[2],
+                       mlp_dim=size[3]).train()  # fmt: skip
+    b = args.batch
+    images = {o: torch.rand(b, 1, *shapes[o]) for o in ORGANS}
+    gen = torch.Generator().manual_seed(0)
+    presents = {}
+    for rate in args.rates:
+        p = torch.rand(b, len(ORGANS), generator=gen) >= rate
+        p[:, 0] |= ~p.any(1)  # every subject keeps at least one organ
+        presents[rate] = p
+
+    def step(rate: float) -> None:
+        enc.zero_grad(set_to_none=True)
+        enc(images, presents[rate]).cls.sum().backward()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for rate in args.rates:
+        with FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_flop_mapping()) as fc:
+            step(rate)
+        flops[rate] = int(fc.get_total_flops())
+    runners = {f"missing_{round(100 * r)}": (lambda r=r: step(r)) for r in args.rates}
+    samples, _, rounds, clean = _time_rounds(runners, dict.fromkeys(runners, args.warmup), args.steps, 30.0)
+    ref = None
+    for rate, name in zip(args.rates, runners):
+        summ = _summary(samples[name])
+        ref = ref or summ["step_s"]
+        _emit({"case": name, "size": args.size, "batch": b, "missing_rate": rate,
+               "organs_present": round(float(presents[rate].float().sum(1).mean()), 3),
+               "tokens_per_subject": round(float(sum(presents[rate][:, i].float().mean() * enc.num_tokens[o]
+                                                     for i, o in enumerate(ORGANS))), 1),
+               "flops_per_step": flops[rate], "step_vs_no_missing": _r(summ["step_s"] / ref), **summ,
+               "rounds": len(rounds), "quiet_rounds": len(clean)})  # fmt: skip
+    return 0
+
+
+def _add_panfm(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("panfm", help="Pan-FM encoder step at organ missing rates (packing)")
+    p.add_argument("--size", choices=["base", "tiny"], default="base", help="model size (default base)")
+    p.add_argument("--batch", type=int, default=4, help="subjects per batch (default 4)")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="organ missing rates")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per rate (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per rate (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.set_defaults(func=_run_panfm)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad, _add_panfm]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

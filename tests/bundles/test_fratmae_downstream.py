@@ -53,6 +53,10 @@ def test_finetune_seg_loads_pretraining_and_records_split(seg_model):
     split = json.load(open(seg_model["out"] / "split.json"))
     assert split["label_fraction"] == 1.0 and split["train"] and split["val"]
     assert not set(split["train"]) & set(split["val"])
+    from .helpers import event_tags
+
+    scalars, _ = event_tags(str(seg_model["out"] / "logs"))
+    assert "train_loss" in scalars, scalars  # the training loss reaches TensorBoard as a scalar
 
 
 def test_label_fraction_takes_a_seeded_subset(work, tmp_path):

@@ -2,7 +2,7 @@ from .best_model import BestModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
 from .distributed import EVERY_RANK_HANDLERS, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
-from .iteration import SSLIteration, loss_terms
+from .iteration import SSLIteration, loss_scalar, loss_terms
 from .panfm_handlers import OrganAttentionPlot, attention_bar_image
 from .panfm_iteration import PanFMIteration, PanFMPrepareBatch
 from .prepare_batch import FratMAEPrepareBatch
@@ -35,6 +35,7 @@ __all__ = [
     "batch_aniso_d",
     "handlers_for_rank",
     "latest_checkpoint",
+    "loss_scalar",
     "loss_terms",
     "reconstruction_panel",
 ]

@@ -12,7 +12,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ["SSLIteration", "loss_terms"]
+__all__ = ["SSLIteration", "loss_scalar", "loss_terms"]
 
 
 class SSLIteration:
@@ -65,3 +65,10 @@ class SSLIteration:
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
     """``output_transform`` for stats handlers: every loss term and the learning rate of the iteration."""
     return dict(output["terms"])
+
+
+def loss_scalar(output: Any) -> float:
+    """``output_transform`` for stats handlers of supervised training: the iteration's loss as a float, whether the
+    engine output is one dict (``decollate=False``) or a list of per-item dicts."""
+    item = output[0] if isinstance(output, (list, tuple)) else output
+    return float(torch.as_tensor(item[Keys.LOSS]).detach().float().mean())

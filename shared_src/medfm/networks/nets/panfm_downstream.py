@@ -29,7 +29,10 @@ class PanFMClassifier(nn.Module):
     def __init__(self, num_labels: int, linear_probe: bool = False, dropout: float = 0.0, **encoder_kwargs: Any):
         super().__init__()
         if num_labels < 1:
-            raise ValueError(f"num_labels must be positive, got {num_labels}.")
+            raise ValueError(
+                f"num_labels must be positive, got {num_labels}: does the subject table have label columns? "
+                "Otherwise give the label names (e.g. --label_names \"['a', 'b']\")."
+            )
         self.encoder = PanFMEncoder(**encoder_kwargs)
         self.linear_probe = linear_probe
         self.dropout = nn.Dropout(dropout)
