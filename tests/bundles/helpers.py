@@ -62,3 +62,29 @@ def error_text(exc: BaseException) -> str:
         parts.append(f"{type(exc).__name__}: {exc}")
         exc = exc.__cause__ or exc.__context__
     return "\n".join(parts)
+
+
+def one_process_group_env(monkeypatch) -> None:
+    """The environment torchrun would set for a one-process group on a free local port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+
+
+def torchrun_two_processes(config_file: str, args: list[str], cwd: str, timeout: int = 300) -> str:
+    """``torchrun --standalone --nproc_per_node=2 -m monai.bundle run training`` on CPU; returns the log, asserting
+    a zero exit code and that both ranks finished their run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", config_file, *args]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert log.count("Engine run finished") == 2, log[-3000:]  # both ranks stepped through their epochs
+    return log

@@ -19,7 +19,18 @@ import torch
 from medfm.data import ensure_demo_petct, generate_synthetic_petct
 from medfm.networks.nets import FratMAE
 
-from .helpers import REPO, SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
+from .helpers import (
+    REPO,
+    SCHEMA,
+    config_list,
+    configs,
+    error_text,
+    event_tags,
+    one_process_group_env,
+    run_cli,
+    torchrun_two_processes,
+    workflow,
+)
 
 B = "fratmae_petct"
 TRAIN = ["train.json", "demo.json"]
@@ -54,14 +65,7 @@ def test_metadata_verifies_against_schema():
 )
 def test_check_properties_nothing_missing(names, monkeypatch, demo_dir, tmp_path):
     if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(port)}.items():  # fmt: skip
-            monkeypatch.setenv(k, v)
+        one_process_group_env(monkeypatch)
     wf = workflow(B, names, dataset_dir=demo_dir, output_dir=str(tmp_path / "out"))
     wf.initialize()
     try:
@@ -266,15 +270,7 @@ def test_empty_or_missing_dataset_dir_is_an_error(tmp_path):
 def test_multi_gpu_config_runs_two_processes_on_cpu(tmp_path, demo_dir):
     out = tmp_path / "out"
     files = config_list(B, *TRAIN, "multi_gpu_train.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", demo_dir,
-           "--output_dir", str(out), "--epochs", "1"]  # fmt: skip
-    res = subprocess.run(
-        cmd, cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    assert log.count("Engine run finished") == 2  # both ranks stepped through the epoch
+    torchrun_two_processes(files, ["--dataset_dir", demo_dir, "--output_dir", str(out), "--epochs", "1"], str(tmp_path))
     # 4 demo cases, 2 ranks, batch 2: one iteration per rank; rank 0 alone writes the checkpoint
     assert [os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))] == [
         "checkpoint_iter=1.pt"

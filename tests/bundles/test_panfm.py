@@ -13,7 +13,7 @@ import torch
 
 from medfm.data import ORGANS, PANFM_DEMO_LABELS, ensure_demo_panfm, read_subject_table
 
-from .helpers import SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
+from .helpers import SCHEMA, config_list, configs, error_text, event_tags, run_cli, torchrun_two_processes, workflow
 
 B = "panfm_panorgan"
 pytestmark = pytest.mark.slow
@@ -35,11 +35,28 @@ def chain(tmp_path_factory):
     common = ["--dataset_dir", data]
     _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--max_steps", "12")
     pre = os.path.join(out["pre"], "models", "model.pt")
-    _cli(root, ["finetune.json", "demo_finetune.json"], *common, "--output_dir", out["ft"], "--pretrained_checkpoint", pre)
+    _cli(
+        root,
+        ["finetune.json", "demo_finetune.json"],
+        *common,
+        "--output_dir",
+        out["ft"],
+        "--pretrained_checkpoint",
+        pre,
+    )
     _cli(root, ["finetune.json", "linear_probe.json", "demo_finetune.json"], *common, "--output_dir", out["probe"],
          "--pretrained_checkpoint", pre)  # fmt: skip
     ft = os.path.join(out["ft"], "models", "model.pt")
-    _cli(root, ["inference.json", "demo_inference.json"], *common, "--output_dir", out["inf"], "--ckpt_path", ft, mode=None)
+    _cli(
+        root,
+        ["inference.json", "demo_inference.json"],
+        *common,
+        "--output_dir",
+        out["inf"],
+        "--ckpt_path",
+        ft,
+        mode=None,
+    )
     _cli(root, ["inference.json", "evaluate.json", "demo_inference.json"], *common, "--output_dir", out["eval"],
          "--ckpt_path", ft, mode=None)  # fmt: skip
     return {"root": root, "data": data, "pre_ckpt": pre, "ft_ckpt": ft, **out}
@@ -101,7 +118,9 @@ def test_evaluation_writes_auroc_and_the_robustness_protocol(chain):
         assert all(0.0 <= v <= 1.0 for v in vals)
         assert float(r["macro"]) == pytest.approx(sum(vals) / len(vals), abs=1e-3)
     subjects = {r["condition"]: r for r in csv.DictReader(open(os.path.join(chain["eval"], "robustness_subjects.csv")))}
-    organs = [float(subjects[c]["mean_organs"]) for c in ("random missing 20%", "random missing 40%", "random missing 60%")]
+    organs = [
+        float(subjects[c]["mean_organs"]) for c in ("random missing 20%", "random missing 40%", "random missing 60%")
+    ]
     assert organs[0] > organs[1] > organs[2] >= 1.0
     assert os.path.isfile(os.path.join(chain["eval"], "auroc.csv"))
 
@@ -159,20 +178,10 @@ def test_every_config_is_json_with_4_space_indent():
 
 
 def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", chain["data"],
-           "--output_dir", str(out), "--max_steps", "2"]  # fmt: skip
-    res = subprocess.run(
-        cmd, cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    assert log.count("Engine run finished") == 2  # both ranks stepped
+    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--max_steps", "2"],
+                           str(tmp_path))  # fmt: skip
     # 48 subjects, 2 ranks, batch 8, drop_last: 3 iterations per rank make one epoch; rank 0 writes the checkpoint
     ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))
     assert ckpts == ["checkpoint_iter=3.pt"]

@@ -16,7 +16,18 @@ from medfm.data import build_spad_datalist, ensure_demo_spad
 from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
 from PIL import Image
 
-from .helpers import REPO, SCHEMA, config_list, configs, error_text, event_tags, run_cli, workflow
+from .helpers import (
+    REPO,
+    SCHEMA,
+    config_list,
+    configs,
+    error_text,
+    event_tags,
+    one_process_group_env,
+    run_cli,
+    torchrun_two_processes,
+    workflow,
+)
 
 B = "spad_vit"
 pytestmark = pytest.mark.slow
@@ -161,14 +172,7 @@ def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
 def test_check_properties_mim_and_multi_gpu(chain, tmp_path, monkeypatch):
     for names in (["train.json", "demo.json"], ["train.json", "demo.json", "multi_gpu_train.json"]):
         if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                         "MASTER_PORT": str(port)}.items():  # fmt: skip
-                monkeypatch.setenv(k, v)
+            one_process_group_env(monkeypatch)
         wf = workflow(B, names, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"),
                       tokenizer_ckpt=chain["tok_ckpt"])  # fmt: skip
         wf.initialize()
@@ -228,20 +232,10 @@ def test_every_config_is_json_with_4_space_indent():
 
 
 def test_multi_gpu_mim_runs_two_processes_on_cpu(chain, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", chain["data"],
-           "--output_dir", str(out), "--tokenizer_ckpt", chain["tok_ckpt"], "--max_steps", "3"]  # fmt: skip
-    res = subprocess.run(
-        cmd, cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    assert log.count("Engine run finished") == 2  # both ranks stepped through the epoch
+    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--tokenizer_ckpt",
+                                   chain["tok_ckpt"], "--max_steps", "3"], str(tmp_path))  # fmt: skip
     # 12 demo images in aniso_d buckets {0: 2, 1: 2, 2: 2, 5: 6}, batch 2: 6 batches, 3 per rank;
     # max_steps 3 -> one epoch of 3 iterations; rank 0 alone writes the checkpoint
     ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))

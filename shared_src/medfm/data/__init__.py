@@ -7,7 +7,6 @@ from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_tab
 from .prompt import PromptTokenizer, build_prompt
 from .spad import build_spad_datalist, find_spad_images
 from .splits import finetune_splits, label_fraction_subset, with_class_label
-from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_panfm import (
     DEFAULT_ORGAN_SHAPES,
     DEFAULT_ORGAN_SPACINGS,
@@ -15,6 +14,7 @@ from .synthetic_panfm import (
     ensure_demo_panfm,
     generate_synthetic_panfm,
 )
+from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [

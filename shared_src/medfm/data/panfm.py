@@ -22,7 +22,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-
 __all__ = ["ORGANS", "PANFM_TABLE", "label_names_from_table", "read_subject_table"]
 
 ORGANS = ("brain", "heart", "adipose", "liver", "kidney", "spleen", "pancreas")

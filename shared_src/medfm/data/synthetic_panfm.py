@@ -50,10 +50,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from scipy.special import expit
 
+from .nifti import save_nifti
 from .panfm import ORGANS, PANFM_TABLE
 
 __all__ = [
@@ -249,11 +249,7 @@ def _fix_presence(subjects: list[dict[str, Any]]) -> None:
 def _save(array: np.ndarray, spacing: Sequence[float], path: str) -> None:
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-(n - 1) / 2 * s for n, s in zip(array.shape, spacing)]
-    img = nib.Nifti1Image(array.astype(np.float32), affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, path)
+    save_nifti(array.astype(np.float32), affine, path)
 
 
 def generate_synthetic_panfm(

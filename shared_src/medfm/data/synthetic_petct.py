@@ -16,10 +16,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from .autopet import CT_CHANNEL, PET_CHANNEL, find_petct_images
+from .nifti import save_nifti
 
 __all__ = [
     "generate_synthetic_petct", "ensure_demo_petct", "ORGAN_LABELS", "DIAGNOSES",
@@ -233,15 +233,6 @@ def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], s
     }  # fmt: skip
 
 
-def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_data_dtype(array.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, path)
-
-
 def generate_synthetic_petct(
     out_dir: str,
     num_cases: int = 8,
@@ -306,7 +297,7 @@ def generate_synthetic_petct(
     for i, (case, child) in enumerate(zip(cases, np.random.SeedSequence(seed).spawn(num_cases))):
         data = _make_case(np.random.default_rng(child), DIAGNOSES[(offset + i) % len(DIAGNOSES)], shape, spacing)
         for key, path in paths[case].items():
-            _save(data[key], data["affine"], path)
+            save_nifti(data[key], data["affine"], path)
         rows.append({"case": case, **data["meta"]})
     with open(metadata_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["case", "tracer", "diagnosis", "age", "sex", "stage"])

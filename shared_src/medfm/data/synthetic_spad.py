@@ -15,10 +15,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from .nifti import save_nifti
 from .spad import find_spad_images
 
 __all__ = ["SPAD_LABELS", "ensure_demo_spad", "generate_synthetic_spad"]
@@ -106,15 +106,6 @@ def _volume(rng: np.random.Generator, n: int, slice_spacing: float, modality: st
     return vol.astype(np.float32), label, affine
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_data_dtype(array.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, path)
-
-
 def generate_synthetic_spad(
     out_dir: str,
     num_2d: int = 6,
@@ -180,8 +171,8 @@ def generate_synthetic_spad(
         spacing = float(slice_spacings[j % len(slice_spacings)])
         rng_j = np.random.default_rng(children[num_2d + j])
         vol, label, affine = _volume(rng_j, int(size_3d), spacing, name[:2], bool(lesions[1][j]))
-        _save_nifti(vol, affine, os.path.join(images_dir, f"{name}.nii.gz"))
-        _save_nifti(label, affine, os.path.join(labels_dir, f"{name}.nii.gz"))
+        save_nifti(vol, affine, os.path.join(images_dir, f"{name}.nii.gz"))
+        save_nifti(label, affine, os.path.join(labels_dir, f"{name}.nii.gz"))
     with open(os.path.join(out_dir, "classes.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "class"])
