@@ -3,6 +3,7 @@
 from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
 from .autopet import build_autopet_datalist, find_petct_images, split_datalist
 from .cache import transform_state_hash
+from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
 from .prompt import PromptTokenizer, build_prompt
 from .spad import build_spad_datalist, find_spad_images
@@ -14,10 +15,18 @@ from .synthetic_panfm import (
     ensure_demo_panfm,
     generate_synthetic_panfm,
 )
+from .synthetic_midol import MIDOL_MASK_VALUE, ensure_demo_midol, generate_synthetic_midol
 from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [
+    "MIDOL_MASK_VALUE",
+    "MODALITIES",
+    "UNLABELLED",
+    "build_image_folder_datalist",
+    "ensure_demo_midol",
+    "find_modality_images",
+    "generate_synthetic_midol",
     "DEFAULT_ORGAN_SHAPES",
     "DEFAULT_ORGAN_SPACINGS",
     "ORGANS",

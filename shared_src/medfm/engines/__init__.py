@@ -3,6 +3,7 @@ from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torc
 from .distributed import EVERY_RANK_HANDLERS, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
 from .iteration import SSLIteration, loss_scalar, loss_terms
+from .midol_iteration import MIDoLIteration, MIDoLPrepareBatch, cosine_schedule
 from .panfm_handlers import OrganAttentionPlot, attention_bar_image
 from .panfm_iteration import PanFMIteration, PanFMPrepareBatch
 from .prepare_batch import FratMAEPrepareBatch
@@ -18,6 +19,8 @@ __all__ = [
     "AtomicCheckpointSaver",
     "BestModelSaver",
     "FratMAEPrepareBatch",
+    "MIDoLIteration",
+    "MIDoLPrepareBatch",
     "OrganAttentionPlot",
     "PanFMIteration",
     "PanFMPrepareBatch",
@@ -33,6 +36,7 @@ __all__ = [
     "atomic_torch_save",
     "attention_bar_image",
     "batch_aniso_d",
+    "cosine_schedule",
     "handlers_for_rank",
     "latest_checkpoint",
     "loss_scalar",

@@ -1,6 +1,7 @@
 from .fratmae_loss import FratMAELoss
 from .infonce import InfoNCELoss
 from .masked_mse import MaskedMSELoss, masked_mse
+from .routing import MIDoLLoss, RoutingConsistencyLoss, sinkhorn_knopp
 from .self_distill import DINOLoss, IBOTPatchLoss, PanFMLoss, momentum_schedule, teacher_temp_schedule
 from .soft_ce import SoftTokenCELoss, soft_cross_entropy
 from .tokenizer import (
@@ -18,9 +19,11 @@ __all__ = [
     "FratMAELoss",
     "IBOTPatchLoss",
     "InfoNCELoss",
+    "MIDoLLoss",
     "MaskedMSELoss",
     "PanFMLoss",
     "PerceptualLoss",
+    "RoutingConsistencyLoss",
     "SoftTokenCELoss",
     "SpadVTLoss",
     "generator_gan_loss",
@@ -28,6 +31,7 @@ __all__ = [
     "lpips_weight_shapes",
     "masked_mse",
     "momentum_schedule",
+    "sinkhorn_knopp",
     "soft_cross_entropy",
     "teacher_temp_schedule",
     "token_entropy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized
 from .panfm import (
     SUPPORTED_DROP_MODES,
     SUPPORTED_ORGAN_INTENSITY,
@@ -34,6 +35,10 @@ from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MultiCropd",
+    "ResizeNormalized",
     "STACKS",
     "SUPPORTED_DROP_MODES",
     "SUPPORTED_INTENSITY",

@@ -2,6 +2,7 @@ from .attention import SelfAttention
 from .cross_attention import CrossAttention
 from .eva_block import EvaAttention, EvaBlock, SwiGLU
 from .mae_decoder import MAEDecoder
+from .moe import MoEProjector
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
 from .pos_embed import sincos_pos_embed
 from .rope import Rope3D, apply_rope, rope_frequencies
@@ -17,6 +18,7 @@ from .spad import (
     default_aniso_d,
     inflate_2d_weight,
 )
+from .swin import PatchMerging, SwinBackbone, SwinBlock, SwinStage, WindowAttention
 from .text_encoder import TextEncoder, filter_clip_text_state_dict, load_clip_text_weights
 from .transformer_block import Mlp, TransformerBlock
 from .twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
@@ -29,7 +31,9 @@ __all__ = [
     "EvaBlock",
     "MAEDecoder",
     "Mlp",
+    "MoEProjector",
     "PatchEmbed",
+    "PatchMerging",
     "Rope3D",
     "SelfAttention",
     "SoftQuantizer",
@@ -40,9 +44,13 @@ __all__ = [
     "SpadSequential",
     "SpadUpsample",
     "SwiGLU",
+    "SwinBackbone",
+    "SwinBlock",
+    "SwinStage",
     "TextEncoder",
     "TransformerBlock",
     "ViTEncoder",
+    "WindowAttention",
     "aniso_d_from_spacing",
     "apply_rope",
     "default_aniso_d",
