@@ -13,9 +13,11 @@ __all__ = [
     "filter_fratmae_encoders",
     "filter_spad_vit_encoder",
     "init_from_pretraining",
+    "init_midol_from_pretraining",
     "init_panfm_from_pretraining",
     "init_spad_vit_from_pretraining",
     "load_fratmae_encoders",
+    "load_midol_backbone",
     "load_panfm_encoder",
     "load_spad_vit_encoder",
     "load_weights",
@@ -165,10 +167,33 @@ def load_panfm_encoder(network: nn.Module, path: str | os.PathLike) -> dict[str,
     same checks and report as :func:`load_fratmae_encoders`."""
     state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
     if any(k.startswith("teacher.encoder.") for k in state):
-        state = {"encoder." + k[len("teacher.encoder.") :]: v for k, v in state.items() if k.startswith("teacher.encoder.")}
+        state = {
+            "encoder." + k[len("teacher.encoder.") :]: v for k, v in state.items() if k.startswith("teacher.encoder.")
+        }
     return _load_part(network, path, state, ("encoder.",), "Pan-FM")
 
 
 def init_panfm_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
     """:func:`init_from_pretraining` for Pan-FM downstream models (:func:`load_panfm_encoder`)."""
     return init_from_pretraining(network, path, load_panfm_encoder)
+
+
+def load_midol_backbone(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy an M-IDoL Swin backbone into a downstream model's ``backbone``: from a pre-training checkpoint (the
+    EMA teacher's, ``teacher.backbone.*``, as the reference keeps), a converted release (bare Swin keys) or a
+    fine-tuned model (``backbone.*``); same checks and report as :func:`load_fratmae_encoders`."""
+    state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
+    if any(k.startswith("teacher.backbone.") for k in state):
+        state = {
+            "backbone." + k[len("teacher.backbone.") :]: v
+            for k, v in state.items()
+            if k.startswith("teacher.backbone.")
+        }
+    elif not any(k.startswith("backbone.") for k in state):
+        state = {"backbone." + k: v for k, v in state.items()}
+    return _load_part(network, path, state, ("backbone.",), "M-IDoL")
+
+
+def init_midol_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:
+    """:func:`init_from_pretraining` for M-IDoL downstream models (:func:`load_midol_backbone`)."""
+    return init_from_pretraining(network, path, load_midol_backbone)

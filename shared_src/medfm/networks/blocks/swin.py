@@ -294,6 +294,7 @@ class SwinBackbone(nn.Module):
             if h < 1 or (embed_dim * 2**i) % h != 0:
                 raise ValueError(f"stage {i}: width {embed_dim * 2**i} is not divisible by num_heads={h}.")
         self.in_channels = in_channels
+        self.patch_size = patch_size
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)

@@ -1,0 +1,170 @@
+"""M-IDoL bundle end to end through the ``monai.bundle`` CLI on the synthetic five-modality demo: pre-training,
+classification fine-tuning and linear probing, lesion segmentation, inference and evaluation."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
+
+from .helpers import SCHEMA, config_list, configs, event_tags, one_process_group_env, run_cli, workflow
+
+B = "midol_multimodal"
+pytestmark = pytest.mark.slow
+
+
+def _cli(cwd, names, *overrides, mode="training"):
+    args = ["run", mode] if mode else ["run"]
+    res = run_cli([*args, "--config_file", config_list(B, *names), *overrides], cwd=str(cwd))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("midol")
+    data = str(root / "data")
+    ensure_demo_midol(data, seed=0)
+    out = {k: str(root / k) for k in ("pre", "cls", "probe", "seg", "inf", "eval")}
+    common = ["--dataset_dir", data]
+    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--epochs", "2")
+    pre = os.path.join(out["pre"], "models", "model.pt")
+    _cli(
+        root,
+        ["finetune_cls.json", "demo_cls.json"],
+        *common,
+        "--output_dir",
+        out["cls"],
+        "--pretrained_checkpoint",
+        pre,
+    )
+    _cli(root, ["finetune_cls.json", "linear_probe_cls.json", "demo_cls.json"], *common, "--output_dir", out["probe"],
+         "--pretrained_checkpoint", pre)  # fmt: skip
+    _cli(
+        root,
+        ["finetune_seg.json", "demo_seg.json"],
+        *common,
+        "--output_dir",
+        out["seg"],
+        "--pretrained_checkpoint",
+        pre,
+    )
+    seg = os.path.join(out["seg"], "models", "model.pt")
+    _cli(
+        root,
+        ["inference.json", "demo_inference.json"],
+        *common,
+        "--output_dir",
+        out["inf"],
+        "--ckpt_path",
+        seg,
+        mode=None,
+    )
+    _cli(root, ["inference.json", "evaluate.json", "demo_inference.json"], *common, "--output_dir", out["eval"],
+         "--ckpt_path", seg, mode=None)  # fmt: skip
+    return {"root": root, "data": data, "pre_ckpt": pre, "seg_ckpt": seg, **out}
+
+
+def test_pretraining_logs_both_losses_and_expert_use(chain):
+    scalars, _ = event_tags(os.path.join(chain["pre"], "logs"))
+    for term in ("cst", "route", "momentum", "weight_decay", "expert_0"):
+        assert any(t.endswith(term) for t in scalars), (term, sorted(scalars))
+    state = torch.load(chain["pre_ckpt"], weights_only=True)
+    assert any(k.startswith("teacher.backbone.") for k in state)
+    # the demo mixes all five modalities
+    assert {d["modality"] for d in build_image_folder_datalist(chain["data"])} == set(MODALITIES)
+
+
+def test_downstream_start_from_the_teacher_backbone(chain):
+    pre = torch.load(chain["pre_ckpt"], weights_only=True)
+    probe = torch.load(os.path.join(chain["probe"], "models", "last_model.pt"), weights_only=True)
+    for k, v in probe.items():
+        if k.startswith("backbone."):
+            torch.testing.assert_close(v, pre["teacher." + k])  # frozen in the linear probe
+    scalars, _ = event_tags(os.path.join(chain["cls"], "logs"))
+    assert {"val_auc", "val_accuracy", "train_loss"} <= scalars, scalars
+    scalars, _ = event_tags(os.path.join(chain["seg"], "logs"))
+    assert "val_mean_dice" in scalars, scalars
+
+
+def test_inference_masks_have_the_input_size(chain):
+    images = sorted(glob.glob(os.path.join(chain["data"], "dermoscopy", "*.png")))
+    assert images
+    for path in images:
+        name = os.path.basename(path)[: -len(".png")]
+        pred = Image.open(os.path.join(chain["inf"], f"{name}_seg.png"))
+        assert pred.size == Image.open(path).size
+        assert set(np.unique(np.asarray(pred))) <= {0, 1}
+
+
+def test_evaluation_reports_dice_per_image(chain):
+    rows = list(csv.reader(open(os.path.join(chain["eval"], "mean_dice_raw.csv"))))
+    assert len(rows) - 1 == len(glob.glob(os.path.join(chain["data"], "dermoscopy", "*.png")))
+    values = [float(r[1]) for r in rows[1:]]
+    assert all(0.0 <= v <= 1.0 for v in values)
+
+
+@pytest.mark.parametrize(
+    "names, kind",
+    [(["train.json", "demo.json"], "train"), (["train.json", "demo.json", "no_routing.json"], "train"),
+     (["finetune_cls.json", "demo_cls.json"], "train"), (["finetune_seg.json", "demo_seg.json"], "train"),
+     (["inference.json", "demo_inference.json"], "infer"),
+     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
+)  # fmt: skip
+def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
+    extra = {"pretrained_checkpoint": chain["pre_ckpt"]} if names[0].startswith("finetune") else {}
+    extra |= {"ckpt_path": chain["seg_ckpt"]} if kind == "infer" else {}
+    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_no_routing_switch_turns_the_routing_loss_off(chain, tmp_path):
+    wf = workflow(B, ["train.json", "demo.json", "no_routing.json"], dataset_dir=chain["data"],
+                  output_dir=str(tmp_path / "out"), epochs=1)  # fmt: skip
+    wf.initialize()
+    assert wf.parser.get_parsed_content("loss_def").route_weight == 0.0
+    wf.run()
+    assert os.path.isfile(tmp_path / "out" / "models" / "model.pt")
+
+
+def test_multi_gpu_config_properties(chain, tmp_path, monkeypatch):
+    one_process_group_env(monkeypatch)
+    wf = workflow(B, ["train.json", "demo.json", "multi_gpu_train.json"], dataset_dir=chain["data"],
+                  output_dir=str(tmp_path / "out"))  # fmt: skip
+    wf.initialize()
+    try:
+        assert wf.check_properties() == []
+    finally:
+        wf.finalize()
+
+
+def test_metadata_net_in_out_and_export(chain, tmp_path):
+    meta = configs(B, "metadata.json")[0]
+    if os.path.isfile(SCHEMA):
+        res = run_cli(["verify_metadata", "--meta_file", meta, "--filepath", SCHEMA], cwd=str(tmp_path))
+        assert res.returncode == 0, res.stderr[-2000:]
+    files = config_list(B, "inference.json", "demo_inference.json")
+    res = run_cli(["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", files], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ts = tmp_path / "model.ts"
+    res = run_cli(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", chain["seg_ckpt"], "--meta_file",
+                   meta, "--config_file", files, "--use_trace", "True", "--input_shape", "[1, 3, 32, 32]"],
+                  cwd=str(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert torch.jit.load(str(ts))(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_every_config_is_json_with_4_space_indent():
+    for path in glob.glob(os.path.join(os.path.dirname(configs(B, "x")[0]), "*.json")):
+        text = open(path).read()
+        json.loads(text)
+        assert text.startswith('{\n    "'), path

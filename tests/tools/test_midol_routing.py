@@ -1,0 +1,105 @@
+"""tools/midol_routing.py: its silhouette against a brute-force loop, and the tool end to end at the smallest scale
+(the numbers themselves are the tool's output)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cosine, euclidean
+
+from medfm.data import MODALITIES
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "midol_routing.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("midol_routing", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _brute_silhouette(x, labels, dist) -> float:
+    scores = []
+    for i in range(len(x)):
+        same = [dist(x[i], x[j]) for j in range(len(x)) if j != i and labels[j] == labels[i]]
+        if not same:
+            scores.append(0.0)
+            continue
+        a = sum(same) / len(same)
+        b = min(
+            np.mean([dist(x[i], x[j]) for j in range(len(x)) if labels[j] == other])
+            for other in set(labels) - {labels[i]}
+        )
+        scores.append((b - a) / max(a, b))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("metric, dist", [("cosine", cosine), ("euclidean", euclidean)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_silhouette_matches_brute_force(metric, dist, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(23, 5)) + 0.5
+    labels = list(rng.choice(["a", "b", "c", "d"], size=23))
+    labels[0] = "e"  # a singleton cluster scores 0
+    got = _load().silhouette(x, labels, metric=metric)
+    assert got == pytest.approx(_brute_silhouette(x, labels, dist), abs=1e-10)
+    assert -1.0 <= got <= 1.0
+
+
+def test_silhouette_extremes_and_errors():
+    sil = _load().silhouette
+    x = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    assert sil(x, [0, 0, 1, 1]) == pytest.approx(1.0)  # cosine: each cluster is one direction
+    assert sil(x, [0, 1, 0, 1]) < 0
+    with pytest.raises(ValueError):
+        sil(x, [0, 0, 0, 0])
+    with pytest.raises(ValueError):
+        sil(x, [0, 1, 2])
+
+
+def test_routing_purity():
+    purity = _load().routing_purity(
+        np.array([0, 0, 1, 2, 2, 2, 0, 0]), ["a", "a", "a", "b", "b", "b", "c", "c"], ["a", "b", "c"]
+    )
+    assert purity["purity"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 1.0})
+    assert purity["mean_purity"] == pytest.approx((2 / 3 + 2) / 3)
+    assert purity["experts_used"] == 3 and purity["dominant_experts"] == 2
+
+
+def _cells(row: str) -> list[float]:
+    return [float(c) for c in row.split("|")[2:4]]
+
+
+@pytest.mark.slow
+def test_routing_tables_cover_every_modality_and_both_variants(tmp_path, capsys):
+    module = _load()
+    assert module.main(["--seeds", "0", "--steps", "2", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(module.START) == 1 and out.count(module.END) == 1
+    block = out[out.index(module.START) : out.index(module.END)]
+    assert "| modality | routing | no_routing |" in block
+    assert "| experts | routing | no_routing |" in block
+    assert "| measure | routing | no_routing |" in block
+    assert "route_weight = 0" in block  # the no_routing variant really turns the loss off
+    rows = {line.split("|")[1].strip(): line for line in block.splitlines() if line.startswith("| ")}
+    for name in (*MODALITIES, "mean"):
+        assert all(0.0 < p <= 1.0 for p in _cells(rows[name])), rows[name]
+    used, dominant = _cells(rows["top-1 of any image"]), _cells(rows["most used by a modality"])
+    assert all(float(n).is_integer() and 1 <= n for n in used + dominant), (used, dominant)
+    assert all(d <= min(u, len(MODALITIES)) for u, d in zip(used, dominant)), (used, dominant)
+    assert all(-1.0 <= s <= 1.0 for s in _cells(rows["silhouette"])), rows["silhouette"]
+    for variant in ("routing", "no_routing"):
+        assert (tmp_path / f"{variant}_seed0" / "pretrain" / "models" / "model.pt").is_file()
+
+
+def test_write_docs_needs_the_markers(tmp_path, monkeypatch):
+    module = _load()
+    docs = tmp_path / "README.md"
+    docs.write_text("# no block here\n", encoding="utf-8")
+    monkeypatch.setattr(module, "DOCS", docs)
+    with pytest.raises(SystemExit, match="routing:start"):
+        module.main(["--write-docs", "--seeds", "0", "--steps", "1", "--out-dir", str(tmp_path)])
