@@ -1,6 +1,6 @@
 """Datalists of 2D images in modality folders for M-IDoL (the demo set: :mod:`medfm.data.synthetic_midol`).
 
-M-IDoL (Mixture of Intra- and Inter-modality Dual-Learning; public code LYH-hh/M-IDoL) pre-trains one 2D
+M-IDoL (Information Decomposition for multimodal representation Learning; public code LYH-hh/M-IDoL) pre-trains one 2D
 backbone on X-ray, fundus, OCT, dermoscopy and pathology images. The layout read by
 :func:`build_image_folder_datalist`::
 

@@ -1,4 +1,4 @@
-"""Mixture-of-experts projector routed per image (M-IDoL's MoE head, Li et al., "M-IDoL", ``notes/METHODS.md`` 4).
+"""Mixture-of-experts projector routed per image (M-IDoL's MoE head, ``notes/METHODS.md`` 4).
 
 A dense PyTorch re-implementation of what the reference code builds with Tutel: no compiled extension, no
 ``torch.distributed`` requirement, every expert on every rank (no expert parallelism).
