@@ -17,12 +17,13 @@ in the ``modalities`` argument, so the default order gives 0 X-ray, 1 fundus, 2 
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
+
+from .spad import read_class_table
 
 __all__ = ["IMAGE_SUFFIXES", "MODALITIES", "UNLABELLED", "build_image_folder_datalist", "find_modality_images"]
 
@@ -92,20 +93,7 @@ def _read_classes(path: str, images: Sequence[str], modalities: Sequence[str]) -
     Rows of modalities that are not selected are ignored; a row naming a missing image of a selected modality
     is an error.
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"image", "class"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: needs the columns 'image' and 'class', got {reader.fieldnames}.")
-        table: dict[str, int] = {}
-        for n, row in enumerate(reader, start=2):
-            name = os.path.normpath((row["image"] or "").strip())
-            try:
-                cls = int(str(row["class"]).strip())
-            except ValueError:
-                raise ValueError(f"{path}, line {n}: class {row['class']!r} of {name} is not an integer.") from None
-            if name in table:
-                raise ValueError(f"{path}, line {n}: {name} is listed twice.")
-            table[name] = cls
+    table = read_class_table(path)
     selected = set(modalities)
     unknown = sorted(r for r in set(table) - set(images) if r.split(os.sep)[0] in selected)
     if unknown:

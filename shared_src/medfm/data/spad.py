@@ -28,7 +28,7 @@ from PIL import Image
 
 from medfm.transforms.spad import spad_layout
 
-__all__ = ["build_spad_datalist", "find_spad_images"]
+__all__ = ["build_spad_datalist", "find_spad_images", "read_class_table"]
 
 _SUFFIXES_2D = (".png", ".jpg", ".jpeg")
 _SUFFIXES_NIFTI = (".nii.gz", ".nii")
@@ -116,8 +116,9 @@ def _find_label(labels_dir: str, rel: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _read_classes(path: str, images: Sequence[str]) -> dict[str, int]:
-    """Class per image from a CSV with columns ``image,class`` (names relative to the images folder)."""
+def read_class_table(path: str) -> dict[str, int]:
+    """``{normalised image path: class}`` from a CSV with columns ``image,class``; a missing column, a class that
+    is not an integer or an image listed twice is a ValueError naming the file and line."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not {"image", "class"} <= set(reader.fieldnames or ()):
@@ -132,6 +133,12 @@ def _read_classes(path: str, images: Sequence[str]) -> dict[str, int]:
             if name in table:
                 raise ValueError(f"{path}, line {n}: {name} is listed twice.")
             table[name] = cls
+    return table
+
+
+def _read_classes(path: str, images: Sequence[str]) -> dict[str, int]:
+    """Class per image from a CSV with columns ``image,class`` (names relative to the images folder)."""
+    table = read_class_table(path)
     unknown = sorted(set(table) - set(images))
     if unknown:
         raise ValueError(f"{path}: no such image for {unknown[:5]} (names are relative to the images folder).")

@@ -33,6 +33,7 @@ from monai.networks.layers import DropPath
 from torch import nn
 
 from .transformer_block import Mlp
+from .vit_encoder import init_trunc_normal_weights
 
 __all__ = [
     "PatchMerging",
@@ -310,7 +311,7 @@ class SwinBackbone(nn.Module):
                 SwinStage(embed_dim * 2**i, depth, heads, ws, shift, mlp_ratio, dpr[used : used + depth], not last)
             )
         self.norm = nn.LayerNorm(self.num_features)
-        self.apply(_init_weights)
+        self.apply(init_trunc_normal_weights)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (the relative position bias tables, as in Swin)."""
@@ -340,14 +341,3 @@ class SwinBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) -> (B, num_features) average-pooled normalised last-stage feature."""
         return self.forward_features(x)[-1].mean((2, 3))
-
-
-def _init_weights(m: nn.Module) -> None:
-    """Swin's initialisation: truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -12,13 +12,24 @@ from .patch_embed import PatchEmbed
 from .pos_embed import sincos_pos_embed
 from .transformer_block import TransformerBlock
 
-__all__ = ["ViTEncoder", "init_transformer_weights"]
+__all__ = ["ViTEncoder", "init_transformer_weights", "init_trunc_normal_weights"]
 
 
 def init_transformer_weights(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_trunc_normal_weights(module: nn.Module) -> None:
+    """Swin / EVA-02 initialisation: truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from medfm.networks.blocks.eva_block import EvaBlock
 from medfm.networks.blocks.rope import Rope3D
 from medfm.networks.blocks.spad import SpadConv3d, default_aniso_d
+from medfm.networks.blocks.vit_encoder import init_trunc_normal_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SpadViT", "SpadViTMIM", "resample_pos_embed"]
 
@@ -116,14 +117,7 @@ class SpadViT(nn.Module):
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal_weights)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (tokens, position embedding, q/v biases)."""
@@ -198,10 +192,7 @@ class SpadViTMIM(SpadViT):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.mim_head = nn.Sequential(nn.Linear(c, c), nn.GELU(), nn.Linear(c, num_codes))
-        for m in self.mim_head:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mim_head.apply(init_trunc_normal_weights)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
