@@ -1,5 +1,6 @@
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
+from .ema import EMATeacherPair
 from .eva_block import EvaAttention, EvaBlock, SwiGLU
 from .mae_decoder import MAEDecoder
 from .moe import MoEProjector
@@ -25,6 +26,7 @@ from .twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
 from .vit_encoder import ViTEncoder, init_transformer_weights
 
 __all__ = [
+    "EMATeacherPair",
     "MAX_ANISO_D",
     "CrossAttention",
     "EvaAttention",

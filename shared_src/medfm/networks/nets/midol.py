@@ -8,13 +8,13 @@ global view. The backbone is any module ``forward(x) -> (B, D)``; the loss is :c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from medfm.networks.blocks.ema import EMATeacherPair
 from medfm.networks.blocks.moe import MoEProjector
 from medfm.networks.nets.panfm import DINOHead
 
@@ -107,7 +107,7 @@ class _MIDoLBranch(nn.Module):
         return {"logits": list(logits.split(n)), "router_logits": list(router_logits.split(n))}
 
 
-class MIDoLSelfDistill(nn.Module):
+class MIDoLSelfDistill(EMATeacherPair):
     """M-IDoL pre-training pair: student = backbone + :class:`MIDoLHead`, teacher = its EMA copy.
 
     The teacher starts as a deep copy of the student, never requires grad, stays in eval mode (no stochastic
@@ -122,6 +122,8 @@ class MIDoLSelfDistill(nn.Module):
         num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate: of the
             :class:`MIDoLHead`.
     """
+
+    ema_buffers = True  # float buffers follow the EMA, counters are copied
 
     def __init__(
         self,
@@ -141,30 +143,7 @@ class MIDoLSelfDistill(nn.Module):
         )
         self.num_experts = num_experts
         self.student = _MIDoLBranch(backbone, head)
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> MIDoLSelfDistill:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA: ``teacher = momentum * teacher + (1 - momentum) * student`` for parameters and float buffers."""
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
-        t = list(self.teacher.parameters())
-        s = [p.detach() for p in self.student.parameters()]
-        for tb, sb in zip(self.teacher.buffers(), self.student.buffers()):
-            if tb.is_floating_point():
-                t.append(tb)
-                s.append(sb)
-            else:
-                tb.copy_(sb)  # counters (BatchNorm's num_batches_tracked)
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        self.init_teacher()
 
     @torch.no_grad()
     def forward_teacher(self, global_crops: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:

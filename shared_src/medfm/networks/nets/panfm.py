@@ -9,7 +9,6 @@ tokens, replaced by a learned mask token that still carries its position and org
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medfm.networks.blocks import PatchEmbed, TransformerBlock, init_transformer_weights, sincos_pos_embed, token_grid
+from medfm.networks.blocks.ema import EMATeacherPair
 
 __all__ = ["PANFM_ORGANS", "DINOHead", "PanFMEncoder", "PanFMOutput", "PanFMSelfDistill", "panfm_encoder_state"]
 
@@ -358,7 +358,7 @@ class _Branch(nn.Module):
         return (self.head if self.patch_head is None else self.patch_head)(tokens)
 
 
-class PanFMSelfDistill(nn.Module):
+class PanFMSelfDistill(EMATeacherPair):
     """Pan-FM pre-training pair: a student and its EMA teacher, iBOT/DINO style (iBOT: arXiv:2111.07832).
 
     ``student`` and ``teacher`` are :class:`PanFMEncoder` + :class:`DINOHead` (CLS) + a patch head; the teacher
@@ -417,24 +417,7 @@ class PanFMSelfDistill(nn.Module):
         patch_head = None if shared_head else DINOHead(hidden_size, patch_out_dim, **head_kw)
         self.organs = encoder.organs
         self.student = _Branch(encoder, head, patch_head)
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> PanFMSelfDistill:
-        super().train(mode)
-        self.teacher.eval()  # the teacher never uses stochastic depth
-        return self
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA: ``teacher = momentum * teacher + (1 - momentum) * student``, parameter by parameter."""
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
-        t = list(self.teacher.parameters())
-        s = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        self.init_teacher()
 
     @torch.no_grad()
     def forward_teacher(self, images: Mapping[str, torch.Tensor], present: torch.Tensor) -> dict[str, torch.Tensor]:
