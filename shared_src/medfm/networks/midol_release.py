@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .pretrained import load_checkpoint_file
 from .pumit_release import ConversionReport, _finish
 
 __all__ = ["MidolConversionReport", "convert_midol_backbone", "read_midol_checkpoint", "select_midol_state"]
@@ -71,16 +72,8 @@ def read_midol_checkpoint(
     """Load ``path`` once with ``weights_only=True`` and return :func:`select_midol_state` of it.
 
     (``medfm.networks.pumit_release.read_release_checkpoint`` does not descend into ``teacher``/``student`` without
-    being told the key, and the flat release has no such key.)"""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"cannot read {path} with weights_only=True ({e}). If it is a trusted checkpoint that pickles other "
-            "objects (e.g. argparse args), re-save its weight dict alone (torch.save(ckpt['teacher'], ...))."
-        ) from e
+    being told the key, and the flat release has no such key; both read through ``load_checkpoint_file``.)"""
+    obj = load_checkpoint_file(path, resave_hint="torch.save(ckpt['teacher'], ...)")
     if not isinstance(obj, Mapping):
         raise TypeError(f"{path} holds a {type(obj).__name__}, not a dict of weights.")
     state = select_midol_state(obj, which)

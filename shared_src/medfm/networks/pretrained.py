@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ __all__ = [
     "init_midol_from_pretraining",
     "init_panfm_from_pretraining",
     "init_spad_vit_from_pretraining",
+    "load_checkpoint_file",
     "load_fratmae_encoders",
     "load_midol_backbone",
     "load_panfm_encoder",
@@ -26,13 +28,26 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _read_state(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint", resave_hint: str | None = None) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with clear errors: a missing file is a
+    FileNotFoundError and an unreadable one a ValueError, both naming ``what`` and the path; ``resave_hint``
+    (e.g. ``"torch.save(ckpt['model'], ...)"``) tells how to keep the weights alone of a trusted checkpoint that
+    pickles other objects."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pre-training checkpoint {path} does not exist.")
+        raise FileNotFoundError(f"{what} {path} does not exist.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read pre-training checkpoint {path}: {e}") from e
+        hint = (
+            f" If it is a trusted checkpoint that pickles other objects, re-save its weight dict alone ({resave_hint})."
+            if resave_hint
+            else ""
+        )
+        raise ValueError(f"cannot read {what} {path} with weights_only=True: {e}.{hint}") from e
+
+
+def _read_state(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    state = load_checkpoint_file(path, "pre-training checkpoint")
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]  # a training checkpoint (model, optimizer, ...) rather than bare weights
     if not isinstance(state, Mapping):

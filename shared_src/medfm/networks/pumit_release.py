@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .pretrained import load_checkpoint_file
+
 __all__ = ["ConversionReport", "convert_pumit_tokenizer", "convert_pumit_vit", "read_release_checkpoint"]
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -59,15 +61,7 @@ class ConversionReport:
 def read_release_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
     """The weight dict of a release checkpoint: under ``key`` if given, else ``state_dict`` (Lightning),
     ``model`` (Fabric) or the top level. Read with ``weights_only=True``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"cannot read {path} with weights_only=True ({e}). If it is a trusted checkpoint that pickles other "
-            "objects, re-save its weight dict alone (torch.save(ckpt['state_dict'] or ckpt['model'], ...))."
-        ) from e
+    obj = load_checkpoint_file(path, resave_hint="torch.save(ckpt['state_dict'] or ckpt['model'], ...)")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights.")
     for k in [key] if key else ["state_dict", "model"]:
