@@ -41,6 +41,14 @@ def run_cli(args: list[str], cwd: str, timeout: int = 300) -> subprocess.Complet
     )  # fmt: skip
 
 
+def run_bundle(bundle: str, cwd, names: list[str], *overrides: str, mode: str | None = "training"):
+    """``python -m monai.bundle run [mode] --config_file <names merged> <overrides>`` in ``cwd``; asserts success."""
+    args = ["run", mode] if mode else ["run"]
+    res = run_cli([*args, "--config_file", config_list(bundle, *names), *overrides], cwd=str(cwd))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
 def event_tags(log_dir: str) -> tuple[set[str], set[str]]:
     """Scalar and image tags written to TensorBoard event files under ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

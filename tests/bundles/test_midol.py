@@ -15,17 +15,14 @@ from PIL import Image
 
 from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
 
-from .helpers import SCHEMA, config_list, configs, event_tags, one_process_group_env, run_cli, workflow
+from .helpers import SCHEMA, config_list, configs, event_tags, one_process_group_env, run_bundle, run_cli, workflow
 
 B = "midol_multimodal"
 pytestmark = pytest.mark.slow
 
 
 def _cli(cwd, names, *overrides, mode="training"):
-    args = ["run", mode] if mode else ["run"]
-    res = run_cli([*args, "--config_file", config_list(B, *names), *overrides], cwd=str(cwd))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res
+    return run_bundle(B, cwd, names, *overrides, mode=mode)
 
 
 @pytest.fixture(scope="module")

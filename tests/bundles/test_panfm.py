@@ -13,17 +13,24 @@ import torch
 
 from medfm.data import ORGANS, PANFM_DEMO_LABELS, ensure_demo_panfm, read_subject_table
 
-from .helpers import SCHEMA, config_list, configs, error_text, event_tags, run_cli, torchrun_two_processes, workflow
+from .helpers import (
+    SCHEMA,
+    config_list,
+    configs,
+    error_text,
+    event_tags,
+    run_bundle,
+    run_cli,
+    torchrun_two_processes,
+    workflow,
+)
 
 B = "panfm_panorgan"
 pytestmark = pytest.mark.slow
 
 
 def _cli(cwd, names, *overrides, mode="training"):
-    args = ["run", mode] if mode else ["run"]
-    res = run_cli([*args, "--config_file", config_list(B, *names), *overrides], cwd=str(cwd))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res
+    return run_bundle(B, cwd, names, *overrides, mode=mode)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from .helpers import (
     error_text,
     event_tags,
     one_process_group_env,
+    run_bundle,
     run_cli,
     torchrun_two_processes,
     workflow,
@@ -34,10 +35,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(cwd, names, *overrides, mode="training"):
-    args = ["run", mode] if mode else ["run"]
-    res = run_cli([*args, "--config_file", config_list(B, *names), *overrides], cwd=str(cwd))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res
+    return run_bundle(B, cwd, names, *overrides, mode=mode)
 
 
 def _demo_sizes(name: str) -> dict:
