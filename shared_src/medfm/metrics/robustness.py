@@ -56,10 +56,11 @@ def missing_organ_robustness(
     """
     network.eval()
     keys = [image_prefix + o for o in organs]
+    subjects = [loaded[i] for i in range(len(loaded))]  # load (a Dataset transforms on access) once, not per condition
     results, rows = [], []
     for name, kw in missing_organ_conditions(organs, rates):
         drop = DropOrgansd(organs, seed=seed, dropped_key=None, image_prefix=image_prefix, **kw)
-        items = [drop(dict(d)) for d in loaded]
+        items = [drop(dict(d)) for d in subjects]
         items = [{k: d[k] for k in (*keys, "present", "labels")} for d in items if bool(d["present"].any())]
         if not items:
             logger.warning("condition %r leaves no subject with an organ; skipped", name)
