@@ -14,13 +14,9 @@ from medfm.losses.self_distill import momentum_schedule, teacher_temp_schedule
 from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
 from medfm.networks.nets.panfm import PANFM_ORGANS
 
+from .prepare_batch import plain_tensor
+
 __all__ = ["PanFMIteration", "PanFMPrepareBatch"]
-
-
-def _plain(x: Any, device: torch.device | str | None, non_blocking: bool) -> torch.Tensor:
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
 
 
 class PanFMPrepareBatch(PrepareBatch):
@@ -69,7 +65,7 @@ class PanFMPrepareBatch(PrepareBatch):
         present = batchdata[self.present_key]
         if isinstance(present, (list, tuple)) and present and isinstance(present[0], torch.Tensor):
             present = torch.stack(list(present), dim=1)  # per-item lists collate to one (B,) tensor per organ
-        present = _plain(present, None, False)
+        present = plain_tensor(present, None, False)
         if present.ndim != 2 or present.shape[1] != self.num_data_organs:
             raise ValueError(
                 f"batch[{self.present_key!r}] must be (B, {self.num_data_organs}), got {tuple(present.shape)}."
@@ -82,9 +78,9 @@ class PanFMPrepareBatch(PrepareBatch):
             key = self.image_prefix + organ
             if key not in batchdata:
                 raise KeyError(f"organ {organ!r} is present in the batch but there is no {key!r} entry.")
-            images[organ] = _plain(batchdata[key], device, non_blocking).float()
+            images[organ] = plain_tensor(batchdata[key], device, non_blocking).float()
         labels = batchdata.get(self.label_key)
-        labels = None if labels is None else _plain(labels, device, non_blocking).float()
+        labels = None if labels is None else plain_tensor(labels, device, non_blocking).float()
         return images, labels, (), {"present": present.to(device=device, non_blocking=non_blocking)}
 
 

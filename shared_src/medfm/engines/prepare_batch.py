@@ -13,10 +13,10 @@ from monai.utils import ensure_tuple_rep
 from medfm.masking import asymmetric_cross_modal_masking, independent_masking
 from medfm.networks.blocks import patchify, token_grid
 
-__all__ = ["FratMAEPrepareBatch"]
+__all__ = ["FratMAEPrepareBatch", "plain_tensor"]
 
 
-def _plain(x: Any, device: torch.device | str | None, non_blocking: bool) -> torch.Tensor:
+def plain_tensor(x: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
     """A plain tensor on ``device`` (MetaTensor metadata is not needed on the hot path)."""
     if hasattr(x, "as_tensor"):
         x = x.as_tensor()
@@ -85,7 +85,7 @@ class FratMAEPrepareBatch(PrepareBatch):
         for k in (*self.image_keys, *([self.text_key] if self.text_key else [])):
             if k not in batchdata:
                 raise KeyError(f"the batch has no {k!r} entry (keys: {sorted(batchdata)}).")
-        pet, ct = (_plain(batchdata[k], device, non_blocking) for k in self.image_keys)
+        pet, ct = (plain_tensor(batchdata[k], device, non_blocking) for k in self.image_keys)
         b = pet.shape[0]
         n = 1
         for g in token_grid(pet.shape[2:], self.patch_size):
@@ -102,5 +102,5 @@ class FratMAEPrepareBatch(PrepareBatch):
         targets = {m: patchify(images[m], self.patch_size) for m, mk in masks.items() if mk is not None}
         net_kwargs: dict[str, Any] = {"masks": masks}
         if self.text_key:
-            net_kwargs["text_tokens"] = _plain(batchdata[self.text_key], device, non_blocking).long()
+            net_kwargs["text_tokens"] = plain_tensor(batchdata[self.text_key], device, non_blocking).long()
         return pet, targets, (ct,), net_kwargs

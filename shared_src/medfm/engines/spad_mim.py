@@ -10,14 +10,9 @@ import torch.distributed as dist
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
-__all__ = ["SpadMIMPrepareBatch", "batch_aniso_d", "plain_tensor"]
+from .prepare_batch import plain_tensor
 
-
-def plain_tensor(x: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
-    """A plain tensor on ``device`` (MetaTensor metadata is not needed on the hot path)."""
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
+__all__ = ["SpadMIMPrepareBatch", "batch_aniso_d"]
 
 
 def batch_aniso_d(batchdata: Mapping[str, Any], key: str = "aniso_d") -> int:

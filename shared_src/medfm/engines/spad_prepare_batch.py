@@ -10,7 +10,8 @@ from monai.engines.utils import PrepareBatch
 
 from medfm.networks.blocks.spad import default_aniso_d
 
-from .spad_mim import batch_aniso_d, plain_tensor
+from .prepare_batch import plain_tensor
+from .spad_mim import batch_aniso_d
 
 __all__ = ["SpadPrepareBatch"]
 
