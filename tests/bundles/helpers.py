@@ -49,6 +49,25 @@ def run_bundle(bundle: str, cwd, names: list[str], *overrides: str, mode: str | 
     return res
 
 
+def zoo_checks_and_export(bundle: str, ckpt_file: str, input_shape: list[int], cwd) -> str:
+    """``verify_metadata`` (when the schema is beside the repo), ``verify_net_in_out`` and a traced ``ckpt_export``
+    of ``ckpt_file`` on ``inference.json`` + ``demo_inference.json``; asserts each succeeds; returns the
+    TorchScript file."""
+    meta = configs(bundle, "metadata.json")[0]
+    if os.path.isfile(SCHEMA):
+        res = run_cli(["verify_metadata", "--meta_file", meta, "--filepath", SCHEMA], cwd=str(cwd))
+        assert res.returncode == 0, res.stderr[-2000:]
+    files = config_list(bundle, "inference.json", "demo_inference.json")
+    res = run_cli(["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", files], cwd=str(cwd))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ts = os.path.join(str(cwd), "model.ts")
+    res = run_cli(["ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", ckpt_file, "--meta_file", meta,
+                   "--config_file", files, "--use_trace", "True", "--input_shape", str(list(input_shape))],
+                  cwd=str(cwd))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return ts
+
+
 def event_tags(log_dir: str) -> tuple[set[str], set[str]]:
     """Scalar and image tags written to TensorBoard event files under ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
 
-from .helpers import SCHEMA, config_list, configs, event_tags, one_process_group_env, run_bundle, run_cli, workflow
+from .helpers import configs, event_tags, one_process_group_env, run_bundle, workflow, zoo_checks_and_export
 
 B = "midol_multimodal"
 pytestmark = pytest.mark.slow
@@ -145,19 +145,8 @@ def test_multi_gpu_config_properties(chain, tmp_path, monkeypatch):
 
 
 def test_metadata_net_in_out_and_export(chain, tmp_path):
-    meta = configs(B, "metadata.json")[0]
-    if os.path.isfile(SCHEMA):
-        res = run_cli(["verify_metadata", "--meta_file", meta, "--filepath", SCHEMA], cwd=str(tmp_path))
-        assert res.returncode == 0, res.stderr[-2000:]
-    files = config_list(B, "inference.json", "demo_inference.json")
-    res = run_cli(["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", files], cwd=str(tmp_path))
-    assert res.returncode == 0, res.stderr[-3000:]
-    ts = tmp_path / "model.ts"
-    res = run_cli(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", chain["seg_ckpt"], "--meta_file",
-                   meta, "--config_file", files, "--use_trace", "True", "--input_shape", "[1, 3, 32, 32]"],
-                  cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert torch.jit.load(str(ts))(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+    ts = zoo_checks_and_export(B, chain["seg_ckpt"], [1, 3, 32, 32], tmp_path)
+    assert torch.jit.load(ts)(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
 
 def test_every_config_is_json_with_4_space_indent():

@@ -18,16 +18,15 @@ from PIL import Image
 
 from .helpers import (
     REPO,
-    SCHEMA,
     config_list,
     configs,
     error_text,
     event_tags,
     one_process_group_env,
     run_bundle,
-    run_cli,
     torchrun_two_processes,
     workflow,
+    zoo_checks_and_export,
 )
 
 B = "spad_vit"
@@ -181,19 +180,8 @@ def test_check_properties_mim_and_multi_gpu(chain, tmp_path, monkeypatch):
 
 
 def test_metadata_net_in_out_and_export(chain, tmp_path):
-    meta = configs(B, "metadata.json")[0]
-    if os.path.isfile(SCHEMA):
-        res = run_cli(["verify_metadata", "--meta_file", meta, "--filepath", SCHEMA], cwd=str(tmp_path))
-        assert res.returncode == 0, res.stderr[-2000:]
-    files = config_list(B, "inference.json", "demo_inference.json")
-    res = run_cli(["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", files], cwd=str(tmp_path))
-    assert res.returncode == 0, res.stderr[-3000:]
-    ts = tmp_path / "model.ts"
-    res = run_cli(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", chain["seg_ckpt"],
-                   "--meta_file", meta, "--config_file", files, "--use_trace", "True",
-                   "--input_shape", "[1, 3, 32, 64, 64]"], cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    exported = torch.jit.load(str(ts))
+    ts = zoo_checks_and_export(B, chain["seg_ckpt"], [1, 3, 32, 64, 64], tmp_path)
+    exported = torch.jit.load(ts)
     net = SpadViTSegmenter(4, **_demo_sizes("demo_inference.json"))
     net.load_state_dict(torch.load(chain["seg_ckpt"], weights_only=True))
     x = torch.rand(1, 3, 32, 64, 64)
