@@ -5,6 +5,7 @@ from .autopet import build_autopet_datalist, find_petct_images, split_datalist
 from .cache import transform_state_hash
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
+from .petct_studies import LABELS_SUBDIR, export_petct_studies, studies_datalist, write_petct_study
 from .prompt import PromptTokenizer, build_prompt
 from .spad import build_spad_datalist, find_spad_images
 from .splits import finetune_splits, label_fraction_subset, with_class_label
@@ -20,6 +21,10 @@ from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [
+    "LABELS_SUBDIR",
+    "export_petct_studies",
+    "studies_datalist",
+    "write_petct_study",
     "MIDOL_MASK_VALUE",
     "MODALITIES",
     "UNLABELLED",

@@ -1,4 +1,4 @@
-from .best_model import BestModelSaver
+from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
 from .distributed import EVERY_RANK_HANDLERS, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
@@ -29,6 +29,7 @@ __all__ = [
     "ResumeFromCheckpoint",
     "SSLIteration",
     "SamplerEpochHandler",
+    "ServedModelSaver",
     "SpadMIMPrepareBatch",
     "SpadPrepareBatch",
     "SpadSlidingWindowInferer",

@@ -1,4 +1,4 @@
-"""Keep the best model by a validation metric, written atomically."""
+"""Keep the best model by a validation metric, written atomically; keep a served bundle's model current."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 
 from .checkpoint import atomic_torch_save
 
-__all__ = ["BestModelSaver"]
+__all__ = ["BestModelSaver", "ServedModelSaver"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +50,58 @@ class BestModelSaver:
             path = os.path.join(self.save_dir, self.filename)
             atomic_torch_save(model.state_dict(), path)
             logger.info("new best %s = %.4f: saved %s", self.metric_name, value, path)
+
+
+class ServedModelSaver:
+    """Keep a served bundle's ``models/model.pt`` current when it is re-trained (MONAI Label's ``/train``).
+
+    Attached to the trainer in place of ``ValidationHandler``: every ``interval`` epochs it runs
+    ``evaluator`` if the evaluator's data loader holds data, and writes the weights when ``metric_name``
+    improves (:class:`BestModelSaver`). When training completes and no validation ran (MONAI Label's
+    default 20% validation split leaves none with one or two labels), it writes the final weights, so the
+    file always reflects the latest training. MONAI Label's ``/infer`` reloads the file when it changes.
+
+    Args:
+        evaluator: validation engine (``SupervisedEvaluator``) with a ``data_loader``.
+        model: the network (a DistributedDataParallel wrapper is unwrapped).
+        save_dir: folder of the file (the served bundle's ``models``).
+        metric_name: key of the evaluator's ``state.metrics``.
+        filename: file name.
+        interval: epochs between validations.
+        higher_is_better: direction of the metric.
+    """
+
+    def __init__(
+        self,
+        evaluator: Engine,
+        model: nn.Module,
+        save_dir: str,
+        metric_name: str,
+        filename: str = "model.pt",
+        interval: int = 1,
+        higher_is_better: bool = True,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be positive, got {interval}.")
+        self.evaluator = evaluator
+        self.best = BestModelSaver(save_dir, model, metric_name, filename, higher_is_better)
+        self.interval = interval
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.validate)
+        engine.add_event_handler(Events.COMPLETED, self.save_final_if_unvalidated)
+
+    def validate(self, engine: Engine) -> None:
+        loader = getattr(self.evaluator, "data_loader", None)
+        if loader is None or len(loader) == 0:
+            return
+        self.evaluator.run(engine.state.epoch)
+        self.best(self.evaluator)
+
+    def save_final_if_unvalidated(self, engine: Engine) -> None:
+        if self.best.best is not None:
+            return
+        model = getattr(self.best.model, "module", self.best.model)
+        path = os.path.join(self.best.save_dir, self.best.filename)
+        atomic_torch_save(model.state_dict(), path)
+        logger.info("no validation data: saved the final weights to %s", path)

@@ -12,6 +12,7 @@ from .panfm import (
 )
 from .petct import (
     LoadPETCTd,
+    PETCTChannelsd,
     check_finite,
     check_same_grid,
     check_single_channel_3d,
@@ -46,6 +47,7 @@ __all__ = [
     "DropOrgansd",
     "LoadOrgansd",
     "LoadPETCTd",
+    "PETCTChannelsd",
     "RandStackCrop",
     "RandStackCropd",
     "ReorientToDepthd",

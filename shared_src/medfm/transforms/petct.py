@@ -5,6 +5,9 @@
 is 3D single-channel, CT and PET hold only finite values, and CT/label lie on the PET's voxel grid
 (same spatial shape and affine) - or are resampled onto it. Every error names the case id, the file and
 the problem. The array-level checks are plain functions so other loaders can reuse them.
+
+:py:class:`PETCTChannelsd` is the single-file path: one two-channel image (PET, CT), as MONAI Label serves
+a study, checked and windowed exactly as the two-file pipeline windows PET and CT.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from monai.transforms import LoadImage, MapTransform, ResampleToMatch
 
 __all__ = [
     "LoadPETCTd",
+    "PETCTChannelsd",
     "check_finite",
     "check_same_grid",
     "check_single_channel_3d",
@@ -261,4 +265,82 @@ class LoadPETCTd(MapTransform):
             else:
                 loaded[key] = resample_to_reference(img, ref, mode="bilinear", pad_value=float(img.min()))
         d.update(loaded)
+        return d
+
+
+def _window(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``(x - lo) / (hi - lo)`` clipped to ``[0, 1]`` (MONAI ``ScaleIntensityRange`` with ``clip=True``)."""
+    return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+class PETCTChannelsd(MapTransform):
+    """Check and window a stacked PET/CT image: channel 0 PET (SUV), channel 1 CT (HU), one voxel grid.
+
+    The image under each key must be channel-first ``(2, X, Y, Z)`` with finite values (a 4D NIfTI
+    ``(X, Y, Z, 2)`` loaded with ``ensure_channel_first=True``, as ``tools/petct_studies.py`` writes them).
+    PET becomes ``SUV / pet_suv_max`` and CT ``(HU - ct_window[0]) / (ct_window[1] - ct_window[0])``, both
+    clipped to ``[0, 1]``: the values FratMAE's two-file pipeline (:class:`LoadPETCTd` +
+    ``ScaleIntensityRanged`` + ``ConcatItemsd``) gives. The output is float32 with the input's metadata.
+    With ``label_key``, the label must be ``(1, X, Y, Z)`` on the image's grid. Errors name the file.
+
+    Args:
+        keys: keys of stacked PET/CT images.
+        pet_suv_max: SUV mapped to 1.
+        ct_window: HU range mapped to ``[0, 1]``.
+        label_key: key of a label to check against the (first) image's grid, or ``None``.
+        affine_atol: absolute tolerance on affine entries (mm) for the label check.
+        allow_missing_keys: skip absent keys instead of raising.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        pet_suv_max: float = 20.0,
+        ct_window: tuple[float, float] = (-1000.0, 1000.0),
+        label_key: str | None = None,
+        affine_atol: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not pet_suv_max > 0:
+            raise ValueError(f"pet_suv_max must be positive, got {pet_suv_max!r}.")
+        lo, hi = (float(v) for v in ct_window)
+        if not hi > lo:
+            raise ValueError(f"ct_window must be (low, high) with high > low, got {tuple(ct_window)}.")
+        self.pet_suv_max = float(pet_suv_max)
+        self.ct_window = (lo, hi)
+        self.label_key = label_key
+        self.affine_atol = float(affine_atol)
+
+    @staticmethod
+    def _name(img: object, key: Hashable) -> str:
+        src = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+        return f"{key} file {src}" if src else f"{key}"
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        first = None
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = self._name(img, key)
+            shape = tuple(int(s) for s in img.shape)
+            if len(shape) != 4 or shape[0] != 2:
+                raise ValueError(
+                    f"{name}: expected a stacked PET/CT image, channel-first (2, X, Y, Z) with PET (SUV) in "
+                    f"channel 0 and CT (HU) in channel 1, got shape {shape}. tools/petct_studies.py writes such "
+                    "files from separate PET and CT volumes."
+                )
+            check_finite(img, name)
+            out = img.to(torch.float32).clone()  # clone keeps a MetaTensor's metadata
+            out[0] = _window(out[0], 0.0, self.pet_suv_max)
+            out[1] = _window(out[1], *self.ct_window)
+            d[key] = out
+            first = first if first is not None else (out, name)
+        if self.label_key is not None and d.get(self.label_key) is not None and first is not None:
+            label, ref = d[self.label_key], first[0]
+            lname = self._name(label, self.label_key)
+            check_single_channel_3d(label, lname)
+            problem = grid_mismatch(label, ref, self.affine_atol)
+            if problem is not None:
+                raise ValueError(f"{lname} is not on the grid of {first[1]}: {problem}")
         return d

@@ -1,11 +1,16 @@
 from .bundle import bundle_root, default_device
 from .optim import weight_decay_groups
 from .release import download_bundle, package_bundle, safe_extract, sha256_file
+from .serve import SERVED, ServedTask, build_served_bundle, merged_config
 
 __all__ = [
+    "SERVED",
+    "ServedTask",
+    "build_served_bundle",
     "bundle_root",
     "default_device",
     "download_bundle",
+    "merged_config",
     "package_bundle",
     "safe_extract",
     "sha256_file",

@@ -1,0 +1,128 @@
+"""Stacked PET/CT studies: one two-channel NIfTI per case, the form MONAI Label serves.
+
+MONAI Label's datastore holds one image file per study, while AutoPET-style datasets keep PET and CT in
+separate files. :func:`write_petct_study` stacks one case into a 4D NIfTI ``(X, Y, Z, 2)`` on the PET grid
+(channel 0 PET in SUV, channel 1 CT in HU; the CT is resampled onto the PET grid when they differ), and
+:func:`export_petct_studies` does it for a whole dataset, putting the lesion masks where MONAI Label's local
+datastore keeps final labels (``labels/final/<case>.nii.gz``). :class:`medfm.transforms.PETCTChannelsd`
+reads the result.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..transforms.petct import LoadPETCTd
+from .autopet import build_autopet_datalist
+from .nifti import save_nifti
+
+__all__ = ["LABELS_SUBDIR", "export_petct_studies", "studies_datalist", "write_petct_study"]
+
+LABELS_SUBDIR = os.path.join("labels", "final")
+
+
+def write_petct_study(pet: str, ct: str, out_path: str, case: str = "<unknown case>") -> np.ndarray:
+    """Write PET and CT of one case as a float32 4D NIfTI ``(X, Y, Z, 2)`` on the PET grid.
+
+    Both files are loaded and checked by :class:`medfm.transforms.LoadPETCTd` (errors name the case and
+    file); a CT on another grid is resampled onto the PET grid (bilinear, air outside its field of view).
+
+    Args:
+        pet: PET file (SUV).
+        ct: CT file (HU).
+        out_path: output ``.nii.gz``.
+        case: case id for error messages.
+
+    Returns:
+        The PET affine written.
+    """
+    loader = LoadPETCTd(keys=("ct", "pet"), reference_key="pet", label_key=None, grid_mismatch="resample")
+    d = loader({"case": case, "ct": ct, "pet": pet})
+    stacked = np.stack([d["pet"][0].numpy(), d["ct"][0].numpy()], axis=-1).astype(np.float32)
+    affine = np.asarray(d["pet"].affine.numpy(), dtype=np.float64)
+    save_nifti(stacked, affine, out_path)
+    return affine
+
+
+def export_petct_studies(
+    dataset_dir: str,
+    out_dir: str,
+    images_subdir: str = "imagesTr",
+    cases: Sequence[str] | None = None,
+    labels: bool = True,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write ``<out_dir>/<case>.nii.gz`` stacked studies for the cases of an AutoPET-style dataset.
+
+    Args:
+        dataset_dir: dataset root in the layout of :func:`medfm.data.build_autopet_datalist`.
+        out_dir: studies folder (MONAI Label's ``--studies``); created if needed.
+        images_subdir: folder of the images in ``dataset_dir``.
+        cases: case ids to write (all when ``None``).
+        labels: also copy each case's lesion mask to ``<out_dir>/labels/final/<case>.nii.gz``.
+        overwrite: replace existing files instead of raising.
+
+    Returns:
+        The case ids written.
+
+    Raises:
+        ValueError: a requested case is not in the dataset.
+        FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    datalist = build_autopet_datalist(dataset_dir, images_subdir=images_subdir)
+    by_case = {item["case"]: item for item in datalist}
+    wanted = list(by_case) if cases is None else list(cases)
+    unknown = [c for c in wanted if c not in by_case]
+    if unknown:
+        raise ValueError(f"cases {unknown} are not in {dataset_dir} (it holds {sorted(by_case)}).")
+    outputs = {c: os.path.join(out_dir, f"{c}.nii.gz") for c in wanted}
+    label_dir = os.path.join(out_dir, LABELS_SUBDIR)
+    copies = {c: os.path.join(label_dir, f"{c}.nii.gz") for c in wanted if labels and "label" in by_case[c]}
+    if not overwrite:
+        for path in list(outputs.values()) + list(copies.values()):
+            if os.path.exists(path):
+                raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    os.makedirs(out_dir, exist_ok=True)
+    if copies:
+        os.makedirs(label_dir, exist_ok=True)
+    for case in wanted:
+        item = by_case[case]
+        write_petct_study(item["pet"], item["ct"], outputs[case], case=case)
+        if case in copies:
+            shutil.copyfile(item["label"], copies[case])
+    return wanted
+
+
+def studies_datalist(studies_dir: str, require_labels: bool = True) -> list[dict[str, str]]:
+    """``[{"image", "label"}]`` of the studies in a MONAI Label studies folder, as its ``/train`` builds it.
+
+    Images are ``<studies_dir>/*.nii[.gz]``; the label of ``<id>.nii.gz`` is ``labels/final/<id>.nii.gz``.
+
+    Args:
+        studies_dir: the studies folder.
+        require_labels: drop studies without a final label (training needs them); with False they are
+            listed with the image alone.
+
+    Raises:
+        FileNotFoundError: ``studies_dir`` does not exist.
+        ValueError: no (labelled) study found.
+    """
+    if not os.path.isdir(studies_dir):
+        raise FileNotFoundError(f"studies folder {studies_dir} does not exist (or is not a directory).")
+    items = []
+    for image in sorted(glob.glob(os.path.join(os.path.abspath(studies_dir), "*.nii*"))):
+        name = os.path.basename(image)
+        label = os.path.join(os.path.dirname(image), LABELS_SUBDIR, name)
+        if os.path.isfile(label):
+            items.append({"image": image, "label": label})
+        elif not require_labels:
+            items.append({"image": image})
+    if not items:
+        what = "labelled study (image <id>.nii.gz with labels/final/<id>.nii.gz)" if require_labels else "study"
+        raise ValueError(f"no {what} found in {studies_dir}.")
+    return items
