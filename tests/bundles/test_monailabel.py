@@ -1,22 +1,27 @@
-"""A real MONAI Label server (stock ``monaibundle`` app) serving the FratMAE segmentation bundle.
+"""A real MONAI Label server (stock ``monaibundle`` app) serving each segmentation bundle: FratMAE (PET/CT
+lesions), SPAD-ViT (a 3D volume) and M-IDoL (a 2D dermoscopy image).
 
 MONAI Label needs its own environment (``pip install -e ".[label]"``: monailabel 0.8.5 with torch 2.14.1 and
 torchvision 0.29.1). The test runs the server with the interpreter ``MEDFM_LABEL_PYTHON`` names, else
 ``<repo>/.venv-label/bin/python``; it is skipped, saying how to install one, when neither exists, and fails
 when ``MEDFM_LABEL_PYTHON`` is set to something that cannot run the server.
 
-The study is stored left-right flipped (not RAS), so the label must come back through the bundle's
-orientation inversion onto the study's own grid; the expected label is computed here independently of the
-bundle's transforms (numpy windowing, an explicit flip, MONAI's sliding window over the same weights).
+For FratMAE the study is stored left-right flipped (not RAS), so the label must come back through the
+bundle's orientation inversion onto the study's own grid; the expected label is computed here independently
+of the bundle's transforms (numpy windowing, an explicit flip, MONAI's sliding window over the same weights).
+For SPAD-ViT and M-IDoL the label must equal what the served bundle's own ``inference.json`` writes when run
+without MONAI Label.
 """
 
 from __future__ import annotations
 
 import email.parser
 import email.policy
+import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,16 +34,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from medfm.data import generate_synthetic_petct, write_petct_study
+from medfm.data import (
+    generate_synthetic_midol,
+    generate_synthetic_petct,
+    generate_synthetic_spad,
+    write_petct_study,
+)
 from medfm.data.nifti import save_nifti
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.inferers import SlidingWindowInferer
+from PIL import Image
 
 from .helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-BUNDLE = "fratmae_petct_segmentation"
 STUDY = "case_a"
 
 
@@ -97,28 +107,55 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    python = _label_python()
-    root = tmp_path_factory.mktemp("monailabel")
-    data, studies = root / "data", root / "studies"
+def _study_fratmae(root) -> tuple[str, str]:
+    data = root / "data"
     generate_synthetic_petct(str(data), num_cases=1, shape=(24, 20, 40), spacing=(4.0, 4.0, 4.0), seed=3)
-    studies.mkdir()
-    study, label = str(studies / f"{STUDY}.nii.gz"), str(root / f"{STUDY}_label.nii.gz")
+    study, label = str(root / "studies" / f"{STUDY}.nii.gz"), str(root / f"{STUDY}_label.nii.gz")
     write_petct_study(
         str(data / "imagesTr" / "demo_000_0001.nii.gz"), str(data / "imagesTr" / "demo_000_0000.nii.gz"), study
     )
     nib.save(nib.load(str(data / "labelsTr" / "demo_000.nii.gz")), label)
     _flip_x(study)
     _flip_x(label)
+    return study, label
+
+
+def _study_spad(root) -> tuple[str, str]:
+    data = root / "data"
+    generate_synthetic_spad(str(data), num_2d=1, num_3d=1, slice_spacings=(2.5,), size_2d=32, size_3d=32, seed=3)
+    study, label = str(root / "studies" / f"{STUDY}.nii.gz"), str(root / f"{STUDY}_label.nii.gz")
+    shutil.copyfile(data / "images" / "ct_000.nii.gz", study)
+    shutil.copyfile(data / "labels" / "ct_000.nii.gz", label)
+    return study, label
+
+
+def _study_midol(root) -> tuple[str, str]:
+    data = root / "data"
+    generate_synthetic_midol(str(data), per_modality=1, size=48, seed=3)
+    name = sorted(os.listdir(data / "dermoscopy"))[0]
+    study, label = str(root / "studies" / f"{STUDY}.png"), str(root / f"{STUDY}_label.png")
+    shutil.copyfile(data / "dermoscopy" / name, study)
+    shutil.copyfile(data / "masks" / "dermoscopy" / name, label)
+    return study, label
+
+
+STUDIES = {"fratmae_petct": _study_fratmae, "spad_vit": _study_spad, "midol_multimodal": _study_midol}
+
+
+@pytest.fixture(scope="module", params=sorted(STUDIES))
+def server(request, tmp_path_factory):
+    from medfm.utils import SERVED, merged_config
+
+    python = _label_python()
+    bundle = request.param
+    spec = SERVED[bundle]["segmentation"]
+    root = tmp_path_factory.mktemp(bundle)
+    (root / "studies").mkdir()
+    study, label = STUDIES[bundle](root)
 
     # demo-size weights, deterministic
-    from medfm.utils import merged_config
-
-    cfg = os.path.join(REPO, "bundles", "fratmae_petct", "configs")
-    inference = merged_config(
-        [os.path.join(cfg, f) for f in ("inference.json", "demo_inference.json", "serve_inference.json")]
-    )
+    cfg = os.path.join(REPO, "bundles", bundle, "configs")
+    inference = merged_config([os.path.join(cfg, f) for f in spec.inference_files(demo=True)])
     torch.manual_seed(0)
     network = ConfigParser(inference).get_parsed_content("network_def")
     weights = str(root / "weights.pt")
@@ -130,13 +167,13 @@ def server(tmp_path_factory):
         [python, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)], **run
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    served = apps / "monaibundle" / "model" / BUNDLE
+    served = apps / "monaibundle" / "model" / spec.name
     tool = os.path.join(REPO, "tools", "serve_bundle.py")
     res = subprocess.run(
         [
             sys.executable,
             tool,
-            os.path.join(REPO, "bundles", "fratmae_petct"),
+            os.path.join(REPO, "bundles", bundle),
             "--weights",
             weights,
             "--out",
@@ -149,10 +186,10 @@ def server(tmp_path_factory):
 
     port = _free_port()
     log_path = root / "server.log"
-    cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(apps / "monaibundle"), "--studies", str(studies),
-           "--conf", "models", BUNDLE, "--conf", "zoo_source", "local", "--conf", "sam2", "false",
+    cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(apps / "monaibundle"), "--studies", str(root / "studies"),
+           "--conf", "models", spec.name, "--conf", "zoo_source", "local", "--conf", "sam2", "false",
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    log = open(log_path, "w")
+    log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
     proc = subprocess.Popen(cmd, cwd=str(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -169,8 +206,8 @@ def server(tmp_path_factory):
                         f"MONAI Label server did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}"
                     )
                 time.sleep(1)
-        yield {"base": base, "study": study, "label": label, "served": served, "network": network, "inference": inference,
-               "log": log_path}  # fmt: skip
+        yield {"bundle": bundle, "name": spec.name, "base": base, "root": root, "study": study, "label": label,
+               "served": served, "network": network, "inference": inference, "log": log_path}  # fmt: skip
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -180,7 +217,15 @@ def server(tmp_path_factory):
         log.close()
 
 
-def _expected_label(server) -> np.ndarray:
+def _read(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Array and affine (None for PNG) of a label or image file."""
+    if path.endswith(".png"):
+        return np.asarray(Image.open(path)), None
+    img = nib.load(path)
+    return np.asarray(img.dataobj), img.affine
+
+
+def _expected_fratmae(server) -> np.ndarray:
     """The lesion label computed without the bundle's transforms: window PET/CT in numpy, flip the stored LAS
     study to RAS, sliding window over the served weights, argmax, flip back."""
     img = nib.load(server["study"])
@@ -201,47 +246,75 @@ def _expected_label(server) -> np.ndarray:
     return pred[::-1]
 
 
+def _expected_standalone(server) -> np.ndarray:
+    """The label the served bundle's ``inference.json`` writes when run on the study without MONAI Label."""
+    data, out = server["root"] / "standalone", server["root"] / "standalone_out"
+    data.mkdir(exist_ok=True)
+    shutil.copy(server["study"], data)
+    wf = ConfigWorkflow(
+        config_file=str(server["served"] / "configs" / "inference.json"),
+        workflow_type="inference",
+        bundle_root=str(server["served"]),
+        dataset_dir=str(data),
+        output_dir=str(out),
+        device="$torch.device('cpu')",
+        num_workers=0,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    (written,) = [str(out / f) for f in os.listdir(out)]
+    return _read(written)[0]
+
+
 def test_infer_returns_label_on_the_study_grid(server):
-    status, ctype, body = _request(f"{server['base']}/infer/{BUNDLE}?image={STUDY}&output=all")
+    status, ctype, body = _request(f"{server['base']}/infer/{server['name']}?image={STUDY}&output=all")
     assert status == 200
     parts = _parse_multipart(ctype, body)
     params = json.loads(parts["params"])
-    with open(os.path.join(REPO, "bundles", "fratmae_petct", "configs", "metadata.json")) as f:
+    with open(os.path.join(REPO, "bundles", server["bundle"], "configs", "metadata.json")) as f:
         meta = json.load(f)
     channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
-    assert params["label_names"] == {v: int(k) for k, v in channels.items() if v != "background"} == {"lesion": 1}
+    assert params["label_names"] == {v.lower(): int(k) for k, v in channels.items() if v != "background"}
+    assert params["label_names"]
 
-    out = server["log"].parent / "pred.nii.gz"
+    ext = ".png" if server["study"].endswith(".png") else ".nii.gz"
+    out = server["root"] / f"pred{ext}"
     out.write_bytes(parts["image"])
-    label, study = nib.load(str(out)), nib.load(server["study"])
-    assert label.shape == study.shape[:3]
-    np.testing.assert_allclose(label.affine, study.affine, atol=1e-4)
-    got = np.asarray(label.dataobj)
-    assert set(np.unique(got)) <= {0, 1}
+    got, affine = _read(str(out))
+    study, study_affine = _read(server["study"])
+    spatial = study.shape[:2] if ext == ".png" else study.shape[:3]
+    assert got.shape == spatial
+    if study_affine is not None:
+        np.testing.assert_allclose(affine, study_affine, atol=1e-4)
+    assert set(np.unique(got)) <= set(params["label_names"].values()) | {0}
 
-    expected = _expected_label(server)
-    # the check can tell orientations apart: the expected label is not left-right symmetric
-    assert (expected != expected[::-1]).mean() > 0.01
+    if server["bundle"] == "fratmae_petct":
+        expected = _expected_fratmae(server)
+        # the check can tell orientations apart: the expected label is not left-right symmetric
+        assert (expected != expected[::-1]).mean() > 0.01
+    else:
+        expected = _expected_standalone(server)
+    assert expected.shape == got.shape
+    assert len(np.unique(expected)) > 1  # a constant label would make the comparison vacuous
     assert (got == expected).mean() > 0.999  # same weights; torch builds differ in the last bits
 
 
 def test_train_on_a_saved_label_updates_the_served_model(server):
     with open(server["label"], "rb") as f:
         body, ctype = _multipart({"label": (os.path.basename(server["label"]), f.read())})
-    status, _, _ = _request(
-        f"{server['base']}/datastore/label?image={STUDY}&tag=final", "PUT", body, {"Content-Type": ctype}
-    )
+    url = f"{server['base']}/datastore/label?image={STUDY}&tag=final"
+    status, _, _ = _request(url, "PUT", body, {"Content-Type": ctype})
     assert status == 200
-    saved = server["study"].replace(f"{STUDY}.nii.gz", os.path.join("labels", "final", f"{STUDY}.nii.gz"))
-    assert np.array_equal(np.asarray(nib.load(saved).dataobj), np.asarray(nib.load(server["label"]).dataobj))
+    (saved,) = glob.glob(os.path.join(os.path.dirname(server["study"]), "labels", "final", f"{STUDY}.*"))
+    assert np.array_equal(_read(saved)[0], _read(server["label"])[0])
 
     model = server["served"] / "models" / "model.pt"
     before = hashlib.sha256(model.read_bytes()).hexdigest()
     old = torch.load(model, weights_only=True)
     payload = json.dumps({"max_epochs": 1, "device": "cpu"}).encode()
-    status, _, _ = _request(
-        f"{server['base']}/train/{BUNDLE}?run_sync=true", "POST", payload, {"Content-Type": "application/json"}
-    )
+    url = f"{server['base']}/train/{server['name']}?run_sync=true"
+    status, _, _ = _request(url, "POST", payload, {"Content-Type": "application/json"})
     assert status == 200
     assert hashlib.sha256(model.read_bytes()).hexdigest() != before, server["log"].read_text()[-3000:]
     new = torch.load(model, weights_only=True)
@@ -253,5 +326,5 @@ def test_train_on_a_saved_label_updates_the_served_model(server):
     assert 0 < change < 1e-2 * norm
 
     # /infer serves the re-trained weights
-    status, _, body = _request(f"{server['base']}/infer/{BUNDLE}?image={STUDY}&output=image")
-    assert status == 200 and body[:2] == b"\x1f\x8b"
+    status, _, body = _request(f"{server['base']}/infer/{server['name']}?image={STUDY}&output=image")
+    assert status == 200 and len(body) > 0

@@ -5,10 +5,11 @@ from .autopet import build_autopet_datalist, find_petct_images, split_datalist
 from .cache import transform_state_hash
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
-from .petct_studies import LABELS_SUBDIR, export_petct_studies, studies_datalist, write_petct_study
+from .petct_studies import export_petct_studies, write_petct_study
 from .prompt import PromptTokenizer, build_prompt
-from .spad import build_spad_datalist, find_spad_images
+from .spad import SpadHeaderd, build_spad_datalist, find_spad_images, with_spad_headers
 from .splits import finetune_splits, label_fraction_subset, with_class_label
+from .studies import LABELS_SUBDIR, STUDY_SUFFIXES, studies_datalist
 from .synthetic_panfm import (
     DEFAULT_ORGAN_SHAPES,
     DEFAULT_ORGAN_SPACINGS,
@@ -38,6 +39,8 @@ __all__ = [
     "PANFM_DEMO_LABELS",
     "PANFM_TABLE",
     "SPAD_LABELS",
+    "SpadHeaderd",
+    "STUDY_SUFFIXES",
     "AnisoBatchSampler",
     "PromptTokenizer",
     "aniso_batch_sampler",
@@ -58,5 +61,6 @@ __all__ = [
     "read_subject_table",
     "split_datalist",
     "transform_state_hash",
+    "with_spad_headers",
     "with_class_label",
 ]

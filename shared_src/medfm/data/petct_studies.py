@@ -10,7 +10,6 @@ reads the result.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 from collections.abc import Sequence
@@ -20,10 +19,9 @@ import numpy as np
 from ..transforms.petct import LoadPETCTd
 from .autopet import build_autopet_datalist
 from .nifti import save_nifti
+from .studies import LABELS_SUBDIR
 
-__all__ = ["LABELS_SUBDIR", "export_petct_studies", "studies_datalist", "write_petct_study"]
-
-LABELS_SUBDIR = os.path.join("labels", "final")
+__all__ = ["export_petct_studies", "write_petct_study"]
 
 
 def write_petct_study(pet: str, ct: str, out_path: str, case: str = "<unknown case>") -> np.ndarray:
@@ -96,33 +94,3 @@ def export_petct_studies(
         if case in copies:
             shutil.copyfile(item["label"], copies[case])
     return wanted
-
-
-def studies_datalist(studies_dir: str, require_labels: bool = True) -> list[dict[str, str]]:
-    """``[{"image", "label"}]`` of the studies in a MONAI Label studies folder, as its ``/train`` builds it.
-
-    Images are ``<studies_dir>/*.nii[.gz]``; the label of ``<id>.nii.gz`` is ``labels/final/<id>.nii.gz``.
-
-    Args:
-        studies_dir: the studies folder.
-        require_labels: drop studies without a final label (training needs them); with False they are
-            listed with the image alone.
-
-    Raises:
-        FileNotFoundError: ``studies_dir`` does not exist.
-        ValueError: no (labelled) study found.
-    """
-    if not os.path.isdir(studies_dir):
-        raise FileNotFoundError(f"studies folder {studies_dir} does not exist (or is not a directory).")
-    items = []
-    for image in sorted(glob.glob(os.path.join(os.path.abspath(studies_dir), "*.nii*"))):
-        name = os.path.basename(image)
-        label = os.path.join(os.path.dirname(image), LABELS_SUBDIR, name)
-        if os.path.isfile(label):
-            items.append({"image": image, "label": label})
-        elif not require_labels:
-            items.append({"image": image})
-    if not items:
-        what = "labelled study (image <id>.nii.gz with labels/final/<id>.nii.gz)" if require_labels else "study"
-        raise ValueError(f"no {what} found in {studies_dir}.")
-    return items

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import MapTransform
 from PIL import Image
 
 from medfm.transforms.spad import spad_layout
 
-__all__ = ["build_spad_datalist", "find_spad_images", "read_class_table"]
+__all__ = ["SpadHeaderd", "build_spad_datalist", "find_spad_images", "read_class_table", "with_spad_headers"]
 
 _SUFFIXES_2D = (".png", ".jpg", ".jpeg")
 _SUFFIXES_NIFTI = (".nii.gz", ".nii")
@@ -211,3 +212,30 @@ def build_spad_datalist(
             item["class"] = classes[rel]
         datalist.append(item)
     return datalist
+
+
+def with_spad_headers(datalist: Sequence[Mapping[str, Any]], key: str = "image") -> list[dict[str, Any]]:
+    """Copies of ``datalist`` items with the header fields :func:`build_spad_datalist` gives (``aniso_d``,
+    ``spacing``, ``dim``, ``intensity``) filled in from ``item[key]`` where absent, e.g. for the
+    ``{"image", "label"}`` pairs MONAI Label's ``/train`` passes. Errors name the file."""
+    return [{**_read_header(str(item[key])), **item} for item in datalist]
+
+
+class SpadHeaderd(MapTransform):
+    """Fill in the datalist header fields (``aniso_d``, ``spacing``, ``dim``, ``intensity``) of a sample from
+    the file under ``keys`` before it is loaded; fields already present are kept.
+
+    The first transform of a served SPAD-ViT config: MONAI Label passes ``{"image": path}`` alone, and without
+    ``intensity`` an 8-bit PNG/JPEG would be normalised by percentiles instead of by 255 as in training.
+    """
+
+    def __init__(self, keys: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], (str, os.PathLike)):
+                for field, value in _read_header(os.fspath(d[key])).items():
+                    d.setdefault(field, value)
+        return d

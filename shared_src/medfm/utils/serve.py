@@ -29,25 +29,49 @@ __all__ = ["SERVED", "ServedTask", "build_served_bundle", "merged_config"]
 
 @dataclass(frozen=True)
 class ServedTask:
-    """Configs that make up one served task of a bundle (file names in its ``configs/``)."""
+    """Configs that make up one served task of a bundle (file names in its ``configs/``), merged in the order
+    task configs, demo overrides (with ``demo=True``), serve overlays."""
 
     name: str  # default folder name of the served bundle
     inference: tuple[str, ...]
     train: tuple[str, ...]
-    demo_inference: tuple[str, ...] = ()  # merged after the base configs, before the serve overlay, with demo=True
+    serve_inference: tuple[str, ...] = ("serve_inference.json",)
+    serve_train: tuple[str, ...] = ("serve_train.json",)
+    demo_inference: tuple[str, ...] = ("demo_inference.json",)
     demo_train: tuple[str, ...] = ()
     multi_gpu: str | None = None  # copied as multi_gpu_train.json (MONAI Label's multi-GPU /train)
+
+    def inference_files(self, demo: bool) -> list[str]:
+        return [*self.inference, *(self.demo_inference if demo else ()), *self.serve_inference]
+
+    def train_files(self, demo: bool) -> list[str]:
+        return [*self.train, *(self.demo_train if demo else ()), *self.serve_train]
 
 
 SERVED: dict[str, dict[str, ServedTask]] = {
     "fratmae_petct": {
         "segmentation": ServedTask(
             name="fratmae_petct_segmentation",
-            inference=("inference.json", "serve_inference.json"),
-            train=("finetune_seg.json", "serve_train.json"),
-            demo_inference=("demo_inference.json",),
+            inference=("inference.json",),
+            train=("finetune_seg.json",),
             demo_train=("demo_seg.json",),
             multi_gpu="multi_gpu_train.json",
+        )
+    },
+    "spad_vit": {
+        "segmentation": ServedTask(
+            name="spad_vit_segmentation",
+            inference=("inference.json",),
+            train=("finetune_seg.json",),
+            demo_train=("demo_seg.json",),
+        )
+    },
+    "midol_multimodal": {
+        "segmentation": ServedTask(
+            name="midol_multimodal_segmentation",
+            inference=("inference.json",),
+            train=("finetune_seg.json",),
+            demo_train=("demo_seg.json",),
         )
     },
 }
@@ -61,11 +85,6 @@ def merged_config(files: list[Path]) -> dict:
     config = dict(parser.config)
     config.pop(parser.meta_key, None)
     return config
-
-
-def _ordered(base: tuple[str, ...], demo: tuple[str, ...], use_demo: bool) -> list[str]:
-    # base config, then demo overrides, then the serve overlay (the last of base)
-    return [*base[:-1], *(demo if use_demo else ()), base[-1]]
 
 
 def _check_weights(inference: dict, weights: Path) -> dict:
@@ -124,8 +143,8 @@ def build_served_bundle(
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
         shutil.rmtree(out)
-    inference = merged_config([configs / f for f in _ordered(spec.inference, spec.demo_inference, demo)])
-    train = merged_config([configs / f for f in _ordered(spec.train, spec.demo_train, demo)])
+    inference = merged_config([configs / f for f in spec.inference_files(demo)])
+    train = merged_config([configs / f for f in spec.train_files(demo)])
     state = _check_weights(inference, Path(weights))
 
     (out / "configs").mkdir(parents=True)
