@@ -1,0 +1,92 @@
+"""tools/serve_bundle.py: the folder MONAI Label serves, and its train.json run without MONAI Label."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from medfm.data import export_petct_studies, generate_synthetic_petct
+from medfm.utils import SERVED, build_served_bundle, merged_config
+
+from ..bundles.helpers import REPO, run_cli
+
+B = os.path.join(REPO, "bundles", "fratmae_petct")
+
+
+def _demo_weights(bundle: str, path) -> dict:
+    spec = SERVED[os.path.basename(bundle)]["segmentation"]
+    config = merged_config([os.path.join(bundle, "configs", f) for f in spec.inference_files(demo=True)])
+    torch.manual_seed(0)
+    state = ConfigParser(config).get_parsed_content("network_def").state_dict()
+    torch.save(state, path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    state = _demo_weights(B, root / "w.pt")
+    out = build_served_bundle(B, root / "w.pt", root / "served", demo=True)
+    return root, out, state
+
+
+def test_served_folder_holds_what_monailabel_reads(served):
+    _, out, state = served
+    for f in ("configs/inference.json", "configs/train.json", "configs/metadata.json", "configs/logging.conf",
+              "configs/multi_gpu_train.json", "models/model.pt", "docs/README.md", "LICENSE"):  # fmt: skip
+        assert (out / f).is_file(), f
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    configs = os.path.join(B, "configs")
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    expected = ConfigParser()
+    expected.read_config(
+        [os.path.join(configs, f) for f in ("inference.json", "demo_inference.json", "serve_inference.json")]
+    )
+    assert inference == {k: v for k, v in expected.config.items() if k != expected.meta_key}
+    train = json.loads((out / "configs" / "train.json").read_text())
+    # what MONAI Label overrides or loads exists in the served train.json
+    assert train["network"] == "$@network_def.to(@device)" and train["resume"] is False
+    for path in ("train#dataset#data", "train#trainer#max_epochs", "train#handlers", "validate#dataset#data"):
+        node = train
+        for part in path.split("#"):
+            node = node[part]
+    assert train["epochs"] == "@train#trainer#max_epochs" and "run" in train
+    assert train["network_def"]["hidden_size"] == 96  # the demo network
+
+
+def test_bad_requests_are_refused_clearly(served, tmp_path):
+    root, out, _ = served
+    with pytest.raises(FileExistsError, match="already exists"):
+        build_served_bundle(B, root / "w.pt", out, demo=True)
+    with pytest.raises(ValueError, match=r"w.pt does not fit the served network_def"):
+        build_served_bundle(B, root / "w.pt", tmp_path / "full")  # demo weights, full-size network
+    with pytest.raises(ValueError, match="has no served task"):
+        build_served_bundle(os.path.join(REPO, "bundles", "panfm_panorgan"), root / "w.pt", tmp_path / "p")
+    with pytest.raises(ValueError, match="serves \\['segmentation'\\], not 'staging'"):
+        build_served_bundle(B, root / "w.pt", tmp_path / "s", task="staging")
+    with pytest.raises(FileNotFoundError, match="weights file .*missing.pt does not exist"):
+        build_served_bundle(B, tmp_path / "missing.pt", tmp_path / "m", demo=True)
+
+
+@pytest.mark.slow
+def test_served_train_config_runs_without_monailabel(served, tmp_path):
+    """``monai.bundle run`` of the served train.json on a studies folder (what MONAI Label does in-process, less
+    its checkpoint loader): one labelled study trains, the other validates, and the best model replaces
+    models/model.pt."""
+    root, out, state = served
+    generate_synthetic_petct(str(tmp_path / "ds"), num_cases=2, shape=(24, 20, 40), spacing=(4.0, 4.0, 4.0), seed=2)
+    export_petct_studies(str(tmp_path / "ds"), str(tmp_path / "studies"))
+    train = str(out / "configs" / "train.json")
+    res = run_cli(["run", "--config_file", train, "--dataset_dir", str(tmp_path / "studies"),
+                   "--train#trainer#max_epochs", "1", "--val_fraction", "0.5", "--val_interval", "1"],
+                  cwd=str(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    split = json.loads((out / "runs" / "serve_train" / "split.json").read_text())
+    assert len(split["train"]) == 1 and len(split["val"]) == 1
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert saved.keys() == state.keys() and any(not torch.equal(saved[k], state[k]) for k in state)
