@@ -102,7 +102,8 @@ def _refs(cfg):
 # override file -> the config it is merged over; files with "imports" stand alone
 BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_stage.json",
            "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
-           "evaluate_stage.json": "finetune_stage.json"}  # fmt: skip
+           "evaluate_stage.json": "finetune_stage.json", "serve_train.json": "finetune_seg.json",
+           "serve_inference.json": "inference.json"}  # fmt: skip
 ALL_CONFIGS = sorted(
     os.path.basename(p)
     for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))

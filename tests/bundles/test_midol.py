@@ -15,7 +15,16 @@ from PIL import Image
 
 from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
 
-from .helpers import configs, event_tags, one_process_group_env, run_bundle, workflow, zoo_checks_and_export
+from .helpers import (
+    config_list,
+    configs,
+    event_tags,
+    one_process_group_env,
+    run_bundle,
+    torchrun_two_processes,
+    workflow,
+    zoo_checks_and_export,
+)
 
 B = "midol_multimodal"
 pytestmark = pytest.mark.slow
@@ -142,6 +151,18 @@ def test_multi_gpu_config_properties(chain, tmp_path, monkeypatch):
         assert wf.check_properties() == []
     finally:
         wf.finalize()
+
+
+def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
+    out = tmp_path / "out"
+    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
+    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--epochs", "1"],
+                           str(tmp_path))  # fmt: skip
+    # rank 0 alone writes: one checkpoint for the one epoch, and the weights without DDP's "module." prefix
+    ckpts = glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))
+    assert len(ckpts) == 1
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert state and not any(k.startswith("module.") for k in state)
 
 
 def test_metadata_net_in_out_and_export(chain, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch.distributed as dist
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
@@ -28,7 +29,12 @@ class BestModelSaver:
     """
 
     def __init__(
-        self, save_dir: str, model: nn.Module, metric_name: str, filename: str = "model.pt", higher_is_better: bool = True
+        self,
+        save_dir: str,
+        model: nn.Module,
+        metric_name: str,
+        filename: str = "model.pt",
+        higher_is_better: bool = True,
     ) -> None:
         self.save_dir = save_dir
         self.model = model
@@ -61,6 +67,10 @@ class ServedModelSaver:
     default 20% validation split leaves none with one or two labels), it writes the final weights, so the
     file always reflects the latest training. MONAI Label's ``/infer`` reloads the file when it changes.
 
+    In a distributed run every rank must attach it (ignite's metrics all-reduce over the ranks, so an
+    evaluation on rank 0 alone would wait forever): each rank evaluates the whole validation set with the
+    same weights, which leaves the metric unchanged, and rank 0 alone writes.
+
     Args:
         evaluator: validation engine (``SupervisedEvaluator``) with a ``data_loader``.
         model: the network (a DistributedDataParallel wrapper is unwrapped).
@@ -86,20 +96,27 @@ class ServedModelSaver:
         self.evaluator = evaluator
         self.best = BestModelSaver(save_dir, model, metric_name, filename, higher_is_better)
         self.interval = interval
+        self.validated = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.validate)
         engine.add_event_handler(Events.COMPLETED, self.save_final_if_unvalidated)
+
+    @staticmethod
+    def _writes() -> bool:
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     def validate(self, engine: Engine) -> None:
         loader = getattr(self.evaluator, "data_loader", None)
         if loader is None or len(loader) == 0:
             return
         self.evaluator.run(engine.state.epoch)
-        self.best(self.evaluator)
+        self.validated = True
+        if self._writes():
+            self.best(self.evaluator)
 
     def save_final_if_unvalidated(self, engine: Engine) -> None:
-        if self.best.best is not None:
+        if self.validated or not self._writes():
             return
         model = getattr(self.best.model, "module", self.best.model)
         path = os.path.join(self.best.save_dir, self.best.filename)

@@ -6,16 +6,25 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
-from monai.handlers import LrScheduleHandler
+from monai.handlers import CheckpointLoader, LrScheduleHandler
 
+from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
 from .sampler_epoch import SamplerEpochHandler
 
 __all__ = ["EVERY_RANK_HANDLERS", "handlers_for_rank"]
 
 # Handlers that change the training state (or what each process samples): every process must run them. Everything else (progress bar,
-# TensorBoard, checkpoint saving) writes output and runs on rank 0 only.
-EVERY_RANK_HANDLERS: tuple[type, ...] = (ResumeFromCheckpoint, LrScheduleHandler, SamplerEpochHandler)
+# TensorBoard, checkpoint saving) writes output and runs on rank 0 only. CheckpointLoader loads weights when the trainer starts, after
+# DistributedDataParallel has synchronised the ranks (MONAI Label's /train inserts one), so every rank must load them itself.
+# ServedModelSaver validates on every rank (ignite's metrics all-reduce) and writes on rank 0 alone.
+EVERY_RANK_HANDLERS: tuple[type, ...] = (
+    ResumeFromCheckpoint,
+    LrScheduleHandler,
+    SamplerEpochHandler,
+    CheckpointLoader,
+    ServedModelSaver,
+)
 
 
 def handlers_for_rank(handlers: Sequence[Any], rank: int | None = None) -> list[Any]:

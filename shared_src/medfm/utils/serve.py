@@ -39,7 +39,8 @@ class ServedTask:
     serve_train: tuple[str, ...] = ("serve_train.json",)
     demo_inference: tuple[str, ...] = ("demo_inference.json",)
     demo_train: tuple[str, ...] = ()
-    multi_gpu: str | None = None  # copied as multi_gpu_train.json (MONAI Label's multi-GPU /train)
+    # merged as flat overrides into multi_gpu_train.json, which MONAI Label's multi-GPU /train merges over train.json
+    multi_gpu: tuple[str, ...] = ("multi_gpu_train.json", "serve_multi_gpu_train.json")
 
     def inference_files(self, demo: bool) -> list[str]:
         return [*self.inference, *(self.demo_inference if demo else ()), *self.serve_inference]
@@ -55,7 +56,6 @@ SERVED: dict[str, dict[str, ServedTask]] = {
             inference=("inference.json",),
             train=("finetune_seg.json",),
             demo_train=("demo_seg.json",),
-            multi_gpu="multi_gpu_train.json",
         )
     },
     "spad_vit": {
@@ -113,8 +113,8 @@ def build_served_bundle(
 ) -> Path:
     """Write a MONAI Label-ready bundle folder ``out_dir`` for ``task`` of the bundle in ``bundle_dir``.
 
-    ``out_dir`` gets ``configs/{inference,train,metadata}.json``, ``configs/logging.conf``, optionally
-    ``configs/multi_gpu_train.json``, ``models/model.pt`` (``weights``, checked to load strictly into the
+    ``out_dir`` gets ``configs/{inference,train,metadata,multi_gpu_train}.json``, ``configs/logging.conf``,
+    ``models/model.pt`` (``weights``, checked to load strictly into the
     served ``network_def``), ``docs/`` and ``LICENSE``. Serve it with
     ``python -m monailabel.main start_server --app apps/monaibundle --conf models <out_dir name> …`` after
     placing it at ``apps/monaibundle/model/<out_dir name>``.
@@ -154,7 +154,12 @@ def build_served_bundle(
     for name in ("metadata.json", "logging.conf"):
         shutil.copyfile(configs / name, out / "configs" / name)
     if spec.multi_gpu:
-        shutil.copyfile(configs / spec.multi_gpu, out / "configs" / "multi_gpu_train.json")
+        # kept flat ("train#sampler": …): MONAI Label merges this file over its exported train config, and a
+        # nested "train" entry would replace that config's whole "train" section
+        overrides: dict = {}
+        for name in spec.multi_gpu:
+            overrides.update(json.loads((configs / name).read_text()))
+        (out / "configs" / "multi_gpu_train.json").write_text(json.dumps(overrides, indent=4) + "\n")
     torch.save(state, out / "models" / "model.pt")
     if (bundle / "docs").is_dir():
         shutil.copytree(bundle / "docs", out / "docs")
