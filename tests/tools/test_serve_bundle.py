@@ -67,6 +67,11 @@ def test_bad_requests_are_refused_clearly(served, tmp_path):
         build_served_bundle(B, root / "w.pt", out, demo=True)
     with pytest.raises(ValueError, match=r"w.pt does not fit the served network_def"):
         build_served_bundle(B, root / "w.pt", tmp_path / "full")  # demo weights, full-size network
+    # refused weights leave an existing served bundle as it was, even with overwrite
+    before = (out / "models" / "model.pt").read_bytes()
+    with pytest.raises(ValueError, match="does not fit"):
+        build_served_bundle(B, root / "w.pt", out, overwrite=True)
+    assert (out / "models" / "model.pt").read_bytes() == before
     with pytest.raises(ValueError, match="has no served task"):
         build_served_bundle(os.path.join(REPO, "bundles", "panfm_panorgan"), root / "w.pt", tmp_path / "p")
     with pytest.raises(ValueError, match="serves \\['segmentation'\\], not 'staging'"):

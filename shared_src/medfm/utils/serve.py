@@ -114,8 +114,8 @@ def build_served_bundle(
     """Write a MONAI Label-ready bundle folder ``out_dir`` for ``task`` of the bundle in ``bundle_dir``.
 
     ``out_dir`` gets ``configs/{inference,train,metadata,multi_gpu_train}.json``, ``configs/logging.conf``,
-    ``models/model.pt`` (``weights``, checked to load strictly into the
-    served ``network_def``), ``docs/`` and ``LICENSE``. Serve it with
+    ``models/model.pt`` (``weights``, checked to load strictly into the served ``network_def``), ``docs/`` and
+    ``LICENSE``. Serve it with
     ``python -m monailabel.main start_server --app apps/monaibundle --conf models <out_dir name> …`` after
     placing it at ``apps/monaibundle/model/<out_dir name>``.
 
@@ -139,13 +139,13 @@ def build_served_bundle(
     spec = tasks[task]
     configs = bundle / "configs"
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
-        shutil.rmtree(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
     inference = merged_config([configs / f for f in spec.inference_files(demo)])
     train = merged_config([configs / f for f in spec.train_files(demo)])
-    state = _check_weights(inference, Path(weights))
+    state = _check_weights(inference, Path(weights))  # before anything of an existing out_dir is removed
+    if out.exists():
+        shutil.rmtree(out)
 
     (out / "configs").mkdir(parents=True)
     (out / "models").mkdir()
