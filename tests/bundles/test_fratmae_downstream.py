@@ -6,6 +6,8 @@ import csv
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +59,23 @@ def test_finetune_seg_loads_pretraining_and_records_split(seg_model):
 
     scalars, _ = event_tags(str(seg_model["out"] / "logs"))
     assert "train_loss" in scalars, scalars  # the training loss reaches TensorBoard as a scalar
+
+
+def test_finetune_seg_runs_two_processes_on_cpu(work, tmp_path):
+    """``multi_gpu_finetune.json``: both ranks start from the pre-trained encoders, validate together (ignite's
+    metrics all-reduce) and rank 0 alone logs and writes the best model."""
+    out = tmp_path / "out"
+    files = _files("finetune_seg.json", "demo_seg.json", "multi_gpu_finetune.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", work["data"],
+           "--output_dir", str(out), "--pretrained_checkpoint", work["pre"], "--epochs", "1", "--val_interval", "1"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert log.count("loaded 58 encoder tensors") == 2, log[-3000:]  # each rank's network
+    assert log.count("Epoch[1] Metrics -- val_mean_dice") == 1, log[-3000:]  # rank 0's StatsHandler
+    weights = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in weights)
 
 
 def test_label_fraction_takes_a_seeded_subset(work, tmp_path):

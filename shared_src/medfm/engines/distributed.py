@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
-from monai.handlers import CheckpointLoader, LrScheduleHandler
+from monai.handlers import CheckpointLoader, LrScheduleHandler, ValidationHandler
 
 from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
@@ -17,12 +17,14 @@ __all__ = ["EVERY_RANK_HANDLERS", "handlers_for_rank"]
 # Handlers that change the training state (or what each process samples): every process must run them. Everything else (progress bar,
 # TensorBoard, checkpoint saving) writes output and runs on rank 0 only. CheckpointLoader loads weights when the trainer starts, after
 # DistributedDataParallel has synchronised the ranks (MONAI Label's /train inserts one), so every rank must load them itself.
-# ServedModelSaver validates on every rank (ignite's metrics all-reduce) and writes on rank 0 alone.
+# Validation runs on every rank too (ignite's metrics all-reduce over the ranks, so an evaluation on rank 0 alone would
+# wait forever): ValidationHandler, and ServedModelSaver, which validates and writes on rank 0 alone.
 EVERY_RANK_HANDLERS: tuple[type, ...] = (
     ResumeFromCheckpoint,
     LrScheduleHandler,
     SamplerEpochHandler,
     CheckpointLoader,
+    ValidationHandler,
     ServedModelSaver,
 )
 
