@@ -6,8 +6,6 @@ import csv
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +14,7 @@ import torch
 
 from medfm.data import generate_synthetic_petct
 
-from .helpers import config_list, configs, run_cli, workflow
+from .helpers import config_list, configs, run_cli, torchrun_two_processes, workflow
 
 B = "fratmae_petct"
 
@@ -66,12 +64,9 @@ def test_finetune_seg_runs_two_processes_on_cpu(work, tmp_path):
     metrics all-reduce) and rank 0 alone logs and writes the best model."""
     out = tmp_path / "out"
     files = _files("finetune_seg.json", "demo_seg.json", "multi_gpu_finetune.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", files, "--dataset_dir", work["data"],
-           "--output_dir", str(out), "--pretrained_checkpoint", work["pre"], "--epochs", "1", "--val_interval", "1"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
+    args = ["--dataset_dir", work["data"], "--output_dir", str(out), "--pretrained_checkpoint", work["pre"],
+            "--epochs", "1", "--val_interval", "1"]  # fmt: skip
+    log = torchrun_two_processes(files, args, str(tmp_path), engine_runs=None)
     assert log.count("loaded 58 encoder tensors") == 2, log[-3000:]  # each rank's network
     assert log.count("Epoch[1] Metrics -- val_mean_dice") == 1, log[-3000:]  # rank 0's StatsHandler
     weights = torch.load(out / "models" / "model.pt", weights_only=True)
