@@ -103,7 +103,8 @@ def _refs(cfg):
 BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_stage.json",
            "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
            "evaluate_stage.json": "finetune_stage.json", "serve_train.json": "finetune_seg.json",
-           "serve_inference.json": "inference.json", "multi_gpu_finetune.json": "finetune_seg.json"}  # fmt: skip
+           "serve_inference.json": "inference.json", "multi_gpu_finetune.json": "finetune_seg.json",
+           "serve_multi_gpu_train.json": "serve_train.json"}  # fmt: skip
 ALL_CONFIGS = sorted(
     os.path.basename(p)
     for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
