@@ -1,6 +1,6 @@
 from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
-from .distributed import EVERY_RANK_HANDLERS, handlers_for_rank
+from .distributed import EVERY_RANK_HANDLERS, end_distributed, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
 from .iteration import SSLIteration, loss_scalar, loss_terms
 from .midol_iteration import MIDoLIteration, MIDoLPrepareBatch, cosine_schedule
@@ -38,6 +38,7 @@ __all__ = [
     "attention_bar_image",
     "batch_aniso_d",
     "cosine_schedule",
+    "end_distributed",
     "handlers_for_rank",
     "latest_checkpoint",
     "loss_scalar",

@@ -6,13 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from monai.handlers import CheckpointLoader, LrScheduleHandler, ValidationHandler
 
 from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
 from .sampler_epoch import SamplerEpochHandler
 
-__all__ = ["EVERY_RANK_HANDLERS", "handlers_for_rank"]
+__all__ = ["EVERY_RANK_HANDLERS", "end_distributed", "handlers_for_rank"]
 
 # Handlers that change the training state (or what each process samples): every process must run them. Everything else (progress bar,
 # TensorBoard, checkpoint saving) writes output and runs on rank 0 only. CheckpointLoader loads weights when the trainer starts, after
@@ -41,3 +42,32 @@ def handlers_for_rank(handlers: Sequence[Any], rank: int | None = None) -> list[
     if rank == 0:
         return list(handlers)
     return [h for h in handlers if isinstance(h, EVERY_RANK_HANDLERS)]
+
+
+def end_distributed(network: Any = None) -> None:
+    """End a distributed run (the multi-GPU configs' ``finalize``): wait for every rank, release
+    DistributedDataParallel's reducer, destroy the default process group. Does nothing without one.
+
+    Releasing the reducer first keeps the process from hanging at exit. Gloo's worker threads free each
+    finished collective, and freeing a tensor subclass (MONAI's ``MetaTensor``: the validation metrics
+    all-gather them) needs the GIL. The group's destructor joins those threads. torch frees the group
+    without the GIL when its last owner is a Python ``ProcessGroup`` handle, but with the GIL held when
+    its last owner is DDP's reducer (collected with the module after ``finalize``). If a worker is freeing
+    a collective at that moment, the two wait on each other forever (about 1 in 20 two-process CPU runs).
+    So the reducer, and the logger that holds it, go while the group is still registered: the group's
+    last owner is then a Python handle (the one kept here, or the module's ``process_group``).
+
+    Args:
+        network: the run's network; a ``DistributedDataParallel`` has its reducer and logger released
+            (it cannot train after this).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.group.WORLD  # a Python handle: the last one to go frees the group with the GIL released
+    dist.barrier()  # no rank tears down while another still communicates
+    if isinstance(network, DistributedDataParallel):
+        for name in ("logger", "reducer"):  # the logger holds the reducer, the reducer holds the group
+            if getattr(network, name, None) is not None:
+                setattr(network, name, None)
+    dist.destroy_process_group()
+    del group
