@@ -3,8 +3,9 @@
     python tools/petct_studies.py --dataset_dir /data/autopet3 --out studies [--images_subdir imagesTr] \\
         [--cases c1 c2 …] [--no-labels] [--overwrite]
 
-Writes ``<out>/<case>.nii.gz`` (channel 0 PET in SUV, channel 1 CT in HU, on the PET grid) and copies each
-lesion mask to ``<out>/labels/final/<case>.nii.gz``, where MONAI Label's local datastore keeps final labels.
+Writes ``<out>/<case>.nii.gz`` (channel 0 PET in SUV, channel 1 CT in HU, on the PET grid) and each lesion
+mask, on the same grid, to ``<out>/labels/final/<case>.nii.gz``, where MONAI Label's local datastore keeps
+final labels.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-labels", action="store_true", help="do not copy the lesion masks")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    cases = export_petct_studies(
-        args.dataset_dir, args.out, args.images_subdir, args.cases, labels=not args.no_labels, overwrite=args.overwrite
-    )
+    try:
+        cases = export_petct_studies(
+            args.dataset_dir, args.out, args.images_subdir, args.cases, labels=not args.no_labels,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     print(f"{len(cases)} studies written to {args.out}")
 
 

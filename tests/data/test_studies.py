@@ -39,21 +39,41 @@ def test_export_writes_two_channel_studies_and_final_labels(petct, tmp_path):
         np.testing.assert_allclose(img.affine, pet.affine)
         np.testing.assert_allclose(np.asarray(img.dataobj)[..., 0], np.asarray(pet.dataobj), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(img.dataobj)[..., 1], np.asarray(ct.dataobj), rtol=1e-6)
-        label = tmp_path / "labels" / "final" / f"{case}.nii.gz"
-        assert label.read_bytes() == (petct / "ds" / "labelsTr" / f"{case}.nii.gz").read_bytes()
+        label = nib.load(str(tmp_path / "labels" / "final" / f"{case}.nii.gz"))
+        source = nib.load(str(petct / "ds" / "labelsTr" / f"{case}.nii.gz"))
+        assert label.get_data_dtype() == source.get_data_dtype()
+        np.testing.assert_array_equal(np.asarray(label.dataobj), np.asarray(source.dataobj))
+        np.testing.assert_allclose(label.affine, pet.affine)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left behind
     with pytest.raises(FileExistsError, match="demo_000.nii.gz already exists"):
         export_petct_studies(str(petct / "ds"), str(tmp_path), cases=["demo_000"])
     with pytest.raises(ValueError, match=r"cases \['nope'\] are not in"):
         export_petct_studies(str(petct / "ds"), str(tmp_path), cases=["nope"])
 
 
-def test_ct_on_another_grid_is_resampled_onto_the_pet_grid(petct, tmp_path):
+def test_ct_and_label_on_another_grid_are_resampled_onto_the_pet_grid(petct, tmp_path):
+    """A CT and mask stored at half the PET resolution (every second voxel, spacing doubled) come back on the
+    PET grid; at the PET voxels that coincide with coarse voxel centres (even indices) interpolation must
+    return the coarse values exactly, for the CT (bilinear) and the mask (nearest)."""
     ct = nib.load(str(petct / "ds" / "imagesTr" / "demo_000_0000.nii.gz"))
-    coarse = str(tmp_path / "ct.nii.gz")
-    save_nifti(np.asarray(ct.dataobj)[::2, ::2, ::2].astype(np.float32), ct.affine @ np.diag([2, 2, 2, 1]), coarse)
-    pet = str(petct / "ds" / "imagesTr" / "demo_000_0001.nii.gz")
-    write_petct_study(pet, coarse, str(tmp_path / "s.nii.gz"))
-    assert nib.load(str(tmp_path / "s.nii.gz")).shape == (*nib.load(pet).shape, 2)
+    coarse_ct, coarse_lab = str(tmp_path / "ct.nii.gz"), str(tmp_path / "lab.nii.gz")
+    ct_values = np.asarray(ct.dataobj)[::2, ::2, ::2].astype(np.float32)
+    lab_values = np.zeros(ct_values.shape, np.uint8)
+    lab_values[1:3, 1:4, 2:6], lab_values[5, 3, 8] = 1, 2  # a lesion block and a one-voxel lesion
+    save_nifti(ct_values, ct.affine @ np.diag([2, 2, 2, 1]), coarse_ct)
+    save_nifti(lab_values, ct.affine @ np.diag([2, 2, 2, 1]), coarse_lab)
+    pet = nib.load(str(petct / "ds" / "imagesTr" / "demo_000_0001.nii.gz"))
+    study, label = str(tmp_path / "s.nii.gz"), str(tmp_path / "s_label.nii.gz")
+    write_petct_study(pet.get_filename(), coarse_ct, study, label=coarse_lab, label_out=label)
+    s, m = nib.load(study), nib.load(label)
+    assert s.shape == (*pet.shape, 2) and m.shape == pet.shape
+    np.testing.assert_allclose(s.affine, pet.affine)
+    np.testing.assert_allclose(m.affine, pet.affine)
+    np.testing.assert_allclose(np.asarray(s.dataobj)[::2, ::2, ::2, 1], ct_values, atol=1e-2)  # HU; roundoff only
+    np.testing.assert_array_equal(np.asarray(m.dataobj)[::2, ::2, ::2], lab_values)
+    assert m.get_data_dtype() == lab_values.dtype
+    with pytest.raises(ValueError, match="label and label_out go together"):
+        write_petct_study(pet.get_filename(), coarse_ct, study, label=coarse_lab)
 
 
 def test_channels_transform_matches_the_two_file_pipeline(petct, tmp_path):

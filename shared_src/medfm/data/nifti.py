@@ -1,6 +1,9 @@
-"""Writing NIfTI files for the synthetic demo data."""
+"""Writing NIfTI files (synthetic demo data, stacked PET/CT studies)."""
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import nibabel as nib
 import numpy as np
@@ -9,10 +12,22 @@ __all__ = ["save_nifti"]
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Write ``array`` with ``affine`` (mm) as both qform and sform, keeping the array's dtype."""
+    """Write ``array`` with ``affine`` (mm) as both qform and sform, keeping the array's dtype.
+
+    The file is written under a hidden temporary name beside ``path`` and renamed into place, so a reader
+    (a MONAI Label datastore watching the folder, say) never sees a partly written file.
+    """
     img = nib.Nifti1Image(array, affine)
     img.header.set_data_dtype(array.dtype)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, path)
+    folder, name = os.path.split(os.path.abspath(path))
+    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}{ext}")  # same extension: nibabel picks the format by it
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
