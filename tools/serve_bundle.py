@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demo", action="store_true", help="merge the bundle's demo overrides (demo-size network)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
-    out = build_served_bundle(args.bundle, args.weights, args.out, args.task, args.demo, args.overwrite)
+    try:
+        out = build_served_bundle(args.bundle, args.weights, args.out, args.task, args.demo, args.overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     print(out)
 
 

@@ -26,6 +26,18 @@ def _demo_weights(bundle: str, path) -> dict:
     return state
 
 
+def _read_config(name: str) -> dict:
+    with open(os.path.join(B, "configs", name)) as f:
+        return json.load(f)
+
+
+def _lookup(config: dict, path: str):
+    node = config
+    for part in path.split("#"):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -41,13 +53,22 @@ def test_served_folder_holds_what_monailabel_reads(served):
         assert (out / f).is_file(), f
     saved = torch.load(out / "models" / "model.pt", weights_only=True)
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
-    configs = os.path.join(B, "configs")
     inference = json.loads((out / "configs" / "inference.json").read_text())
-    expected = ConfigParser()
-    expected.read_config(
-        [os.path.join(configs, f) for f in ("inference.json", "demo_inference.json", "serve_inference.json")]
-    )
-    assert inference == {k: v for k, v in expected.config.items() if k != expected.meta_key}
+    base, demo, serve = (_read_config(f) for f in ("inference.json", "demo_inference.json", "serve_inference.json"))
+    # MONAI's merge rules, written out: a later file wins, "a#b" sets a nested entry, "+a#b" appends to a list
+    for key, value in serve.items():
+        if key.startswith("+"):
+            before = _lookup(base, key[1:])
+            assert _lookup(inference, key[1:]) == before + value, key
+        else:
+            assert _lookup(inference, key) == value, key
+    for key, value in demo.items():
+        if not any(k.lstrip("+") == key or k.lstrip("+").startswith(key + "#") or key.startswith(k.lstrip("+") + "#")
+                   for k in serve):  # fmt: skip
+            assert _lookup(inference, key) == value, key  # demo values the serve overlay leaves alone
+    for key in base:
+        if key not in demo and key not in serve and not any(k.lstrip("+").split("#")[0] == key for k in [*demo, *serve]):
+            assert inference[key] == base[key], key  # untouched entries of the task's inference.json
     train = json.loads((out / "configs" / "train.json").read_text())
     # what MONAI Label overrides or loads exists in the served train.json
     assert train["network"] == "$@network_def.to(@device)" and train["resume"] is False
@@ -70,6 +91,15 @@ def test_bad_requests_are_refused_clearly(served, tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         build_served_bundle(B, root / "w.pt", out, overwrite=True)
     assert (out / "models" / "model.pt").read_bytes() == before
+    # fitting weights replace it, and nothing of the build is left beside it
+    new = {k: v + 1 for k, v in torch.load(root / "w.pt", weights_only=True).items()}
+    torch.save(new, tmp_path / "w2.pt")
+    build_served_bundle(B, tmp_path / "w2.pt", tmp_path / "served", demo=True)
+    build_served_bundle(B, root / "w.pt", tmp_path / "served", demo=True, overwrite=True)
+    saved = torch.load(tmp_path / "served" / "models" / "model.pt", weights_only=True)
+    original = torch.load(root / "w.pt", weights_only=True)
+    assert all(torch.equal(saved[k], original[k]) and not torch.equal(saved[k], new[k]) for k in new)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     with pytest.raises(ValueError, match="has no served task"):
         build_served_bundle(os.path.join(REPO, "bundles", "panfm_panorgan"), root / "w.pt", tmp_path / "p")
     with pytest.raises(ValueError, match="serves \\['segmentation'\\], not 'staging'"):
@@ -130,3 +160,27 @@ def test_served_multi_gpu_training_as_monailabel_launches_it(served, tmp_path):
     assert "Epoch: 1/1, Iter: 1/1" in log, log[-3000:]
     assert log.count("Epoch[1] Metrics -- val_mean_dice") == 1, log[-3000:]  # rank 0's StatsHandler
     assert model.read_bytes() != before
+
+
+# an input of the demo network's size for each served segmentation network
+DEMO_INPUTS = {"fratmae_petct": (1, 2, 32, 32, 32), "spad_vit": (1, 3, 32, 64, 64), "midol_multimodal": (1, 3, 64, 64)}
+
+
+@pytest.mark.parametrize("bundle", sorted(SERVED))
+def test_served_multi_gpu_config_lets_ddp_skip_unused_parameters(bundle, tmp_path):
+    """DistributedDataParallel stops at the second step when a parameter got no gradient in the first, unless
+    ``find_unused_parameters`` is on: the served multi-GPU /train must turn it on where the segmentation network
+    leaves parameters unused (SPAD-ViT's segmenter does not use the encoder's final norm)."""
+    path = os.path.join(REPO, "bundles", bundle)
+    _demo_weights(path, tmp_path / "w.pt")
+    out = build_served_bundle(path, tmp_path / "w.pt", tmp_path / "served", demo=True)
+    network = ConfigParser(json.loads((out / "configs" / "inference.json").read_text())).get_parsed_content(
+        "network_def"
+    )
+    network(torch.randn(DEMO_INPUTS[bundle])).float().sum().backward()
+    unused = [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None]
+    merged = ConfigParser()  # as torchrun with --config_file "[train.json, multi_gpu_train.json]" merges them
+    merged.read_config([str(out / "configs" / "train.json"), str(out / "configs" / "multi_gpu_train.json")])
+    assert merged["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    if unused:
+        assert merged["network"]["find_unused_parameters"] is True, unused

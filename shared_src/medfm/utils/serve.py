@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,27 @@ def _check_weights(inference: dict, weights: Path) -> dict:
     return state
 
 
+def _write_served(out: Path, bundle: Path, spec: ServedTask, inference: dict, train: dict, state: dict) -> None:
+    configs = bundle / "configs"
+    (out / "configs").mkdir(parents=True)
+    (out / "models").mkdir()
+    for name, config in (("inference.json", inference), ("train.json", train)):
+        (out / "configs" / name).write_text(json.dumps(config, indent=4) + "\n")
+    for name in ("metadata.json", "logging.conf"):
+        shutil.copyfile(configs / name, out / "configs" / name)
+    if spec.multi_gpu:
+        # kept flat ("train#sampler": …): MONAI Label merges this file over its exported train config, and a
+        # nested "train" entry would replace that config's whole "train" section
+        overrides: dict = {}
+        for name in spec.multi_gpu:
+            overrides.update(json.loads((configs / name).read_text()))
+        (out / "configs" / "multi_gpu_train.json").write_text(json.dumps(overrides, indent=4) + "\n")
+    torch.save(state, out / "models" / "model.pt")
+    if (bundle / "docs").is_dir():
+        shutil.copytree(bundle / "docs", out / "docs")
+    shutil.copyfile(bundle / "LICENSE", out / "LICENSE")
+
+
 def build_served_bundle(
     bundle_dir: str | Path,
     weights: str | Path,
@@ -143,25 +165,21 @@ def build_served_bundle(
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it.")
     inference = merged_config([configs / f for f in spec.inference_files(demo)])
     train = merged_config([configs / f for f in spec.train_files(demo)])
-    state = _check_weights(inference, Path(weights))  # before anything of an existing out_dir is removed
-    if out.exists():
-        shutil.rmtree(out)
-
-    (out / "configs").mkdir(parents=True)
-    (out / "models").mkdir()
-    for name, config in (("inference.json", inference), ("train.json", train)):
-        (out / "configs" / name).write_text(json.dumps(config, indent=4) + "\n")
-    for name in ("metadata.json", "logging.conf"):
-        shutil.copyfile(configs / name, out / "configs" / name)
-    if spec.multi_gpu:
-        # kept flat ("train#sampler": …): MONAI Label merges this file over its exported train config, and a
-        # nested "train" entry would replace that config's whole "train" section
-        overrides: dict = {}
-        for name in spec.multi_gpu:
-            overrides.update(json.loads((configs / name).read_text()))
-        (out / "configs" / "multi_gpu_train.json").write_text(json.dumps(overrides, indent=4) + "\n")
-    torch.save(state, out / "models" / "model.pt")
-    if (bundle / "docs").is_dir():
-        shutil.copytree(bundle / "docs", out / "docs")
-    shutil.copyfile(bundle / "LICENSE", out / "LICENSE")
+    state = _check_weights(inference, Path(weights))  # before anything of an existing out_dir is touched
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # built beside out_dir and renamed into place: a failure part-way never leaves a half-written or missing
+    # served bundle (with --overwrite, the folder being replaced holds the weights that /train improved)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}"
+    try:
+        _write_served(tmp, bundle, spec, inference, train, state)
+        if out.exists():
+            old = out.parent / f".{out.name}.old.{uuid.uuid4().hex}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
