@@ -249,10 +249,10 @@ def _expected_fratmae(server, study: str) -> np.ndarray:
     return pred[::-1]
 
 
-def _expected_standalone(server, study: str) -> np.ndarray:
+def _expected_standalone(server, study: str, run: str = "standalone") -> np.ndarray:
     """The label the served bundle's ``inference.json`` writes when run on the study without MONAI Label."""
     name = os.path.basename(study)
-    data, out = server["root"] / "standalone" / name, server["root"] / "standalone_out" / name
+    data, out = server["root"] / run / name, server["root"] / f"{run}_out" / name
     data.mkdir(parents=True)
     shutil.copy(study, data)
     wf = ConfigWorkflow(
@@ -335,7 +335,15 @@ def test_train_on_saved_labels_updates_the_served_model(server):
     norm = sum(float(old[k].float().pow(2).sum()) for k in old)
     assert 0 < change < 1e-2 * norm
 
-    # /infer serves the re-trained weights
-    sid = server["studies"][0][0]
+    # /infer serves the re-trained weights: its label is what they give outside MONAI Label
+    sid, study, _ = server["studies"][0]
     status, _, body = _request(f"{server['base']}/infer/{server['name']}?image={sid}&output=image")
-    assert status == 200 and len(body) > 0
+    assert status == 200
+    ext = ".png" if study.endswith(".png") else ".nii.gz"
+    out = server["root"] / f"pred_retrained_{sid}{ext}"
+    out.write_bytes(body)
+    if server["bundle"] == "fratmae_petct":
+        expected = _expected_fratmae(server, study)  # reads the re-trained models/model.pt
+    else:
+        expected = _expected_standalone(server, study, run="retrained")
+    assert (_read(str(out))[0] == expected).mean() > 0.999
