@@ -66,9 +66,9 @@ def test_served_folder_holds_what_monailabel_reads(served):
         if not any(k.lstrip("+") == key or k.lstrip("+").startswith(key + "#") or key.startswith(k.lstrip("+") + "#")
                    for k in serve):  # fmt: skip
             assert _lookup(inference, key) == value, key  # demo values the serve overlay leaves alone
-    for key in base:
-        if key not in demo and key not in serve and not any(k.lstrip("+").split("#")[0] == key for k in [*demo, *serve]):
-            assert inference[key] == base[key], key  # untouched entries of the task's inference.json
+    overlaid = {k.lstrip("+").split("#")[0] for k in [*demo, *serve]}
+    for key in set(base) - overlaid:
+        assert inference[key] == base[key], key  # untouched entries of the task's inference.json
     train = json.loads((out / "configs" / "train.json").read_text())
     # what MONAI Label overrides or loads exists in the served train.json
     assert train["network"] == "$@network_def.to(@device)" and train["resume"] is False

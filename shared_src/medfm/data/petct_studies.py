@@ -3,9 +3,9 @@
 MONAI Label's datastore holds one image file per study, while AutoPET-style datasets keep PET and CT in
 separate files. :func:`write_petct_study` stacks one case into a 4D NIfTI ``(X, Y, Z, 2)`` on the PET grid
 (channel 0 PET in SUV, channel 1 CT in HU; the CT is resampled onto the PET grid when they differ), and
-:func:`export_petct_studies` does it for a whole dataset, putting the lesion masks where MONAI Label's local
-datastore keeps final labels (``labels/final/<case>.nii.gz``, on the PET grid). :class:`medfm.transforms.PETCTChannelsd`
-reads the result.
+:func:`export_petct_studies` does it for a whole dataset, putting the lesion masks (on the PET grid too) where
+MONAI Label's local datastore keeps final labels (``labels/final/<case>.nii.gz``).
+:class:`medfm.transforms.PETCTChannelsd` reads the result.
 """
 
 from __future__ import annotations

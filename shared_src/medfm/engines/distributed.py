@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from monai.handlers import CheckpointLoader, LrScheduleHandler, ValidationHandler
+from torch.nn.parallel import DistributedDataParallel
 
 from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
