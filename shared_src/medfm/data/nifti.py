@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import uuid
 
 import nibabel as nib
 import numpy as np
+
+from ..utils.files import atomic_path
 
 __all__ = ["save_nifti"]
 
@@ -22,12 +23,6 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    folder, name = os.path.split(os.path.abspath(path))
-    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}{ext}")  # same extension: nibabel picks the format by it
-    try:
+    ext = ".nii.gz" if str(path).endswith(".nii.gz") else os.path.splitext(str(path))[1]
+    with atomic_path(path, suffix=ext) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

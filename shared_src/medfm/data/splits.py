@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from ..utils.files import atomic_path
 from .autopet import split_datalist
 
 __all__ = ["finetune_splits", "label_fraction_subset", "with_class_label"]
@@ -53,12 +53,9 @@ def finetune_splits(
             "train": [d.get("case", d.get("subject", d.get("image"))) for d in train],
             "val": [d.get("case", d.get("subject", d.get("image"))) for d in val],
         }  # fmt: skip
-        # every rank of a multi-GPU run writes the same record: each to its own temporary file, renamed into
-        # place, so a reader never sees a half-written or interleaved file
-        tmp = f"{record_file}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        # every rank of a multi-GPU run writes the same record
+        with atomic_path(record_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
-        os.replace(tmp, record_file)
     return {"train": train, "val": val}
 
 

@@ -6,13 +6,14 @@ import glob
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
+
+from ..utils.files import atomic_path
 
 __all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "atomic_torch_save", "latest_checkpoint"]
 
@@ -22,19 +23,11 @@ _CKPT_RE = re.compile(r"checkpoint_iter=(\d+)\.pt$")
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:

@@ -66,8 +66,7 @@ def end_distributed(network: Any = None) -> None:
     group = dist.group.WORLD  # a Python handle: the last one to go frees the group with the GIL released
     dist.barrier()  # no rank tears down while another still communicates
     if isinstance(network, DistributedDataParallel):
-        for name in ("logger", "reducer"):  # the logger holds the reducer, the reducer holds the group
-            if getattr(network, name, None) is not None:
-                setattr(network, name, None)
+        network.logger = None  # the logger holds the reducer
+        network.reducer = None  # the reducer holds the group
     dist.destroy_process_group()
     del group

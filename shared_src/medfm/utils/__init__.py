@@ -1,4 +1,5 @@
 from .bundle import bundle_root, default_device
+from .files import atomic_path
 from .optim import weight_decay_groups
 from .release import download_bundle, package_bundle, safe_extract, sha256_file
 from .serve import SERVED, ServedTask, build_served_bundle, merged_config
@@ -6,6 +7,7 @@ from .serve import SERVED, ServedTask, build_served_bundle, merged_config
 __all__ = [
     "SERVED",
     "ServedTask",
+    "atomic_path",
     "build_served_bundle",
     "bundle_root",
     "default_device",
