@@ -55,7 +55,7 @@ def _seg_iterations() -> list[tuple[list[dict], list[dict]]]:
 SEG_EXPECTED = {
     "a": (1.0, 1.0, 0.0, 0.0),  # perfect, 1 mm³ voxels
     "b": (0.0, 0.0, 8 * 0.008, 8 * 0.008),  # disjoint cubes of 8 voxels, 8 mm³ voxels
-    "c": (1.0, 1.0, 0.0, 0.0),  # both empty
+    "c": (np.nan, np.nan, 0.0, 0.0),  # both empty: a negative case has no Dice (AutoPET policy)
     "d": (2 * 4 / (5 + 8), 4 / 9, 1 * 0.006, 0.0),  # 4 of 8 hit + 1 stray voxel, 6 mm³ voxels
 }
 
@@ -84,24 +84,29 @@ def test_segmentation_report(tmp_path):
         engine.run(iterations, max_epochs=1)
     rows, report = _read(str(tmp_path / "out" / "seg"))
     assert [r["case"] for r in rows] == ["a", "b", "c", "d"]
-    assert list(rows[0]) == ["case", "dice", "iou", "fp_ml", "fn_ml"]
+    assert list(rows[0]) == ["case", "positive", "dice", "iou", "fp_ml", "fn_ml"]
+    assert [r["positive"] for r in rows] == ["1", "1", "0", "1"]
+    assert (rows[2]["dice"], rows[2]["iou"]) == ("", "")  # undefined, written as an empty cell / null
+    assert report["cases"][2]["dice"] is None
     for row, case in zip(rows, report["cases"]):
         want = SEG_EXPECTED[row["case"]]
-        got = tuple(float(row[k]) for k in ("dice", "iou", "fp_ml", "fn_ml"))
-        assert got == pytest.approx(want, abs=1e-9)
-        assert tuple(case[k] for k in ("dice", "iou", "fp_ml", "fn_ml")) == pytest.approx(want, abs=1e-9)
-    assert report["num_cases"] == 4
-    dices = [SEG_EXPECTED[c][0] for c in "abcd"]
+        got = tuple(float(row[k]) if row[k] else np.nan for k in ("dice", "iou", "fp_ml", "fn_ml"))
+        assert got == pytest.approx(want, abs=1e-9, nan_ok=True)
+        got_json = tuple(np.nan if case[k] is None else case[k] for k in ("dice", "iou", "fp_ml", "fn_ml"))
+        assert got_json == pytest.approx(want, abs=1e-9, nan_ok=True)
+    assert (report["num_cases"], report["num_positive"], report["num_negative"]) == (4, 3, 1)
+    dices = [SEG_EXPECTED[c][0] for c in "abd"]  # Dice over the cases with a lesion only
     mean, low, high = bootstrap_ci(dices, 300, 0.95, 3)
     assert report["summary"]["dice"] == pytest.approx({"mean": np.mean(dices), "ci_low": low, "ci_high": high})
     assert low < mean < high
     assert report["summary"]["fp_ml"]["mean"] == pytest.approx((0.064 + 0.006) / 4)
-    assert report["summary"]["fn_ml"]["mean"] == pytest.approx(0.064 / 4)
+    assert report["summary"]["fp_ml_negative"]["mean"] == pytest.approx(0.0)
+    assert report["summary"]["fn_ml"]["mean"] == pytest.approx(0.064 / 3)  # over positive cases
     m = engine.state.metrics
     assert m["mean_dice"] == pytest.approx(np.mean(dices))
-    assert m["mean_iou"] == pytest.approx(np.mean([SEG_EXPECTED[c][1] for c in "abcd"]))
+    assert m["mean_iou"] == pytest.approx(np.mean([SEG_EXPECTED[c][1] for c in "abd"]))
     assert m["iou_ci_low"] <= m["mean_iou"] <= m["iou_ci_high"]
-    assert m["mean_fn_ml"] == pytest.approx(0.016)
+    assert m["mean_fn_ml"] == pytest.approx(0.064 / 3)
 
 
 def test_segmentation_report_dict_output_and_missing_key(tmp_path):
@@ -192,8 +197,9 @@ def test_segmentation_report_with_monai_supervised_evaluator(tmp_path):
     evaluator.run()
     rows, report = _read(str(tmp_path / "metrics"))
     assert [r["case"] for r in rows] == ["s0", "s1", "s2"]
-    got = [tuple(float(r[k]) for k in ("dice", "iou", "fp_ml", "fn_ml")) for r in rows]
-    # s1: cubes [0:2]^3, [1:3]^3 share 1 voxel; s2: 8 predicted voxels, empty label, 2 mm³ voxels
-    want = [(1.0, 1.0, 0.0, 0.0), (2 / 16, 1 / 15, 0.0, 0.0), (0.0, 0.0, 8 * 0.002, 0.0)]
-    assert got == [pytest.approx(w) for w in want]
-    assert evaluator.state.metrics["mean_dice"] == pytest.approx((1 + 2 / 16) / 3)
+    got = [tuple(float(r[k]) if r[k] else np.nan for k in ("dice", "iou", "fp_ml", "fn_ml")) for r in rows]
+    # s1: cubes [0:2]^3, [1:3]^3 share 1 voxel; s2: 8 predicted voxels, empty label (no Dice), 2 mm³ voxels
+    want = [(1.0, 1.0, 0.0, 0.0), (2 / 16, 1 / 15, 0.0, 0.0), (np.nan, np.nan, 8 * 0.002, 0.0)]
+    assert got == [pytest.approx(w, nan_ok=True) for w in want]
+    assert evaluator.state.metrics["mean_dice"] == pytest.approx((1 + 2 / 16) / 2)
+    assert evaluator.state.metrics["mean_fp_ml_negative"] == pytest.approx(8 * 0.002)

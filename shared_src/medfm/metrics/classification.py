@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["accuracy", "macro_sensitivity", "per_class_recall"]
+__all__ = ["accuracy", "confusion_matrix", "macro_sensitivity", "per_class_recall", "recall_from_confusion"]
 
 
 def _labels(x: Any, name: str) -> np.ndarray:
@@ -33,6 +33,38 @@ def _pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
+    """Counts ``[true class][predicted class]``, shape ``(num_classes, num_classes)``, int64.
+
+    Raises:
+        ValueError: lengths differ, empty input, ``num_classes < 1`` or a class index outside ``[0, num_classes)``.
+    """
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    t, p = _pair(y_true, y_pred)
+    for name, a in (("y_true", t), ("y_pred", p)):
+        bad = a[(a < 0) | (a >= num_classes)]
+        if bad.size:
+            raise ValueError(f"{name} has class indices {sorted(set(bad.tolist()))} outside [0, {num_classes}).")
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (t, p), 1)
+    return confusion
+
+
+def recall_from_confusion(confusion: Any) -> np.ndarray:
+    """Per-class recall from a ``[true][pred]`` confusion matrix: diagonal / row sum; NaN for an empty row.
+
+    The one computation behind :func:`per_class_recall`, :func:`macro_sensitivity`, the test-time
+    :class:`~medfm.metrics.ClassificationReport` and the validation metric :class:`~medfm.metrics.MacroSensitivity`.
+    """
+    c = np.asarray(confusion.detach().cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"confusion must be a square (K, K) matrix, got shape {c.shape}.")
+    support = c.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(c) / np.maximum(support, 1), np.nan)
+
+
 def per_class_recall(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     """Recall (sensitivity) of each class: ``TP_c / (number of cases with y_true == c)``.
 
@@ -47,24 +79,15 @@ def per_class_recall(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     Raises:
         ValueError: lengths differ, empty input, or a class index outside ``[0, num_classes)``.
     """
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-    t, p = _pair(y_true, y_pred)
-    for name, a in (("y_true", t), ("y_pred", p)):
-        bad = a[(a < 0) | (a >= num_classes)]
-        if bad.size:
-            raise ValueError(f"{name} has class indices {sorted(set(bad.tolist()))} outside [0, {num_classes}).")
-    support = np.bincount(t, minlength=num_classes).astype(np.float64)
-    hits = np.bincount(t[t == p], minlength=num_classes).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, hits / np.maximum(support, 1), np.nan)
+    return recall_from_confusion(confusion_matrix(y_true, y_pred, num_classes))
 
 
 def macro_sensitivity(y_true: Any, y_pred: Any, num_classes: int) -> float:
     """Macro sensitivity: unweighted mean of the per-class recalls over the classes PRESENT in ``y_true``.
 
     Classes with no true case are skipped (their recall is undefined) rather than counted as 0 or 1; a
-    prediction of an absent class still lowers the recall of the true class of that case.
+    prediction of an absent class still lowers the recall of the true class of that case. This is not
+    accuracy: 8 class-0 and 2 class-1 cases all predicted 0 give 0.5 (accuracy 0.8).
 
     Args:
         y_true: (n,) true class indices.
@@ -77,8 +100,7 @@ def macro_sensitivity(y_true: Any, y_pred: Any, num_classes: int) -> float:
     Raises:
         ValueError: see :func:`per_class_recall`.
     """
-    recall = per_class_recall(y_true, y_pred, num_classes)
-    return float(np.nanmean(recall))
+    return float(np.nanmean(per_class_recall(y_true, y_pred, num_classes)))
 
 
 def accuracy(y_true: Any, y_pred: Any) -> float:

@@ -28,8 +28,8 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 
 from .bootstrap import bootstrap_ci
-from .classification import accuracy, macro_sensitivity, per_class_recall
-from .segmentation import dice_iou, lesion_fp_fn_volumes, voxel_volume_from_affine
+from .classification import accuracy, confusion_matrix, recall_from_confusion
+from .segmentation import lesion_case_metrics, voxel_volume_from_affine
 
 __all__ = ["ClassificationReport", "SegmentationReport"]
 
@@ -39,6 +39,18 @@ def _numpy(x: Any) -> np.ndarray:
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return None if _is_nan(obj) else obj
 
 
 def _case_str(value: Any) -> str:
@@ -109,7 +121,7 @@ class _CaseReport:
         with open(self._path("csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.columns))
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows([{k: "" if _is_nan(v) else v for k, v in r.items()} for r in self.rows])
         summary: dict[str, Any] = {"num_cases": len(self.rows)}
         if self.rows:
             extra, metrics = self._summary()
@@ -118,8 +130,8 @@ class _CaseReport:
         else:
             warnings.warn(f"{type(self).__name__}: no case was evaluated; writing empty reports.", stacklevel=2)
         summary["cases"] = self.rows
-        with open(self._path("json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        with open(self._path("json"), "w") as f:  # undefined values (NaN) as null: strict JSON
+            json.dump(_nan_to_none(summary), f, indent=2)
 
 
 class SegmentationReport(_CaseReport):
@@ -128,13 +140,18 @@ class SegmentationReport(_CaseReport):
     Per sample, ``pred`` and ``label`` are (1, X, Y, Z) label maps or (C, X, Y, Z) one-hot / probabilities
     (argmax over C when C > 1); the lesion mask is ``== lesion_label``. The voxel volume is ``|det|`` of the 3x3
     spatial part of the label's MetaTensor ``affine`` (else the prediction's; 1 mm³ with a warning if neither has
-    one). FP / FN volumes use 26-connectivity (:func:`medfm.metrics.lesion_fp_fn_volumes`); both-empty cases have
-    Dice = IoU = 1 (:func:`medfm.metrics.dice_iou`).
+    one). Scoring policy (:func:`medfm.metrics.lesion_case_metrics`, the same as validation's
+    :class:`medfm.metrics.LesionDice`, following the AutoPET challenge): Dice and IoU are means over the cases
+    WITH a lesion (a negative case's Dice is undefined: empty in the CSV, left out of the mean and its CI); the
+    false-positive volume is reported over the negative cases (``fp_ml_negative``) and over all cases; the
+    false-negative volume over the positive cases. FP / FN volumes use 26-connectivity.
 
-    Writes ``<output_dir>/<filename>.csv`` (case, dice, iou, fp_ml, fn_ml; one row per case) and ``.json``
-    (``num_cases``, ``num_bootstrap``, ``confidence``, ``seed``, ``summary``: dice / iou -> {mean, ci_low, ci_high},
-    fp_ml / fn_ml -> {mean}, ``cases``); sets ``engine.state.metrics`` ``mean_dice``, ``dice_ci_low``,
-    ``dice_ci_high``, the same for iou, ``mean_fp_ml`` and ``mean_fn_ml``.
+    Writes ``<output_dir>/<filename>.csv`` (case, positive, dice, iou, fp_ml, fn_ml; one row per case) and ``.json``
+    (``num_cases``, ``num_positive``, ``num_negative``, ``num_bootstrap``, ``confidence``, ``seed``, ``summary``:
+    dice / iou -> {mean, ci_low, ci_high} over positive cases, fp_ml -> {mean} over all cases, fp_ml_negative ->
+    {mean} over negative cases, fn_ml -> {mean} over positive cases, ``cases``); sets ``engine.state.metrics``
+    ``mean_dice``, ``dice_ci_low``, ``dice_ci_high``, the same for iou, ``mean_fp_ml``, ``mean_fp_ml_negative``
+    and ``mean_fn_ml`` (NaN where no case of the kind was evaluated).
 
     Args:
         output_dir: folder of the reports (created); ``filename``: their file stem.
@@ -143,7 +160,7 @@ class SegmentationReport(_CaseReport):
         num_bootstrap, seed, confidence: bootstrap resamples, seed and CI coverage (:func:`medfm.metrics.bootstrap_ci`).
     """
 
-    columns = ("case", "dice", "iou", "fp_ml", "fn_ml")
+    columns = ("case", "positive", "dice", "iou", "fp_ml", "fn_ml")
 
     def __init__(
         self,
@@ -182,23 +199,31 @@ class SegmentationReport(_CaseReport):
         return 1e-3
 
     def _case_metrics(self, pred: Any, label: Any) -> dict[str, Any]:
-        p, g = self._mask(pred, "pred"), self._mask(label, "label")
-        dice, iou = dice_iou(p, g)
-        fp_ml, fn_ml = lesion_fp_fn_volumes(p, g, self._voxel_ml(pred, label))
-        return {"dice": dice, "iou": iou, "fp_ml": fp_ml, "fn_ml": fn_ml}
+        row = lesion_case_metrics(self._mask(pred, "pred"), self._mask(label, "label"), self._voxel_ml(pred, label))
+        row["positive"] = int(row["positive"])
+        return row
 
     def _summary(self) -> tuple[dict[str, Any], dict[str, float]]:
+        positive = [r for r in self.rows if r["positive"]]
+        negative = [r for r in self.rows if not r["positive"]]
         summary: dict[str, Any] = {}
         metrics: dict[str, float] = {}
+        nan = float("nan")
         for name in ("dice", "iou"):
-            mean, low, high = bootstrap_ci([r[name] for r in self.rows], self.num_bootstrap, self.confidence, self.seed)
+            if positive:
+                values = [r[name] for r in positive]
+                mean, low, high = bootstrap_ci(values, self.num_bootstrap, self.confidence, self.seed)
+            else:
+                warnings.warn("SegmentationReport: no case with a lesion; Dice and IoU are undefined.", stacklevel=2)
+                mean = low = high = nan
             summary[name] = {"mean": mean, "ci_low": low, "ci_high": high}
             metrics.update({f"mean_{name}": mean, f"{name}_ci_low": low, f"{name}_ci_high": high})
-        for name in ("fp_ml", "fn_ml"):
-            mean = float(np.mean([r[name] for r in self.rows]))
+        for name, rows in (("fp_ml", self.rows), ("fp_ml_negative", negative), ("fn_ml", positive)):
+            mean = float(np.mean([r[name.removesuffix("_negative")] for r in rows])) if rows else nan
             summary[name] = {"mean": mean}
             metrics[f"mean_{name}"] = mean
-        extra = {"num_bootstrap": self.num_bootstrap, "confidence": self.confidence, "seed": self.seed}
+        extra = {"num_positive": len(positive), "num_negative": len(negative), "num_bootstrap": self.num_bootstrap,
+                 "confidence": self.confidence, "seed": self.seed}  # fmt: skip
         return {**extra, "summary": summary}, metrics
 
 
@@ -258,11 +283,10 @@ class ClassificationReport(_CaseReport):
     def _summary(self) -> tuple[dict[str, Any], dict[str, float]]:
         y_true = np.array([r["label"] for r in self.rows])
         y_pred = np.array([r["pred"] for r in self.rows])
-        sens = macro_sensitivity(y_true, y_pred, self.num_classes)
+        confusion = confusion_matrix(y_true, y_pred, self.num_classes)
+        recall = recall_from_confusion(confusion)
+        sens = float(np.nanmean(recall))  # = macro_sensitivity(y_true, y_pred, num_classes)
         acc = accuracy(y_true, y_pred)
-        recall = per_class_recall(y_true, y_pred, self.num_classes)
-        confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-        np.add.at(confusion, (y_true, y_pred), 1)
         summary = {"num_classes": self.num_classes, "macro_sensitivity": sens, "accuracy": acc}
         summary["per_class_recall"] = [None if np.isnan(r) else float(r) for r in recall]
         summary["confusion_matrix"] = confusion.tolist()

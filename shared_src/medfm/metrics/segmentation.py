@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["as_binary_mask", "dice_iou", "lesion_fp_fn_volumes", "voxel_volume_from_affine"]
+__all__ = [
+    "as_binary_mask", "dice_iou", "lesion_case_metrics", "lesion_dice_iou", "lesion_fp_fn_volumes", "voxel_volume_from_affine"
+]
 
 # neighbourhood size -> rank of `scipy.ndimage.generate_binary_structure` for 3D arrays
 _CONNECTIVITY_3D = {6: 1, 18: 2, 26: 3}
@@ -138,3 +140,43 @@ def lesion_fp_fn_volumes(
     fp = _unmatched_component_voxels(p, g, structure)
     fn = _unmatched_component_voxels(g, p, structure)
     return fp * vox, fn * vox
+
+
+def lesion_dice_iou(pred: Any, label: Any) -> tuple[bool, float, float]:
+    """Dice and IoU under the collection's single scoring policy (the AutoPET challenge's).
+
+    About half of AutoPET's FDG studies are negative controls. Dice and IoU are defined on cases WITH a lesion
+    only: a negative case gives ``NaN`` (left out of every mean) and is scored by its false-positive volume
+    instead (:func:`lesion_case_metrics`). Validation (:class:`medfm.metrics.LesionDice`) and the test-time
+    :class:`medfm.metrics.SegmentationReport` both use this function, so model selection and the reported
+    numbers follow one definition.
+
+    Args:
+        pred: predicted binary mask, any shape; non-zero = lesion.
+        label: ground-truth binary mask, same shape.
+
+    Returns:
+        ``(positive, dice, iou)``: whether the label has a lesion voxel, and Dice / IoU (NaN when not positive).
+    """
+    p, g = _pair(pred, label)
+    if not g.any():
+        return False, float("nan"), float("nan")
+    dice, iou = dice_iou(p, g)
+    return True, dice, iou
+
+
+def lesion_case_metrics(pred: Any, label: Any, voxel_volume_ml: float, connectivity: int = 26) -> dict[str, Any]:
+    """One case's lesion-segmentation metrics: :func:`lesion_dice_iou` plus the FP / FN lesion volumes.
+
+    Args:
+        pred: predicted binary mask, (X, Y, Z) or (1, X, Y, Z); non-zero = lesion.
+        label: ground-truth binary mask, same shape.
+        voxel_volume_ml: volume of one voxel in ml.
+        connectivity: neighbourhood of the connected components of the FP / FN volumes.
+
+    Returns:
+        ``{"positive": bool, "dice", "iou": float (NaN when not positive), "fp_ml", "fn_ml": float}``.
+    """
+    positive, dice, iou = lesion_dice_iou(pred, label)
+    fp_ml, fn_ml = lesion_fp_fn_volumes(pred, label, voxel_volume_ml, connectivity)
+    return {"positive": positive, "dice": dice, "iou": iou, "fp_ml": fp_ml, "fn_ml": fn_ml}
