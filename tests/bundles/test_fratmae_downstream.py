@@ -117,12 +117,14 @@ def test_evaluation_matches_an_independent_count(work, seg_model, predictions):
         pred = np.asarray(nib.load(str(predictions / f"{case}_0001_seg.nii.gz")).dataobj) > 0
         label = np.asarray(nib.load(os.path.join(work["test"], "labelsTr", f"{case}.nii.gz")).dataobj) > 0
         inter, union, total = (pred & label).sum(), (pred | label).sum(), pred.sum() + label.sum()
-        dice = 2 * inter / total if total else 1.0
-        iou = inter / union if union else 1.0
-        assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
-        assert float(row["iou"]) == pytest.approx(iou, abs=1e-6)
+        assert row["positive"] == str(int(label.any()))
+        if not label.any():  # a negative case has no Dice (AutoPET's policy); it is scored by FP volume
+            assert row["dice"] == row["iou"] == ""
+            continue
+        assert float(row["dice"]) == pytest.approx(2 * inter / total, abs=1e-6)
+        assert float(row["iou"]) == pytest.approx(inter / union, abs=1e-6)
     for metric in ("dice", "iou"):
-        values = [float(r[metric]) for r in rows.values()]
+        values = [float(r[metric]) for r in rows.values() if r["positive"] == "1"]
         s = summary["summary"][metric]
         assert s["mean"] == pytest.approx(np.mean(values), abs=1e-6)
         assert min(values) - 1e-9 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= max(values) + 1e-9
