@@ -34,6 +34,27 @@ def test_segmenter_concatenates_pet_and_ct_features():
     assert len(net.skips) == 2 and len(net.decoders) == 3  # patch 8: skips at 1/2, 1/4, bottleneck at 1/8
 
 
+def test_segmenter_bottleneck_follows_the_last_feature_layer():
+    """feature_layers [0, 1, 2] of 4 blocks: the bottleneck is block 2's output, so block 3 and the final norm
+    play no part (before, the last entry was checked but the final block's normed output was always used)."""
+    torch.manual_seed(0)
+    net = FratMAESegmenter(patch_size=8, feature_size=4, feature_layers=[0, 1, 2], **ENC).eval()
+    x = torch.rand(1, 2, 16, 16, 16)
+    y = net(x)
+    with torch.no_grad():
+        for enc in net.encoders.values():
+            for p in [*enc.blocks[3].parameters(), *enc.norm.parameters()]:
+                p.add_(torch.randn_like(p))
+    torch.testing.assert_close(net(x), y)
+    default = FratMAESegmenter(patch_size=8, feature_size=4, **ENC).eval()  # [0, 2, 3]: final normed output
+    default.load_state_dict(net.state_dict())
+    before = default(x)
+    with torch.no_grad():
+        for p in default.encoders["pet"].norm.parameters():
+            p.add_(1.0)
+    assert not torch.allclose(default(x), before)
+
+
 def test_classifier_logits():
     net = FratMAEClassifier(num_classes=2, patch_size=8, mlp_hidden=16, **ENC)
     assert net(torch.rand(3, 2, 16, 8, 16)).shape == (3, 2)

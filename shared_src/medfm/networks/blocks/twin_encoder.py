@@ -50,7 +50,7 @@ def twin_vit_encoders(
 
 
 def twin_features(
-    encoders: nn.ModuleDict, image: torch.Tensor, indices: Sequence[int]
+    encoders: nn.ModuleDict, image: torch.Tensor, indices: Sequence[int], stop_early: bool = False
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
     """Run the PET encoder on channel 0 and the CT encoder on channel 1 of ``image`` and concatenate their
     hidden states layer-wise, as FratMAE's downstream models do (Oh et al., arXiv:2503.02824, Sec. 2.4.3).
@@ -59,6 +59,7 @@ def twin_features(
         encoders: ``{"pet": ViTEncoder, "ct": ViTEncoder}`` (see :func:`twin_vit_encoders`), one input channel each.
         image: (B, 2, *spatial), channel 0 PET, channel 1 CT.
         indices: block indices whose outputs to return.
+        stop_early: run the encoders only up to the deepest requested block (see ``ViTEncoder.forward_intermediates``).
 
     Returns:
         final normed tokens (B, 1 + N, 2 * hidden_size), the requested block outputs
@@ -69,7 +70,7 @@ def twin_features(
     finals, inters = [], []
     grid: tuple[int, ...] = ()
     for c, m in enumerate(MODALITIES):
-        final, inter, grid = encoders[m].forward_intermediates(image[:, c : c + 1], indices)
+        final, inter, grid = encoders[m].forward_intermediates(image[:, c : c + 1], indices, stop_early=stop_early)
         finals.append(final)
         inters.append(inter)
     merged = [torch.cat([p, c], dim=-1) for p, c in zip(inters[0], inters[1])]

@@ -111,7 +111,11 @@ class ViTEncoder(nn.Module):
         return self.blocks[i](x)
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: Sequence[int], ids_keep: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        indices: Sequence[int],
+        ids_keep: torch.Tensor | None = None,
+        stop_early: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
         """Run the encoder and keep the outputs of the blocks in ``indices``.
 
@@ -119,6 +123,8 @@ class ViTEncoder(nn.Module):
             x: (B, C, *spatial).
             indices: block indices (0-based; negative counts from the end) whose outputs to return.
             ids_keep: (B, L) indices of the tokens to keep, or None for all.
+            stop_early: run only up to the deepest requested block; the first return value is then the final
+                norm applied to that block's output (callers that stop early normally use the intermediates).
 
         Returns:
             final normed tokens (B, 1 + L, hidden_size), the requested block outputs (B, 1 + L, hidden_size)
@@ -129,7 +135,8 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"block indices {list(indices)} out of range for {self.num_layers} blocks.")
         h, grid = self.embed(x, ids_keep)
         kept: dict[int, torch.Tensor] = {}
-        for i in range(self.num_layers):
+        depth = max(wanted) + 1 if stop_early and wanted else self.num_layers
+        for i in range(depth):
             h = self._run_block(i, h)
             if i in wanted:
                 kept[i] = h

@@ -34,7 +34,10 @@ class FratMAESegmenter(nn.Module):
         hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate: encoder size (ViT-B).
         feature_size: decoder width at full resolution (UNETR: 16).
         feature_layers: encoder blocks (0-based) giving the skips and the bottleneck, shallowest first;
-            ``log2(patch)`` entries. Default: evenly spaced, ending with the last block.
+            ``log2(patch)`` entries. Default: evenly spaced, ending with the last block. The last entry is the
+            bottleneck: the last block gives the encoder's final normed output (UNETR); an earlier block gives
+            that block's output (like the skips) and the deeper blocks are not run (their parameters and the final
+            norm then get no gradient: multi-GPU runs need ``find_unused_parameters``).
         norm_name: decoder normalisation.
         res_block: residual decoder blocks.
     """
@@ -64,7 +67,7 @@ class FratMAESegmenter(nn.Module):
                 f"feature_layers must hold {levels} block indices in [0, {num_layers}) for patch {patch_size}, "
                 f"got {layers}."
             )
-        self.feature_layers = layers
+        self.feature_layers, self.num_layers = layers, num_layers
         self.encoders = twin_vit_encoders(1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
                                           drop_path_rate)  # fmt: skip
         h2 = 2 * hidden_size
@@ -92,7 +95,11 @@ class FratMAESegmenter(nn.Module):
         Returns:
             logits (B, out_channels, X, Y, Z).
         """
-        final, hidden, grid = twin_features(self.encoders, image, self.feature_layers[:-1])
+        if self.feature_layers[-1] == self.num_layers - 1:  # UNETR: the final normed tokens
+            final, hidden, grid = twin_features(self.encoders, image, self.feature_layers[:-1])
+        else:  # an earlier block's output, without running the deeper blocks
+            _, hidden, grid = twin_features(self.encoders, image, self.feature_layers, stop_early=True)
+            final = hidden.pop()
         skips = [self.stem(image)] + [blk(_tokens_to_volume(h, grid)) for blk, h in zip(self.skips, hidden)]
         x = _tokens_to_volume(final, grid)
         for dec, skip in zip(self.decoders, reversed(skips)):
