@@ -25,7 +25,9 @@ def plain_tensor(x: Any, device: torch.device | str | None = None, non_blocking:
 
 class FratMAEPrepareBatch(PrepareBatch):
     """Turn a collated PET/CT batch into ``(pet, targets, (ct,), {"masks", "text_tokens"})`` for
-    ``SupervisedTrainer`` (its inferer then calls ``network(pet, ct, masks=…, text_tokens=…)``).
+    ``SupervisedTrainer`` (its inferer then calls ``network(pet, ct, masks=…, text_tokens=…)``). ``targets`` holds
+    the patchified masked modalities and, with ContextAlign, the prompt token ids (``text_tokens``) that
+    :class:`medfm.losses.FratMAELoss` uses to keep identical prompts out of each other's negatives.
 
     Masks are drawn on the batch's device from this object's own generator, seeded with
     ``seed + rank`` so that DDP ranks draw different masks and a run is repeatable.
@@ -102,5 +104,7 @@ class FratMAEPrepareBatch(PrepareBatch):
         targets = {m: patchify(images[m], self.patch_size) for m, mk in masks.items() if mk is not None}
         net_kwargs: dict[str, Any] = {"masks": masks}
         if self.text_key:
-            net_kwargs["text_tokens"] = plain_tensor(batchdata[self.text_key], device, non_blocking).long()
+            tokens = plain_tensor(batchdata[self.text_key], device, non_blocking).long()
+            net_kwargs["text_tokens"] = tokens
+            targets["text_tokens"] = tokens  # identical prompts are not each other's InfoNCE negatives
         return pet, targets, (ct,), net_kwargs

@@ -16,6 +16,9 @@ __all__ = ["FratMAELoss"]
 class FratMAELoss(nn.Module):
     """L = MSE on the masked tokens of each masked modality (averaged over them) + w * InfoNCE(PET, text).
 
+    The InfoNCE term runs over the global batch under DDP and leaves identical prompts out of each other's
+    negatives (:class:`medfm.losses.InfoNCELoss`).
+
     FratMAE (Oh et al., arXiv:2503.02824), Eqs. (3) and (4). ``infonce_weight=0`` removes the InfoNCE term.
 
     Args:
@@ -42,7 +45,8 @@ class FratMAELoss(nn.Module):
         Args:
             preds: network output: ``{m}_pred`` and ``{m}_mask`` per masked modality; ``image_embed`` and
                 ``text_embed`` with ContextAlign.
-            targets: ``{m}`` (B, N, P) patchified images.
+            targets: ``{m}`` (B, N, P) patchified images; with ContextAlign optionally ``text_tokens`` (B, L), the
+                prompt token ids: samples with identical prompts are not used as each other's negatives.
 
         Returns:
             ``loss`` (the total), ``mse``, and ``infonce`` when that term is on; float32 scalars.
@@ -56,7 +60,7 @@ class FratMAELoss(nn.Module):
         if self.infonce is not None:
             if "image_embed" not in preds or "text_embed" not in preds:
                 raise ValueError("infonce_weight > 0 needs a network built with context_align=True.")
-            terms["infonce"] = self.infonce(preds["image_embed"], preds["text_embed"])
+            terms["infonce"] = self.infonce(preds["image_embed"], preds["text_embed"], targets.get("text_tokens"))
             total = total + self.infonce_weight * terms["infonce"]
         terms["loss"] = total
         return terms

@@ -1,4 +1,5 @@
 from .bundle import bundle_root, default_device
+from .dist import all_gather_cat, is_distributed
 from .files import atomic_path
 from .optim import weight_decay_groups
 from .release import download_bundle, package_bundle, safe_extract, sha256_file
@@ -6,12 +7,14 @@ from .serve import SERVED, ServedTask, build_served_bundle, merged_config
 
 __all__ = [
     "SERVED",
+    "all_gather_cat",
     "ServedTask",
     "atomic_path",
     "build_served_bundle",
     "bundle_root",
     "default_device",
     "download_bundle",
+    "is_distributed",
     "merged_config",
     "package_bundle",
     "safe_extract",
