@@ -68,3 +68,25 @@ def test_whole_body_resize_keeps_small_hot_lesions(run, key):
         assert tuple(out.shape[1:]) == tuple(size)
         ratios.append(float(out.sum()) * np.prod(shape) / np.prod(size) / float(pet.sum()))
     assert min(ratios) > 0.7 and max(ratios) < 1.3, ratios
+
+
+def _cases(root, names):
+    import nibabel as nib
+
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    for case in names:
+        for ch in ("0000", "0001"):
+            nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(root / "imagesTr" / f"{case}_{ch}.nii.gz"))
+
+
+def test_pretraining_datalist_checks_prompts_and_leaves_out_held_out_cases(tmp_path):
+    import json
+
+    _cases(tmp_path, ["fdg_aa_01-01-2001", "fdg_bb_01-01-2001", "fdg_cc_01-01-2001"])
+    parser = _parser(["train.json"], dataset_dir=str(tmp_path))
+    with pytest.raises(Exception, match="ContextAlign is on but all 3 cases"):  # FDG only, no table: one prompt
+        parser.get_parsed_content("train#datalist")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["fdg_aa_01-01-2001"], "val": ["fdg_cc_01-01-2001"]}))
+    parser = _parser(["train.json"], dataset_dir=str(tmp_path), context_align=False, exclude_split_file=str(split))
+    assert [d["case"] for d in parser.get_parsed_content("train#datalist")] == ["fdg_aa_01-01-2001", "fdg_bb_01-01-2001"]

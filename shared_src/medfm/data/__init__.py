@@ -1,7 +1,15 @@
 """Datalists, prompts and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
-from .autopet import build_autopet_datalist, find_petct_images, split_datalist
+from .autopet import (
+    build_autopet_datalist,
+    exclude_split_cases,
+    find_petct_images,
+    fratmae_pretraining_datalist,
+    require_informative_prompts,
+    split_datalist,
+)
+from .autopet_metadata import autopet_clinical_metadata, tracer_from_case_id
 from .cache import transform_state_hash
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
@@ -44,7 +52,12 @@ __all__ = [
     "AnisoBatchSampler",
     "PromptTokenizer",
     "aniso_batch_sampler",
+    "autopet_clinical_metadata",
     "build_autopet_datalist",
+    "exclude_split_cases",
+    "fratmae_pretraining_datalist",
+    "require_informative_prompts",
+    "tracer_from_case_id",
     "build_prompt",
     "build_spad_datalist",
     "ensure_demo_panfm",
