@@ -91,3 +91,27 @@ def test_pretraining_datalist_checks_prompts_and_leaves_out_held_out_cases(tmp_p
     split.write_text(json.dumps({"train": ["fdg_aa_01-01-2001"], "val": ["fdg_cc_01-01-2001"]}))
     parser = _parser(["train.json"], dataset_dir=str(tmp_path), context_align=False, exclude_split_file=str(split))
     assert [d["case"] for d in parser.get_parsed_content("train#datalist")] == ["fdg_aa_01-01-2001", "fdg_bb_01-01-2001"]
+
+
+@pytest.mark.parametrize(
+    "stack,roi", [("coronal", [160, 32, 192]), ("axial", [160, 160, 32]), ("cube", [96, 96, 96])]
+)
+def test_segmentation_patch_is_a_switch_of_fine_tuning_and_inference(stack, roi):
+    """Native-resolution coronal stacks by default (the paper), axial stacks for Table 2's baseline, 96³ cubes."""
+    seg = _parser(["finetune_seg.json"], stack=stack, pretrained_checkpoint="none")
+    assert seg.get_parsed_content("roi_size") == roi
+    crops = [t for t in seg.get_parsed_content("train#random_transforms") if type(t).__name__ == "RandCropByPosNegLabeld"]
+    assert list(crops[0].cropper.spatial_size) == roi
+    assert list(seg.get_parsed_content("validate#inferer").roi_size) == roi
+    inf = _parser(["inference.json"], stack=stack)
+    assert list(inf.get_parsed_content("inferer").roi_size) == roi
+
+
+def test_segmentation_roi_errors():
+    from medfm.transforms import segmentation_roi
+
+    assert segmentation_roi("coronal", (32, 32, 64), 8) == [32, 8, 64]
+    with pytest.raises(ValueError, match="stack must be one of"):
+        segmentation_roi("sagittal")
+    with pytest.raises(ValueError, match="cube_size"):
+        segmentation_roi("cube", cube_size=0)

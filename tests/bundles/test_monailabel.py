@@ -240,9 +240,9 @@ def _expected_fratmae(server, study: str) -> np.ndarray:
     network = server["network"]
     network.load_state_dict(torch.load(server["served"] / "models" / "model.pt", weights_only=True))
     network.eval()
-    cfg = server["inference"]
+    cfg = ConfigParser(server["inference"])
     inferer = SlidingWindowInferer(
-        roi_size=cfg["roi_size"], sw_batch_size=cfg["sw_batch_size"], overlap=cfg["sw_overlap"]
+        roi_size=cfg.get_parsed_content("roi_size"), sw_batch_size=cfg["sw_batch_size"], overlap=cfg["sw_overlap"]
     )
     with torch.no_grad():
         pred = inferer(x, network).argmax(1)[0].numpy()

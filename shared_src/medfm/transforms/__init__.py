@@ -31,7 +31,7 @@ from .spad import (
     spad_roi_size,
     through_plane_axis,
 )
-from .stack_presets import STACKS, stack_settings
+from .stack_presets import SEGMENTATION_PATCHES, STACKS, segmentation_roi, stack_settings
 from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
 
@@ -40,6 +40,7 @@ __all__ = [
     "IMAGENET_STD",
     "MultiCropd",
     "ResizeNormalized",
+    "SEGMENTATION_PATCHES",
     "STACKS",
     "SUPPORTED_DROP_MODES",
     "SUPPORTED_INTENSITY",
@@ -67,6 +68,7 @@ __all__ = [
     "spad_layout",
     "spad_roi_size",
     "stack_crop_starts",
+    "segmentation_roi",
     "stack_settings",
     "through_plane_axis",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-__all__ = ["STACKS", "stack_settings"]
+__all__ = ["SEGMENTATION_PATCHES", "STACKS", "segmentation_roi", "stack_settings"]
 
 STACKS = ("coronal", "axial")
+SEGMENTATION_PATCHES = (*STACKS, "cube")
 
 
 def stack_settings(
@@ -41,3 +42,32 @@ def stack_settings(
     if num_slices > z:
         raise ValueError(f"axial stacks of {num_slices} slices need Z >= {num_slices}, got {z}.")
     return {"roi_size": [x, y, num_slices], "stack_axis": 2, "factor": 1}
+
+
+def segmentation_roi(
+    stack: Literal["coronal", "axial", "cube"],
+    patch_extent: Sequence[int] = (160, 160, 192),
+    num_slices: int = 32,
+    cube_size: int = 96,
+) -> list[int]:
+    """Training / sliding-window patch of lesion segmentation at the scans' native resolution.
+
+    The paper crops segmentation patches "from the original scans without resizing" and compares coronal- and
+    axial-stack patches (its Table 2, without pre-training). At native resolution every slice is kept (a dense
+    label cannot skip slices), so a stack is ``num_slices`` consecutive slices by ``patch_extent`` in the other two
+    axes (RAS array order X, Y, Z as :func:`stack_settings`):
+
+    - ``coronal`` (default): ``(X, num_slices, Z)``, the paper's 160 x 32 x 192 whole-body stacks;
+    - ``axial`` (Table 2's baseline): ``(X, Y, num_slices)``, 160 x 160 x 32;
+    - ``cube``: ``cube_size`` along every axis (96³, the common MONAI / UNETR patch).
+
+    Returns:
+        the patch size ``[X, Y, Z]``.
+    """
+    if stack not in SEGMENTATION_PATCHES:
+        raise ValueError(f"stack must be one of {SEGMENTATION_PATCHES}, got {stack!r}.")
+    if stack == "cube":
+        if int(cube_size) < 1:
+            raise ValueError(f"cube_size must be positive, got {cube_size}.")
+        return [int(cube_size)] * 3
+    return list(stack_settings(stack, patch_extent, num_slices, factor=1)["roi_size"])
