@@ -6,7 +6,11 @@ staging on 20% of the labelled training set and reports Dice and IoU (95% bootst
 macro sensitivity and accuracy. This command runs the same protocol on generated demo data through the
 bundle's own configs and the ``python -m monai.bundle run`` command line:
 
-    python tools/table3.py --work /tmp/table3 --write-docs     # about 35 minutes on 2 CPU cores
+    python tools/table3.py --work /tmp/table3 --write-docs     # 5 rows x 3 seeds: hours on 2 CPU cores
+
+Seeds (``--seeds``, default 0 1 2) vary pre-training, the label subset and fine-tuning on one generated cohort;
+Dice is averaged over the seeds per test case and reported with a bootstrap CI over the test cases, and every
+row is compared with the Baseline paired by case. ``--rows`` runs a subset of the rows.
 
 Every step's output stays under ``--work``; ``--write-docs`` replaces the table between the markers in
 ``bundles/fratmae_petct/docs/README.md``.
@@ -15,11 +19,14 @@ Every step's output stays under ``--work``; ``--write-docs`` replaces the table 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "fratmae_petct" / "configs"
@@ -50,6 +57,47 @@ def bundle_run(config_names: list[str], log: Path, **override: object) -> None:
         raise SystemExit(f"step failed ({res.returncode}); last lines of {log}:\n" + log.read_text()[-3000:])
 
 
+ROW_KEYS = {"baseline": ROWS[0], "mae": ROWS[1], "mae_contextalign": ROWS[2], "fratmae_no_contextalign": ROWS[3],
+            "fratmae": ROWS[4]}  # fmt: skip
+
+
+def run_seed(args: argparse.Namespace, seed: int, rows: list[str], train: Path, test: Path) -> list[dict]:
+    """Every row for one seed (pre-training, label subset and fine-tuning seeded alike); per-case Dice kept."""
+    work = Path(args.work).resolve() / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for row in rows:
+        print(f"seed {seed}: {row}", file=sys.stderr)
+        tag = row.split(")")[0].strip("(")
+        out = work / f"row{tag}"
+        out.mkdir(exist_ok=True)
+        ckpt = "none"  # the Baseline row: fine-tuned from random initialisation
+        if row in PRETRAIN:
+            bundle_run(["train.json", "demo.json", *PRETRAIN[row]], out / "pretrain.log", dataset_dir=train,
+                       output_dir=out / "pretrain", epochs=args.pretrain_epochs, seed=seed, resume=False)  # fmt: skip
+            ckpt = out / "pretrain" / "models" / "model.pt"
+        common = {"dataset_dir": train, "pretrained_checkpoint": ckpt, "label_fraction": args.label_fraction,
+                  "seed": seed, "resume": False}  # fmt: skip
+        bundle_run(["finetune_seg.json", "demo_seg.json"], out / "seg.log", output_dir=out / "seg",
+                   epochs=args.seg_epochs, val_interval=args.seg_epochs, **common)  # fmt: skip
+        seg_eval = out / "seg_eval"
+        bundle_run(["inference.json", "evaluate.json", "demo_inference.json"], out / "seg_eval.log",
+                   dataset_dir=test, ckpt_path=out / "seg" / "models" / "model.pt", output_dir=seg_eval)  # fmt: skip
+        with open(seg_eval / "metrics.csv", newline="") as f:
+            cases = {r["case"]: float(r["dice"]) for r in csv.DictReader(f) if r["positive"] == "1"}
+        result = {"row": row, "seed": seed, "case_dice": cases, "dice": float(np.mean(list(cases.values())))}
+        if args.stage_epochs > 0:
+            bundle_run(["finetune_stage.json", "demo_stage.json"], out / "stage.log", output_dir=out / "stage",
+                       epochs=args.stage_epochs, val_interval=args.stage_epochs, **common)  # fmt: skip
+            bundle_run(["finetune_stage.json", "demo_stage.json", "evaluate_stage.json"], out / "stage_eval.log",
+                       dataset_dir=test, output_dir=out / "stage")  # fmt: skip
+            stage = json.loads((out / "stage" / "eval" / "metrics.json").read_text())
+            result.update(macro_sensitivity=stage["macro_sensitivity"], accuracy=stage["accuracy"])
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "case_dice"}), file=sys.stderr)
+    return results
+
+
 def run_protocol(args: argparse.Namespace) -> list[dict]:
     from medfm.data import generate_synthetic_petct
 
@@ -57,62 +105,76 @@ def run_protocol(args: argparse.Namespace) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     grid = {"shape": tuple(args.grid), "spacing": tuple(args.spacing)}
     train, test = work / "data_train", work / "data_test"
-    if not train.exists():
-        generate_synthetic_petct(str(train), num_cases=args.train_cases, seed=args.seed, **grid)
+    if not train.exists():  # one generated cohort for every seed: the seeds vary training, not the data
+        generate_synthetic_petct(str(train), num_cases=args.train_cases, seed=args.data_seed, **grid)
     if not test.exists():
-        generate_synthetic_petct(str(test), num_cases=args.test_cases, seed=args.seed + 1000, **grid)
+        generate_synthetic_petct(str(test), num_cases=args.test_cases, seed=args.data_seed + 1000, **grid)
+    rows = [ROW_KEYS[k] for k in args.rows]
     results = []
-    for row in ROWS:
-        print(row, file=sys.stderr)
-        tag = row.split(")")[0].strip("(")
-        out = work / f"row{tag}"
-        out.mkdir(exist_ok=True)
-        ckpt = "none"  # the Baseline row: fine-tuned from random initialisation
-        if row in PRETRAIN:
-            bundle_run(["train.json", "demo.json", *PRETRAIN[row]], out / "pretrain.log", dataset_dir=train,
-                       output_dir=out / "pretrain", epochs=args.pretrain_epochs, seed=args.seed)  # fmt: skip
-            ckpt = out / "pretrain" / "models" / "model.pt"
-        common = {"dataset_dir": train, "pretrained_checkpoint": ckpt, "label_fraction": args.label_fraction,
-                  "seed": args.seed, "resume": False}  # fmt: skip
-        bundle_run(["finetune_seg.json", "demo_seg.json"], out / "seg.log", output_dir=out / "seg",
-                   epochs=args.seg_epochs, val_interval=args.seg_epochs, **common)  # fmt: skip
-        seg_eval = out / "seg_eval"
-        bundle_run(["inference.json", "evaluate.json", "demo_inference.json"], out / "seg_eval.log",
-                   dataset_dir=test, ckpt_path=out / "seg" / "models" / "model.pt", output_dir=seg_eval)  # fmt: skip
-        bundle_run(["finetune_stage.json", "demo_stage.json"], out / "stage.log", output_dir=out / "stage",
-                   epochs=args.stage_epochs, val_interval=args.stage_epochs, **common)  # fmt: skip
-        bundle_run(["finetune_stage.json", "demo_stage.json", "evaluate_stage.json"], out / "stage_eval.log",
-                   dataset_dir=test, output_dir=out / "stage")  # fmt: skip
-        seg = json.loads((seg_eval / "metrics.json").read_text())["summary"]
-        stage = json.loads((out / "stage" / "eval" / "metrics.json").read_text())
-        results.append({"row": row, "dice": seg["dice"], "iou": seg["iou"],
-                        "macro_sensitivity": stage["macro_sensitivity"], "accuracy": stage["accuracy"]})  # fmt: skip
-        print(json.dumps(results[-1]))
+    for seed in args.seeds:
+        results += run_seed(args, seed, rows, train, test)
+        (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-def table_markdown(results: list[dict], args: argparse.Namespace) -> str:
-    def ci(m: dict) -> str:
-        return f"{m['mean']:.3f} ({m['ci_low']:.3f}-{m['ci_high']:.3f})"
+def summarise(results: list[dict], num_bootstrap: int = 1000) -> list[dict]:
+    """Per row: Dice averaged over seeds per test case, mean with a bootstrap CI over the test cases; the paired
+    difference to the Baseline row (same cases, same seeds) with its CI; per-seed means."""
+    from medfm.metrics import bootstrap_ci
 
+    by_row: dict[str, list[dict]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    cases = sorted(set.intersection(*(set(r["case_dice"]) for r in results)))
+    per_case = {row: np.array([np.mean([r["case_dice"][c] for r in rs]) for c in cases]) for row, rs in by_row.items()}
+    base = per_case.get(ROWS[0])
+    out = []
+    for row, rs in by_row.items():
+        mean, low, high = bootstrap_ci(per_case[row].tolist(), num_bootstrap, 0.95, 0)
+        entry = {"row": row, "seeds": [r["seed"] for r in rs], "num_cases": len(cases),
+                 "dice": {"mean": mean, "ci_low": low, "ci_high": high},
+                 "seed_means": [r["dice"] for r in rs]}  # fmt: skip
+        if base is not None and row != ROWS[0]:
+            d, dl, dh = bootstrap_ci((per_case[row] - base).tolist(), num_bootstrap, 0.95, 0)
+            entry["diff_vs_baseline"] = {"mean": d, "ci_low": dl, "ci_high": dh}
+        if all("accuracy" in r for r in rs):
+            entry["macro_sensitivity"] = float(np.mean([r["macro_sensitivity"] for r in rs]))
+            entry["accuracy"] = float(np.mean([r["accuracy"] for r in rs]))
+        out.append(entry)
+    return out
+
+
+def table_markdown(summary: list[dict], args: argparse.Namespace) -> str:
+    def ci(m: dict) -> str:
+        return f"{m['mean']:.3f} ({m['ci_low']:.3f} to {m['ci_high']:.3f})"
+
+    stage = all("accuracy" in e for e in summary)
+    seeds = ", ".join(map(str, args.seeds))
     lines = [
         f"Demo scale: {args.train_cases} generated training cases ({args.label_fraction:.0%} of the labelled "
-        f"training split used for fine-tuning), {args.test_cases} generated test cases, grid "
-        f"{'x'.join(map(str, args.grid))}; pre-training {args.pretrain_epochs} epochs, segmentation "
-        f"{args.seg_epochs} epochs, staging {args.stage_epochs} epochs, seed {args.seed}; demo-size model "
-        "(demo.json / demo_seg.json / demo_stage.json). CIs: 95%, 1,000-sample bootstrap over test cases.",
+        f"training split used for fine-tuning), {args.test_cases} generated test cases ({summary[0]['num_cases']} "
+        f"with lesions, the cases Dice is defined on), grid {'x'.join(map(str, args.grid))}; pre-training "
+        f"{args.pretrain_epochs} epochs, segmentation {args.seg_epochs} epochs"
+        + (f", staging {args.stage_epochs} epochs" if stage else "")
+        + f"; seeds {seeds} (pre-training, label subset and fine-tuning); demo-size model (demo.json / "
+        "demo_seg.json / demo_stage.json). Dice: per test case averaged over the seeds, mean with a 95% CI from "
+        "1,000 bootstrap samples over the test cases; the difference to the Baseline is paired by case.",
         "",
-        "| pre-training | Dice (CI) | IoU (CI) | staging macro sensitivity | staging accuracy |",
-        "|---|---|---|---|---|",
+        "| pre-training | Dice (95% CI) | Dice - Baseline (95% CI) | per-seed mean Dice |"
+        + (" staging macro sensitivity | staging accuracy |" if stage else ""),
+        "|---|---|---|---|" + ("---|---|" if stage else ""),
     ]
-    for r in results:
-        lines.append(f"| {r['row']} | {ci(r['dice'])} | {ci(r['iou'])} | {r['macro_sensitivity']:.3f} | {r['accuracy']:.3f} |")
+    for e in summary:
+        diff = ci(e["diff_vs_baseline"]) if "diff_vs_baseline" in e else "—"
+        seeds_col = ", ".join(f"{v:.3f}" for v in e["seed_means"])
+        extra = f" {e['macro_sensitivity']:.3f} | {e['accuracy']:.3f} |" if stage else ""
+        lines.append(f"| {e['row']} | {ci(e['dice'])} | {diff} | {seeds_col} |{extra}")
     grid = " ".join(map(str, args.grid))
     spacing = " ".join(f"{x:g}" for x in args.spacing)
     cmd = (f"python tools/table3.py --work <dir> --train-cases {args.train_cases} --test-cases {args.test_cases} "
-           f"--grid {grid} --spacing {spacing} "
-           f"--pretrain-epochs {args.pretrain_epochs} --seg-epochs {args.seg_epochs} --stage-epochs {args.stage_epochs} "
-           f"--label-fraction {args.label_fraction} --seed {args.seed} --write-docs")  # fmt: skip
+           f"--grid {grid} --spacing {spacing} --pretrain-epochs {args.pretrain_epochs} --seg-epochs "
+           f"{args.seg_epochs} --stage-epochs {args.stage_epochs} --label-fraction {args.label_fraction} "
+           f"--seeds {' '.join(map(str, args.seeds))} --rows {' '.join(args.rows)} --write-docs")  # fmt: skip
     lines += ["", f"Reproduce: `{cmd}`"]
     return "\n".join(lines)
 
@@ -130,18 +192,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="folder for data, runs and logs")
     p.add_argument("--train-cases", type=int, default=30)
-    p.add_argument("--test-cases", type=int, default=10)
+    p.add_argument("--test-cases", type=int, default=20)
     p.add_argument("--grid", type=int, nargs=3, default=[96, 64, 192], help="demo volume size (X Y Z)")
     p.add_argument("--spacing", type=float, nargs=3, default=[5.0, 5.0, 10.0], help="demo voxel size in mm")
     p.add_argument("--pretrain-epochs", type=int, default=30)
     p.add_argument("--seg-epochs", type=int, default=400)
-    p.add_argument("--stage-epochs", type=int, default=60)
+    p.add_argument("--stage-epochs", type=int, default=60, help="0 skips the staging task")
     p.add_argument("--label-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated cohort")
+    p.add_argument("--rows", nargs="+", choices=list(ROW_KEYS), default=list(ROW_KEYS), help="rows of Table 3")
     p.add_argument("--write-docs", action="store_true", help="write the table into the bundle docs")
     args = p.parse_args(argv)
-    results = run_protocol(args)
-    md = table_markdown(results, args)
+    summary = summarise(run_protocol(args))
+    (Path(args.work).resolve() / "summary.json").write_text(json.dumps(summary, indent=1))
+    md = table_markdown(summary, args)
     print(md)
     if args.write_docs:
         write_docs(md)
