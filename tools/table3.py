@@ -78,11 +78,13 @@ def run_seed(args: argparse.Namespace, seed: int, rows: list[str], train: Path, 
             ckpt = out / "pretrain" / "models" / "model.pt"
         common = {"dataset_dir": train, "pretrained_checkpoint": ckpt, "label_fraction": args.label_fraction,
                   "seed": seed, "resume": False}  # fmt: skip
+        patch = {"patch_extent": list(args.seg_patch), "stack_slices": args.seg_slices}  # coronal stacks
         bundle_run(["finetune_seg.json", "demo_seg.json"], out / "seg.log", output_dir=out / "seg",
-                   epochs=args.seg_epochs, val_interval=args.seg_epochs, **common)  # fmt: skip
+                   epochs=args.seg_epochs, val_interval=args.seg_epochs, **common, **patch)  # fmt: skip
         seg_eval = out / "seg_eval"
         bundle_run(["inference.json", "evaluate.json", "demo_inference.json"], out / "seg_eval.log",
-                   dataset_dir=test, ckpt_path=out / "seg" / "models" / "model.pt", output_dir=seg_eval)  # fmt: skip
+                   dataset_dir=test, ckpt_path=out / "seg" / "models" / "model.pt", output_dir=seg_eval,
+                   **patch)  # fmt: skip
         with open(seg_eval / "metrics.csv", newline="") as f:
             cases = {r["case"]: float(r["dice"]) for r in csv.DictReader(f) if r["positive"] == "1"}
         result = {"row": row, "seed": seed, "case_dice": cases, "dice": float(np.mean(list(cases.values())))}
@@ -154,7 +156,8 @@ def table_markdown(summary: list[dict], args: argparse.Namespace) -> str:
         f"Demo scale: {args.train_cases} generated training cases ({args.label_fraction:.0%} of the labelled "
         f"training split used for fine-tuning), {args.test_cases} generated test cases ({summary[0]['num_cases']} "
         f"with lesions, the cases Dice is defined on), grid {'x'.join(map(str, args.grid))}; pre-training "
-        f"{args.pretrain_epochs} epochs, segmentation {args.seg_epochs} epochs"
+        f"{args.pretrain_epochs} epochs, segmentation {args.seg_epochs} epochs on coronal stacks of "
+        f"{'x'.join(map(str, args.seg_patch))} voxels with {args.seg_slices} slices"
         + (f", staging {args.stage_epochs} epochs" if stage else "")
         + f"; seeds {seeds} (pre-training, label subset and fine-tuning); demo-size model (demo.json / "
         "demo_seg.json / demo_stage.json). Dice: per test case averaged over the seeds, mean with a 95% CI from "
@@ -173,7 +176,8 @@ def table_markdown(summary: list[dict], args: argparse.Namespace) -> str:
     spacing = " ".join(f"{x:g}" for x in args.spacing)
     cmd = (f"python tools/table3.py --work <dir> --train-cases {args.train_cases} --test-cases {args.test_cases} "
            f"--grid {grid} --spacing {spacing} --pretrain-epochs {args.pretrain_epochs} --seg-epochs "
-           f"{args.seg_epochs} --stage-epochs {args.stage_epochs} --label-fraction {args.label_fraction} "
+           f"{args.seg_epochs} --stage-epochs {args.stage_epochs} --seg-patch {' '.join(map(str, args.seg_patch))} "
+           f"--seg-slices {args.seg_slices} --label-fraction {args.label_fraction} "
            f"--seeds {' '.join(map(str, args.seeds))} --rows {' '.join(args.rows)} --write-docs")  # fmt: skip
     lines += ["", f"Reproduce: `{cmd}`"]
     return "\n".join(lines)
@@ -198,13 +202,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=30)
     p.add_argument("--seg-epochs", type=int, default=400)
     p.add_argument("--stage-epochs", type=int, default=60, help="0 skips the staging task")
+    p.add_argument("--seg-patch", type=int, nargs=3, default=[64, 64, 128],
+                   help="segmentation patch extent X Y Z at native resolution (default 64 64 128)")  # fmt: skip
+    p.add_argument("--seg-slices", type=int, default=16, help="coronal slices per segmentation patch (default 16)")
     p.add_argument("--label-fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated cohort")
     p.add_argument("--rows", nargs="+", choices=list(ROW_KEYS), default=list(ROW_KEYS), help="rows of Table 3")
     p.add_argument("--write-docs", action="store_true", help="write the table into the bundle docs")
+    p.add_argument("--results", nargs="+", default=None,
+                   help="summarise these results.json files (e.g. of seeds run in parallel) instead of running")  # fmt: skip
     args = p.parse_args(argv)
-    summary = summarise(run_protocol(args))
+    if args.results:
+        results = [r for path in args.results for r in json.loads(Path(path).read_text())]
+        args.seeds = sorted({r["seed"] for r in results})
+    else:
+        results = run_protocol(args)
+    summary = summarise(results)
     (Path(args.work).resolve() / "summary.json").write_text(json.dumps(summary, indent=1))
     md = table_markdown(summary, args)
     print(md)
