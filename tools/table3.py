@@ -61,6 +61,11 @@ ROW_KEYS = {"baseline": ROWS[0], "mae": ROWS[1], "mae_contextalign": ROWS[2], "f
             "fratmae": ROWS[4]}  # fmt: skip
 
 
+# the settings a result depends on: stored with every result so that a table summarised from files states them
+PROTOCOL_ARGS = ("train_cases", "test_cases", "grid", "spacing", "pretrain_epochs", "seg_epochs", "stage_epochs",
+                 "seg_patch", "seg_slices", "label_fraction", "data_seed", "rows")  # fmt: skip
+
+
 def run_seed(args: argparse.Namespace, seed: int, rows: list[str], train: Path, test: Path) -> list[dict]:
     """Every row for one seed (pre-training, label subset and fine-tuning seeded alike); per-case Dice kept."""
     work = Path(args.work).resolve() / f"seed{seed}"
@@ -112,9 +117,10 @@ def run_protocol(args: argparse.Namespace) -> list[dict]:
     if not test.exists():
         generate_synthetic_petct(str(test), num_cases=args.test_cases, seed=args.data_seed + 1000, **grid)
     rows = [ROW_KEYS[k] for k in args.rows]
+    protocol = {k: getattr(args, k) for k in PROTOCOL_ARGS}
     results = []
     for seed in args.seeds:
-        results += run_seed(args, seed, rows, train, test)
+        results += [{**r, "protocol": protocol} for r in run_seed(args, seed, rows, train, test)]
         (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -215,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.results:
         results = [r for path in args.results for r in json.loads(Path(path).read_text())]
+        protocols = {json.dumps(r["protocol"], sort_keys=True) for r in results}
+        if len(protocols) != 1:
+            raise SystemExit(f"the results were run with different settings: {sorted(protocols)}")
+        vars(args).update(results[0]["protocol"])
         args.seeds = sorted({r["seed"] for r in results})
     else:
         results = run_protocol(args)
