@@ -55,9 +55,9 @@ def test_whole_body_resize_keeps_small_hot_lesions(run, key):
     """A 2-voxel-wide hot lesion resized 2.5x smaller (the paper's ~400 -> 160) keeps its uptake wherever it sits:
     without anti-aliasing, trilinear sampling can miss it (integrated uptake down to ~0.2x) or double it."""
     names, override = RUNS[run]
-    parser = _parser(names, **override)
+    parser = _parser(names, **override, whole_body_size=[16, 32, 24])  # small grid, the paper's 2.5x ratio
     resize = _resize(parser, key)
-    size = parser.get_parsed_content("whole_body_size")  # demo: (64, 64, 96)
+    size = parser.get_parsed_content("whole_body_size")
     shape = tuple(int(round(s * 2.5)) for s in size)
     ratios = []
     for offset in range(5):  # every phase of the 2.5x sampling grid
