@@ -50,7 +50,9 @@ def _resize(parser: ConfigParser, key: str) -> Resized:
     return found[0]
 
 
-@pytest.mark.parametrize("run,key", [("train", "train#deterministic_transforms"), ("finetune_stage", "load_transforms")])
+@pytest.mark.parametrize(
+    "run,key", [("train", "train#deterministic_transforms"), ("finetune_stage", "load_transforms")]
+)
 def test_whole_body_resize_keeps_small_hot_lesions(run, key):
     """A 2-voxel-wide hot lesion resized 2.5x smaller (the paper's ~400 -> 160) keeps its uptake wherever it sits:
     without anti-aliasing, trilinear sampling can miss it (integrated uptake down to ~0.2x) or double it."""
@@ -76,7 +78,8 @@ def _cases(root, names):
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     for case in names:
         for ch in ("0000", "0001"):
-            nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(root / "imagesTr" / f"{case}_{ch}.nii.gz"))
+            path = str(root / "imagesTr" / f"{case}_{ch}.nii.gz")
+            nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
 
 
 def test_pretraining_datalist_checks_prompts_and_leaves_out_held_out_cases(tmp_path):
@@ -90,7 +93,8 @@ def test_pretraining_datalist_checks_prompts_and_leaves_out_held_out_cases(tmp_p
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["fdg_aa_01-01-2001"], "val": ["fdg_cc_01-01-2001"]}))
     parser = _parser(["train.json"], dataset_dir=str(tmp_path), context_align=False, exclude_split_file=str(split))
-    assert [d["case"] for d in parser.get_parsed_content("train#datalist")] == ["fdg_aa_01-01-2001", "fdg_bb_01-01-2001"]
+    kept = [d["case"] for d in parser.get_parsed_content("train#datalist")]
+    assert kept == ["fdg_aa_01-01-2001", "fdg_bb_01-01-2001"]
 
 
 @pytest.mark.parametrize(
@@ -100,7 +104,7 @@ def test_segmentation_patch_is_a_switch_of_fine_tuning_and_inference(stack, roi)
     """Native-resolution coronal stacks by default (the paper), axial stacks for Table 2's baseline, 96³ cubes."""
     seg = _parser(["finetune_seg.json"], stack=stack, pretrained_checkpoint="none")
     assert seg.get_parsed_content("roi_size") == roi
-    crops = [t for t in seg.get_parsed_content("train#random_transforms") if type(t).__name__ == "RandCropByPosNegLabeld"]
+    crops = [t for t in seg.get_parsed_content("train#random_transforms") if "PosNeg" in type(t).__name__]
     assert list(crops[0].cropper.spatial_size) == roi
     assert list(seg.get_parsed_content("validate#inferer").roi_size) == roi
     inf = _parser(["inference.json"], stack=stack)

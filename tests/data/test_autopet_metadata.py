@@ -27,7 +27,8 @@ PSMA_C = "psma_95b833d46f153cd2_2018-04-16"
 def _case(root: Path, case: str) -> None:
     for ch in ("0000", "0001"):
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(root / "imagesTr" / f"{case}_{ch}.nii.gz"))
+        path = str(root / "imagesTr" / f"{case}_{ch}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -78,7 +79,8 @@ def test_challenge_tables_found_beside_images_and_matched_per_study(autopet):
 
 
 def test_matching_by_study_date_without_file_location(autopet):
-    rows = [{k: v for k, v in r.items() if k != "File Location"} for r in csv.DictReader(open(autopet / "fdg_metadata.csv"))]
+    rows = list(csv.DictReader(open(autopet / "fdg_metadata.csv")))
+    rows = [{k: v for k, v in r.items() if k != "File Location"} for r in rows]
     _write(autopet / "fdg_metadata.csv", rows)
     prompts = {d["case"]: d["prompt"] for d in build_autopet_datalist(str(autopet))}
     assert "lung cancer <age> 61" in prompts[FDG_A1] and "negative <age> 62" in prompts[FDG_A2]

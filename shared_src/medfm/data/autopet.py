@@ -315,7 +315,9 @@ def exclude_split_cases(
     with open(split_file, encoding="utf-8") as f:
         split = json.load(f)
     if not isinstance(split, dict):
-        raise ValueError(f"Split file {split_file} must hold a JSON object of case-id lists, got {type(split).__name__}.")
+        raise ValueError(
+            f"Split file {split_file} must hold a JSON object of case-id lists, got {type(split).__name__}."
+        )
     held_out = {str(c) for k, v in split.items() if k not in keep and isinstance(v, list) for c in v}
     cases = {d["case"] for d in datalist}
     if held_out and not held_out & cases:

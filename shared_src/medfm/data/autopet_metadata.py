@@ -106,8 +106,9 @@ def _match(case: str, tables: dict[tuple[str, str], list[dict[str, Any]]]) -> di
     if m is None:
         return None
     studies = tables.get((m["tracer"].lower(), m["patient"]), [])
-    for rule in (lambda s: s["folder"] == m["study"], lambda s: s["date"] is not None and s["date"] == _date(m["study"])):
-        hits = [s for s in studies if rule(s)]
+    date = _date(m["study"])
+    for key, value in (("folder", m["study"]), ("date", date)):
+        hits = [s for s in studies if value is not None and s[key] == value]
         if len(hits) == 1:
             return hits[0]["fields"]
     return studies[0]["fields"] if len({(s["folder"], s["date"]) for s in studies}) == 1 else None

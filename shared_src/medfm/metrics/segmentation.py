@@ -18,7 +18,12 @@ import torch
 from scipy import ndimage
 
 __all__ = [
-    "as_binary_mask", "dice_iou", "lesion_case_metrics", "lesion_dice_iou", "lesion_fp_fn_volumes", "voxel_volume_from_affine"
+    "as_binary_mask",
+    "dice_iou",
+    "lesion_case_metrics",
+    "lesion_dice_iou",
+    "lesion_fp_fn_volumes",
+    "voxel_volume_from_affine",
 ]
 
 # neighbourhood size -> rank of `scipy.ndimage.generate_binary_structure` for 3D arrays
