@@ -42,6 +42,7 @@ def _run(tmp_path, val_items: list[dict]):
     evaluator.add_event_handler(
         Events.EPOCH_COMPLETED, lambda e: seen.append((e.state.metrics["mse"], copy.deepcopy(net.state_dict())))
     )
+    torch.save({"weight": torch.full((1, 2), 7.0)}, tmp_path / "model.pt")  # a marker: the served file before
     ServedModelSaver(evaluator, net, str(tmp_path), "mse", higher_is_better=False).attach(trainer)
     trainer.run()
     return net, seen, torch.load(tmp_path / "model.pt", weights_only=True)
@@ -53,10 +54,17 @@ def test_without_validation_data_the_final_weights_are_saved(tmp_path):
     torch.testing.assert_close(saved["weight"], net.weight.detach())
 
 
-def test_with_validation_data_the_best_validated_weights_are_kept(tmp_path):
+def test_with_validation_data_training_that_never_beats_the_served_weights_leaves_the_file(tmp_path):
     net, seen, saved = _run(tmp_path, _items(torch.tensor([-1.0, 1.0]), 4, 1))
-    assert len(seen) == 4
-    best = min(range(4), key=lambda i: seen[i][0])
-    assert best == 0  # validation gets worse as training moves away from w_val
+    assert len(seen) == 5  # the served (starting) weights, then one validation per epoch
+    assert min(range(5), key=lambda i: seen[i][0]) == 0  # validation only gets worse as training moves away
+    torch.testing.assert_close(saved["weight"], torch.full((1, 2), 7.0))  # not replaced by worse weights
+
+
+def test_with_validation_data_a_better_epoch_replaces_the_served_weights(tmp_path):
+    """Served weights far from w_val: training toward w_val improves on them, and the best epoch is written."""
+    w = torch.tensor([2.0, -1.0])
+    net, seen, saved = _run(tmp_path, _items(w, 4, 1))
+    best = min(range(1, 5), key=lambda i: seen[i][0])
+    assert seen[best][0] < seen[0][0]
     torch.testing.assert_close(saved["weight"], seen[best][1]["weight"])
-    assert not torch.allclose(saved["weight"], net.weight.detach())  # the final weights did not overwrite it

@@ -63,7 +63,10 @@ class ServedModelSaver:
 
     Attached to the trainer in place of ``ValidationHandler``: every ``interval`` epochs it runs
     ``evaluator`` if the evaluator's data loader holds data, and writes the weights when ``metric_name``
-    improves (:class:`BestModelSaver`). When training completes and no validation ran (MONAI Label's
+    improves (:class:`BestModelSaver`). The served weights only get better: before the first training step
+    (after every STARTED handler, so after MONAI Label's checkpoint loader has loaded the served weights) the
+    evaluator runs once and its metric seeds the best score, so a re-training that never beats the weights
+    being served leaves ``models/model.pt`` as it was. When training completes and no validation ran (MONAI Label's
     default 20% validation split leaves none with one or two labels), it writes the final weights, so the
     file always reflects the latest training. MONAI Label's ``/infer`` reloads the file when it changes.
 
@@ -97,8 +100,10 @@ class ServedModelSaver:
         self.best = BestModelSaver(save_dir, model, metric_name, filename, higher_is_better)
         self.interval = interval
         self.validated = False
+        self.baseline: float | None = None
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED(once=engine.state.iteration + 1), self.validate_start)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.validate)
         engine.add_event_handler(Events.COMPLETED, self.save_final_if_unvalidated)
 
@@ -106,9 +111,20 @@ class ServedModelSaver:
     def _writes() -> bool:
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
-    def validate(self, engine: Engine) -> None:
+    def _has_data(self) -> bool:
         loader = getattr(self.evaluator, "data_loader", None)
-        if loader is None or len(loader) == 0:
+        return loader is not None and len(loader) > 0
+
+    def validate_start(self, engine: Engine) -> None:
+        """Score the weights training starts from (the served ones) and make that the score to beat."""
+        if not self._has_data():
+            return
+        self.evaluator.run()
+        self.baseline = self.best.best = float(self.evaluator.state.metrics[self.best.metric_name])
+        logger.info("served weights before training: %s = %.4f", self.best.metric_name, self.baseline)
+
+    def validate(self, engine: Engine) -> None:
+        if not self._has_data():
             return
         self.evaluator.run(engine.state.epoch)
         self.validated = True
