@@ -37,6 +37,15 @@ def _samples(x: Any) -> list[torch.Tensor]:
     raise ValueError(f"expected a batch tensor or a list of per-sample tensors, got {type(x).__name__}.")
 
 
+def _sample_pairs(output: tuple[Any, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(y_pred, y)`` as a list of per-sample ``(prediction, label)`` pairs."""
+    y_pred, y = output
+    preds, labels = _samples(y_pred), _samples(y)
+    if len(preds) != len(labels):
+        raise ValueError(f"{len(preds)} predictions but {len(labels)} labels.")
+    return list(zip(preds, labels))
+
+
 def _class_index(x: torch.Tensor, num_classes: int) -> int:
     """One sample's class: argmax of ``num_classes`` scores / a one-hot vector, or an integer label."""
     v = x.detach().reshape(-1)
@@ -71,11 +80,7 @@ class MacroSensitivity(Metric):
 
     @reinit__is_reduced
     def update(self, output: tuple[Any, Any]) -> None:
-        y_pred, y = output
-        preds, labels = _samples(y_pred), _samples(y)
-        if len(preds) != len(labels):
-            raise ValueError(f"{len(preds)} predictions but {len(labels)} labels.")
-        for p, t in zip(preds, labels):
+        for p, t in _sample_pairs(output):
             self._confusion[_class_index(t, self.num_classes), _class_index(p, self.num_classes)] += 1
 
     @sync_all_reduce("_confusion")
@@ -119,11 +124,7 @@ class LesionDice(Metric):
 
     @reinit__is_reduced
     def update(self, output: tuple[Any, Any]) -> None:
-        y_pred, y = output
-        preds, labels = _samples(y_pred), _samples(y)
-        if len(preds) != len(labels):
-            raise ValueError(f"{len(preds)} predictions but {len(labels)} labels.")
-        for p, t in zip(preds, labels):
+        for p, t in _sample_pairs(output):
             positive, dice, _ = lesion_dice_iou(self._mask(p).cpu().numpy(), self._mask(t).cpu().numpy())
             if positive:
                 self._sums += torch.tensor([dice, 1.0, 0.0], dtype=torch.float64, device=self._device)
