@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=30)
     p.add_argument("--seg-epochs", type=int, default=400)
     p.add_argument("--stage-epochs", type=int, default=60, help="0 skips the staging task")
-    p.add_argument("--seg-patch", type=int, nargs=3, default=[64, 64, 128],
-                   help="segmentation patch extent X Y Z at native resolution (default 64 64 128)")  # fmt: skip
-    p.add_argument("--seg-slices", type=int, default=16, help="coronal slices per segmentation patch (default 16)")
+    p.add_argument("--seg-patch", type=int, nargs=3, default=[32, 32, 64],
+                   help="segmentation patch extent X Y Z at native resolution (default 32 32 64)")  # fmt: skip
+    p.add_argument("--seg-slices", type=int, default=8, help="coronal slices per segmentation patch (default 8)")
     p.add_argument("--label-fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated cohort")
