@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import time
 
@@ -169,3 +170,16 @@ def test_ensure_demo(tmp_path):
     with pytest.raises(ValueError, match="holds no images"):
         ensure_demo_midol(str(tmp_path / "user"))
     assert os.listdir(tmp_path / "user") == []
+
+
+def test_folders_of_other_modalities_are_named_when_skipped(tmp_path, caplog):
+    """An inference that serves one modality must say which images it leaves out, not drop them silently."""
+    for rel in ("dermoscopy/a.png", "fundus/b.png", "fundus/c.png", "masks/dermoscopy/a.png", ".hidden/d.png"):
+        _png(str(tmp_path / rel))
+    with caplog.at_level(logging.WARNING, logger="medfm.data.midol"):
+        datalist = build_image_folder_datalist(str(tmp_path), modalities=("dermoscopy",), masks_subdir="masks")
+    assert [os.path.basename(d["image"]) for d in datalist] == ["a.png"]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "skipped 2 images in" in skipped[0] and skipped[0].split(" in ")[1].startswith(
+        str(tmp_path / "fundus")
+    )

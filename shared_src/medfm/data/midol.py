@@ -17,6 +17,7 @@ in the ``modalities`` argument, so the default order gives 0 X-ray, 1 fundus, 2 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 from PIL import Image
 
 from .spad import read_class_table
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_SUFFIXES", "MODALITIES", "UNLABELLED", "build_image_folder_datalist", "find_modality_images"]
 
@@ -101,6 +104,20 @@ def _read_classes(path: str, images: Sequence[str], modalities: Sequence[str]) -
     return table
 
 
+def _warn_unread_folders(root: str, modalities: Sequence[str], masks_subdir: str | None) -> None:
+    """Say which folders of ``root`` hold images that this datalist leaves out (other modalities), and how many."""
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if name.startswith(".") or name in modalities or name == masks_subdir or not os.path.isdir(folder):
+            continue
+        images, _ = find_modality_images(folder)
+        if images:
+            logger.warning(
+                "skipped %d images in %s: the folder is not one of the modalities read here (%s)",
+                len(images), folder, ", ".join(modalities),
+            )  # fmt: skip
+
+
 def build_image_folder_datalist(
     dataset_dir: str,
     modalities: Sequence[str] = MODALITIES,
@@ -111,6 +128,9 @@ def build_image_folder_datalist(
     check_images: bool = True,
 ) -> list[dict[str, Any]]:
     """Datalist of the 2D images in ``<dataset_dir>/<modality>/`` folders (layout: module doc).
+
+    Folders of ``dataset_dir`` that are not among ``modalities`` (nor ``masks_subdir``) are not read; when they hold
+    images, a warning names each folder and how many images it skips.
 
     Each item: ``image`` (absolute path), ``modality`` (its folder name), ``modality_index`` (position of the
     modality in ``modalities``), ``label`` (int, when a classes table is read; :data:`UNLABELLED` for an image
@@ -155,6 +175,7 @@ def build_image_folder_datalist(
         if not images and not require_any:
             raise ValueError(f"modality {modality!r} has no images in {folder} (require_any=False).")
         found += [(index, modality, os.path.normpath(os.path.join(modality, rel))) for rel in images]
+    _warn_unread_folders(root, modalities, masks_subdir)
     if not found:
         raise ValueError(
             f"Empty datalist: no image in {root}/<modality>/ for modalities {modalities} (expected "
