@@ -1,4 +1,4 @@
-"""Transforms of medfm: PET/CT loading, FratMAE's stack crops and SPAD-ViT's depth-first layout."""
+"""Transforms of medfm: PET/CT loading, FratMAE's stack crops, SPAD-ViT's depth-first layout, rows-first 2D images."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .panfm import (
     LoadOrgansd,
     organ_drop_draws,
 )
+from .planar import RowsFirstd, is_planar_file
 from .petct import (
     LoadPETCTd,
     PETCTChannelsd,
@@ -51,6 +52,7 @@ __all__ = [
     "RandStackCrop",
     "RandStackCropd",
     "ReorientToDepthd",
+    "RowsFirstd",
     "ScaleIntensitySpadd",
     "SpadLayout",
     "SpadRandCropd",
@@ -62,6 +64,7 @@ __all__ = [
     "check_single_channel_3d",
     "count_nonfinite",
     "grid_mismatch",
+    "is_planar_file",
     "organ_drop_draws",
     "resample_to_reference",
     "spad_layout",
