@@ -196,3 +196,16 @@ def test_self_distill_multicrop_equals_per_crop_and_state_dict():
     assert fixed.train().student.training and not fixed.teacher.training
     bb = midol_backbone_state(model.state_dict())
     assert set(bb) == set(_backbone().state_dict())
+
+
+def test_teacher_targets_are_stochastic_in_training_as_the_reference():
+    # the teacher follows the pair into train mode: gate noise (and drop-path) make its targets vary between calls
+    torch.manual_seed(7)
+    model = MIDoLSelfDistill(_backbone(), 5, num_experts=3, top_k=1, out_dim=7, hidden_dim=6).train()
+    crops = [torch.randn(16, 3, 8, 8), torch.randn(16, 3, 8, 8)]
+    a, b = model.forward_teacher(crops)["logits"][0], model.forward_teacher(crops)["logits"][0]
+    assert not torch.allclose(a, b)
+    model.eval()
+    torch.testing.assert_close(model.forward_teacher(crops)["logits"][0], model.forward_teacher(crops)["logits"][0])
+    fixed = MIDoLSelfDistill(_backbone(), 5, num_experts=3, out_dim=7, hidden_dim=6, teacher_train_mode=False).train()
+    torch.testing.assert_close(fixed.forward_teacher(crops)["logits"][0], fixed.forward_teacher(crops)["logits"][0])

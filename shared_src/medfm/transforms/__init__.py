@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized
+from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
 from .panfm import (
     SUPPORTED_DROP_MODES,
     SUPPORTED_ORGAN_INTENSITY,
@@ -41,6 +41,7 @@ __all__ = [
     "IMAGENET_STD",
     "MultiCropd",
     "ResizeNormalized",
+    "ScaleIntensity8Bitd",
     "STACKS",
     "SUPPORTED_DROP_MODES",
     "SUPPORTED_INTENSITY",
