@@ -19,7 +19,7 @@ from medfm.data import (
     ensure_demo_spad,
     generate_synthetic_spad,
 )
-from medfm.transforms import ReorientToDepthd, ScaleIntensitySpadd
+from medfm.transforms import ReorientToDepthd, RowsFirstd, ScaleIntensitySpadd
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
@@ -39,9 +39,9 @@ def _nifti(path, shape, spacing, dtype=np.float32) -> str:
 
 
 def _loaded(item: dict) -> dict:
-    """Load an item as the SPAD pipeline does (LoadImaged, EnsureChannelFirstd, ReorientToDepthd)."""
+    """Load an item as the SPAD pipeline does (LoadImaged, EnsureChannelFirstd, RowsFirstd, ReorientToDepthd)."""
     keys = [k for k in ("image", "label") if k in item]
-    return Compose([LoadImaged(keys), EnsureChannelFirstd(keys), ReorientToDepthd(keys)])(item)
+    return Compose([LoadImaged(keys), EnsureChannelFirstd(keys), RowsFirstd(keys), ReorientToDepthd(keys)])(item)
 
 
 def _dicom_slice(itk, array: np.ndarray, path: str, spacing, tags: dict | None = None) -> None:
@@ -113,7 +113,8 @@ def test_datalist_dicom(tmp_path):
     img_dir = tmp_path / "images"
     (img_dir / "series").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    _dicom_slice(itk, rng.integers(0, 4000, (20, 30)).astype(np.int16), str(img_dir / "xray.dcm"), (0.7, 0.5))
+    plane = rng.integers(0, 4000, (20, 30)).astype(np.int16)  # (rows, columns), as pydicom's pixel_array
+    _dicom_slice(itk, plane, str(img_dir / "xray.dcm"), (0.7, 0.5))  # (column, row) spacing
     uid = "1.2.826.0.1.3680043.2.1125.1.424242"
     vol = rng.integers(-1000, 1000, (5, 12, 10)).astype(np.int16)  # (z, y, x)
     for k in range(5):
@@ -124,13 +125,14 @@ def test_datalist_dicom(tmp_path):
     assert set(items) == {"xray.dcm", "series"}
     xray, series = items["xray.dcm"], items["series"]
     assert (xray["dim"], xray["aniso_d"], xray["intensity"]) == (2, 5, "percentile")
-    assert xray["spacing"] == pytest.approx([32 * 0.5, 0.7, 0.5])  # ITK/MONAI axes (x, y): 0.7, 0.5
+    assert xray["spacing"] == pytest.approx([32 * 0.5, 0.5, 0.7])  # rows first: (row, column) spacing
     assert (series["dim"], series["aniso_d"]) == (3, _level(3.5, 0.6, 0.8))
     assert series["spacing"] == pytest.approx([3.5, 0.6, 0.8])
     assert os.path.isdir(series["image"])
     for item in (xray, series):
         out = _loaded(item)
         assert out["aniso_d"] == item["aniso_d"] and out["spacing"] == pytest.approx(item["spacing"])
+    np.testing.assert_array_equal(_loaded(xray)["image"][0, 0].numpy(), plane)
     out = _loaded(series)["image"]
     assert tuple(out.shape) == (1, 5, 10, 12)
     np.testing.assert_array_equal(out[0].numpy(), vol.transpose(0, 2, 1))  # (z, x, y)

@@ -29,6 +29,27 @@ def _naive_sinkhorn(scores, temperature, eps, iterations):
     return q
 
 
+def _naive_floored_sinkhorn(scores, temperature, eps, iterations, floor=1e-12):
+    """The reference's floored Sinkhorn as float64 loops: floor after exp and after each iteration, ``+ floor`` in
+    every denominator; experts to 1/E, images to 1/B, then rows to 1."""
+    s = np.asarray(scores, dtype=np.float64) / temperature
+    b, e = s.shape
+    q = np.array([[max(math.exp((s[i, j] - max(s[i])) / eps), floor) for j in range(e)] for i in range(b)])
+    total = sum(q[i, j] for i in range(b) for j in range(e))
+    q = q / (total + floor)
+    for _ in range(iterations):
+        for j in range(e):
+            col = sum(q[i, j] for i in range(b))
+            for i in range(b):
+                q[i, j] = q[i, j] / (col + floor) / e
+        for i in range(b):
+            row = sum(q[i])
+            for j in range(e):
+                q[i, j] = max(q[i, j] / (row + floor) / b, floor)
+    q = np.maximum(q * b, floor)
+    return q / (q.sum(1, keepdims=True) + floor)
+
+
 def _naive_softmax(v):
     v = np.asarray(v, dtype=np.float64)
     z = np.exp(v - v.max())
@@ -52,6 +73,43 @@ def test_sinkhorn_rows_sum_to_one_and_columns_to_b_over_e(b, e):
     q = sinkhorn_knopp(scores, 1.0, 0.05, iterations=500)
     torch.testing.assert_close(q.sum(1), torch.ones(b))
     torch.testing.assert_close(q.sum(0), torch.full((e,), b / e), atol=1e-3, rtol=0)
+
+
+def test_sinkhorn_rebalances_a_collapsed_router_at_the_shipped_settings():
+    # 32 images, 5 experts, every image prefers expert 0 by 1.0; teacher temperature 0.04, epsilon 0.05, 3 iterations:
+    # exp(-1 / 0.002) underflows to 0 in float32, so without the floor experts 1-4 would keep columns of zeros.
+    scores = torch.zeros(32, 5)
+    scores[:, 0] = 1.0
+    q = sinkhorn_knopp(scores, temperature=0.04, epsilon=0.05, iterations=3)
+    torch.testing.assert_close(q.sum(0), torch.full((5,), 32 / 5), atol=1e-3, rtol=0)  # 6.4 each
+    torch.testing.assert_close(q.sum(1), torch.ones(32))
+    torch.testing.assert_close(q, torch.full((32, 5), 0.2), atol=1e-4, rtol=0)  # identical images: uniform rows
+    # the routing loss's target is then uniform: -sum_e a_S[e] log(1/5) = log 5 for any student routing
+    student = [torch.randn(32, 5), torch.randn(32, 5), torch.randn(32, 5)]
+    value = RoutingConsistencyLoss(0.1, None, 0.05, 3)(student, [scores, scores], teacher_temp=0.04)
+    assert value.item() == pytest.approx(math.log(5), rel=1e-4)
+
+
+def test_sinkhorn_partial_collapse_matches_floored_loops():
+    # 20 images prefer expert 0, 12 expert 1 (margins 0.6-1.4); experts 2-4 are nobody's favourite
+    g = torch.Generator().manual_seed(0)
+    scores = torch.zeros(32, 5)
+    scores[:20, 0] = 1.0 + 0.4 * torch.rand(20, generator=g)
+    scores[20:, 1] = 0.6 + 0.4 * torch.rand(12, generator=g)
+    q = sinkhorn_knopp(scores, temperature=0.04, epsilon=0.05, iterations=3)
+    expected = _naive_floored_sinkhorn(scores.numpy(), 0.04, 0.05, 3)
+    np.testing.assert_allclose(q.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert (q.sum(0)[2:] > 4.0).all()  # the unused experts receive a real share of the batch
+
+
+def test_sinkhorn_easy_case_keeps_a_balanced_hard_assignment():
+    # 30 images, 5 experts, 6 images prefer each expert by 1.0: already equipartitioned, stays one-hot
+    scores = torch.zeros(30, 5)
+    favourite = torch.arange(30) % 5
+    scores[torch.arange(30), favourite] = 1.0
+    q = sinkhorn_knopp(scores, temperature=0.04, epsilon=0.05, iterations=3)
+    torch.testing.assert_close(q, torch.nn.functional.one_hot(favourite, 5).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.sum(0), torch.full((5,), 6.0))
 
 
 def test_sinkhorn_temperature_and_row_shift():
@@ -82,7 +140,7 @@ def _views(v=4, g=2, b=5, k=7, e=3, seed=0):
 
 
 def _naive_route(student, teacher, s_temp, t_temp, eps, iters):
-    targets = [_naive_sinkhorn(t.numpy(), t_temp, eps, iters) for t in teacher]
+    targets = [_naive_floored_sinkhorn(t.numpy(), t_temp, eps, iters) for t in teacher]
     total, n = 0.0, 0
     for gi, tgt in enumerate(targets):
         for vi, s in enumerate(student):

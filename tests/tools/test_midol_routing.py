@@ -70,6 +70,17 @@ def test_routing_purity():
     assert purity["experts_used"] == 3 and purity["dominant_experts"] == 2
 
 
+def test_expert_balance_and_interval():
+    module = _load()
+    # 10 images over 4 experts: counts 5, 3, 2, 0 -> the smallest share is 0; over 3 experts: 2 / 10
+    assert module.expert_balance(np.array([0] * 5 + [1] * 3 + [2] * 2), 4) == 0.0
+    assert module.expert_balance(np.array([0] * 5 + [1] * 3 + [2] * 2), 3) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        module.expert_balance(np.array([0, 3]), 3)
+    mean, lo, hi = module.interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.3027
+    assert mean == 2.0 and hi - mean == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5) and mean - lo == hi - mean
+
+
 def _cells(row: str) -> list[float]:
     return [float(c) for c in row.split("|")[2:4]]
 
@@ -77,7 +88,8 @@ def _cells(row: str) -> list[float]:
 @pytest.mark.slow
 def test_routing_tables_cover_every_modality_and_both_variants(tmp_path, capsys):
     module = _load()
-    assert module.main(["--seeds", "0", "--steps", "2", "--out-dir", str(tmp_path)]) == 0
+    args = ["--seeds", "0", "--steps", "2", "--per-modality", "4", "--batch-size", "8", "--out-dir", str(tmp_path)]
+    assert module.main(args) == 0
     out = capsys.readouterr().out
     assert out.count(module.START) == 1 and out.count(module.END) == 1
     block = out[out.index(module.START) : out.index(module.END)]
@@ -88,9 +100,12 @@ def test_routing_tables_cover_every_modality_and_both_variants(tmp_path, capsys)
     rows = {line.split("|")[1].strip(): line for line in block.splitlines() if line.startswith("| ")}
     for name in (*MODALITIES, "mean"):
         assert all(0.0 < p <= 1.0 for p in _cells(rows[name])), rows[name]
-    used, dominant = _cells(rows["top-1 of any image"]), _cells(rows["most used by a modality"])
-    assert all(float(n).is_integer() and 1 <= n for n in used + dominant), (used, dominant)
-    assert all(d <= min(u, len(MODALITIES)) for u, d in zip(used, dominant)), (used, dominant)
+    for gate in ("teacher", "student"):
+        used, dominant = _cells(rows[f"{gate}: top-1 of any image"]), _cells(rows[f"{gate}: most used by a modality"])
+        assert all(float(n).is_integer() and 1 <= n for n in used + dominant), (used, dominant)
+        assert all(d <= min(u, len(MODALITIES)) for u, d in zip(used, dominant)), (used, dominant)
+        assert all(0.0 < p <= 1.0 for p in _cells(rows[f"{gate} purity"])), rows[f"{gate} purity"]
+        assert all(0.0 <= b <= 0.2 for b in _cells(rows[f"{gate} balance"])), rows[f"{gate} balance"]  # 5 experts
     assert all(-1.0 <= s <= 1.0 for s in _cells(rows["silhouette"])), rows["silhouette"]
     for variant in ("routing", "no_routing"):
         assert (tmp_path / f"{variant}_seed0" / "pretrain" / "models" / "model.pt").is_file()

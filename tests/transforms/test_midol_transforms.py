@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 import pytest
 import torch
-from medfm.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized
+from medfm.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
 from medfm.transforms.midol import adjust_hue, adjust_saturation, dino_crop_box, grey, solarize
 from monai.data import MetaTensor
 from PIL import Image, ImageOps
@@ -43,9 +43,11 @@ def test_shapes_keys_and_grey_input():
     assert all(type(v) is torch.Tensor and v.dtype == torch.float32 for k, v in out.items() if k != "modality_index")
     kept = MultiCropd("image", 32, 16, num_local=1, prefix_global="g", prefix_local="l", keep_source=True)
     assert sorted(kept({"image": _img()})) == ["g0", "g1", "image", "l0"]
-    # DINO defaults: 2 x 224 global + 8 x 96 local
+    # M-IDoL's reference defaults: 2 x 224 global + 2 x 224 local (DINO: 8 x 96 local)
     t = MultiCropd()
-    assert len(t.global_views) == 2 and len(t.local_views) == 8
+    assert len(t.global_views) == 2 and len(t.local_views) == 2
+    out = t({"image": _img(3, 40, 30)})
+    assert all(out[k].shape == (3, 224, 224) for k in ("global_0", "global_1", "local_0", "local_1"))
     assert [v.blur_prob for v in t.global_views] == [1.0, 0.1] and [v.solarize_prob for v in t.global_views] == [0, 0.2]
 
 
@@ -170,3 +172,50 @@ def test_bad_input_names_the_file():
 def test_ill_arg(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiCropd(**kwargs)
+
+
+def _train_parser(dataset_dir):
+    import os
+
+    from monai.bundle import ConfigParser
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parser = ConfigParser()
+    parser.read_config(os.path.join(root, "bundles", "midol_multimodal", "configs", "train.json"))
+    parser.update({"dataset_dir": str(dataset_dir), "output_dir": str(dataset_dir)})
+    return parser
+
+
+def test_shipped_pretraining_input_is_rows_first_over_255_and_two_local_224_crops(tmp_path):
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[2, 25] = 200  # the brightest pixel is 200: /255 gives 0.784, min-max would give 1
+    (tmp_path / "xray").mkdir()
+    Image.fromarray(a).save(tmp_path / "xray" / "x.png")
+    parser = _train_parser(tmp_path)
+    item = {"image": str(tmp_path / "xray" / "x.png"), "modality_index": 0}
+    from monai.transforms import Compose
+
+    det = Compose(parser.get_parsed_content("train#deterministic_transforms"))(dict(item))["image"]
+    assert det.shape == (3, 20, 30)
+    torch.testing.assert_close(det.as_tensor(), torch.from_numpy(a.transpose(2, 0, 1) / 255.0).float())
+    out = parser.get_parsed_content("train#preprocessing")(dict(item))
+    assert sorted(k for k in out if k != "modality_index") == ["global_0", "global_1", "local_0", "local_1"]
+    assert all(out[k].shape == (3, 224, 224) for k in ("global_0", "global_1", "local_0", "local_1"))
+    assert parser.get_parsed_content("crop_keys") == ["global_0", "global_1", "local_0", "local_1"]
+
+
+def test_scale_intensity_8bit_divides_by_255_and_min_max_scales_the_rest(tmp_path):
+    a = np.array([[0, 50], [100, 200]], np.uint8)
+    Image.fromarray(a).save(tmp_path / "g.png")
+    Image.fromarray((a.astype(np.uint16) * 100).astype(np.uint16)).save(tmp_path / "g16.png")
+    from monai.transforms import LoadImaged
+
+    load = LoadImaged("image", ensure_channel_first=True)
+    t = ScaleIntensity8Bitd("image")
+    out = t(load({"image": str(tmp_path / "g.png")}))["image"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float32
+    torch.testing.assert_close(out[0].as_tensor(), torch.tensor(a.T / 255.0, dtype=torch.float32))
+    out16 = t(load({"image": str(tmp_path / "g16.png")}))["image"]
+    torch.testing.assert_close(out16[0].as_tensor(), torch.tensor(a.T / 200.0, dtype=torch.float32))
+    bare = t({"image": torch.tensor([[[2.0, 4.0, 6.0]]])})["image"]  # no meta: min-max
+    torch.testing.assert_close(bare, torch.tensor([[[0.0, 0.5, 1.0]]]))

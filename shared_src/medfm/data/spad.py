@@ -86,13 +86,14 @@ def _itk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 
 def _read_header(path: str) -> dict[str, Any]:
-    """``aniso_d``, ``spacing``, ``dim`` and ``intensity`` of one image from its header (array axes as MONAI)."""
+    """``aniso_d``, ``spacing``, ``dim`` and ``intensity`` of one image from its header (array axes as the transforms
+    present them: volumes as MONAI loads them, 2D files rows first)."""
     lower = path.lower()
     intensity = "percentile"
     try:
         if lower.endswith(_SUFFIXES_2D):
             with Image.open(path) as im:
-                shape, spacing = tuple(im.size), (1.0, 1.0)  # MONAI's PILReader: axes (W, H), spacing 1
+                shape, spacing = (im.size[1], im.size[0]), (1.0, 1.0)  # rows first, as RowsFirstd; spacing 1
                 intensity = "uint8" if im.mode in _MODES_8BIT else "percentile"
         elif lower.endswith(_SUFFIXES_NIFTI):
             img = nib.load(path)
@@ -100,6 +101,8 @@ def _read_header(path: str) -> dict[str, Any]:
             spacing = tuple(float(s) for s in np.linalg.norm(img.affine[:3, : len(shape)], axis=0))
         else:
             shape, spacing = _itk_header(path)
+            if shape[2] == 1 and not os.path.isdir(path):  # a 2D DICOM: rows first, as RowsFirstd presents it
+                shape, spacing = (shape[1], shape[0], 1), (spacing[1], spacing[0], spacing[2])
         layout = spad_layout(shape, spacing)
     except Exception as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -184,7 +184,7 @@ class MIDoLIteration:
         model = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
         sched = self.schedules(engine)
         device_type = crops[0].device.type
-        engine.network.train()  # the teacher stays in eval mode (MIDoLSelfDistill.train)
+        engine.network.train()  # the teacher follows unless MIDoLSelfDistill(teacher_train_mode=False)
 
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher = model.forward_teacher(crops[: self.num_global])

@@ -18,24 +18,34 @@ from torch import nn
 
 from medfm.losses.self_distill import DINOLoss
 
-__all__ = ["MIDoLLoss", "RoutingConsistencyLoss", "sinkhorn_knopp"]
+__all__ = ["SINKHORN_FLOOR", "MIDoLLoss", "RoutingConsistencyLoss", "sinkhorn_knopp"]
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+SINKHORN_FLOOR = 1e-12
+"""Floor of Sinkhorn-Knopp's assignments (reference code: after ``exp`` and after every iteration)."""
+
+
 @torch.no_grad()
 def sinkhorn_knopp(
     scores: torch.Tensor, temperature: float = 1.0, epsilon: float = 0.05, iterations: int = 3
 ) -> torch.Tensor:
-    """Equipartitioned soft assignments of images to experts (SwAV, arXiv:2006.09882; DINO's/M-IDoL's variant).
+    """Equipartitioned soft assignments of images to experts (SwAV, arXiv:2006.09882; M-IDoL's variant).
 
-    ``Q[b, e] = exp((x[b, e] - max_e x[b, e]) / epsilon)`` with ``x = scores / temperature`` (the per-image max
-    shift only guards against overflow: a per-image scale is undone by the per-image normalisation). Then
-    ``iterations`` times: scale each expert's column so that it sums to ``B / E`` over the GLOBAL batch (the
-    column sums are all-reduced over the ranks when a process group is initialised), then each image's row to
-    sum to 1. Rows therefore sum to 1 exactly and columns to ``B / E`` approximately (exactly in the limit).
+    With ``x = scores / temperature`` and ``Q[b, e] = max(exp((x[b, e] - max_e x[b, e]) / epsilon), floor)``
+    (the per-image max shift only guards against overflow; ``floor`` = :data:`SINKHORN_FLOOR`), ``Q`` is scaled to
+    total 1 over the global batch and then, ``iterations`` times: each expert's column is scaled to sum to ``1 / E``
+    over the GLOBAL batch (column sums all-reduced over the ranks when a process group is initialised), each
+    image's row to sum to ``1 / B_global``, and ``Q`` is floored again. Finally ``Q * B_global`` is floored and each
+    row renormalised to sum to 1, so rows sum to 1 and columns to about ``B / E``. Every division adds ``floor`` to
+    its denominator. This is the reference code's computation (its ``_sinkhorn_knopp``), except that the first
+    scaling uses the global total where the reference divides by its rank's own total (which weights the ranks
+    unequally in the all-reduced column sums). The floor is what lets a collapsed router be rebalanced: at
+    ``scores / (0.04 * 0.05)`` an expert that is no image's favourite by a margin of 0.2 gets ``exp(-100)``, 0 in
+    float32, for every image, and without a floor a column of zeros stays zero whatever it is scaled by.
     Computed in float32, without gradient. Under DDP each rank passes its own rows and gets its own rows of the
     assignment of the whole global batch.
 
@@ -54,20 +64,25 @@ def sinkhorn_knopp(
         raise ValueError(f"temperature and epsilon must be positive, got {temperature} and {epsilon}.")
     if iterations < 1:
         raise ValueError(f"iterations must be positive, got {iterations}.")
-    tiny = torch.finfo(torch.float32).tiny
+    floor = SINKHORN_FLOOR
     x = scores.float() / temperature
-    q = torch.exp((x - x.max(dim=1, keepdim=True).values) / epsilon)
+    q = torch.exp((x - x.max(dim=1, keepdim=True).values) / epsilon).clamp_min(floor)
+    total = q.sum()
     n = torch.tensor(float(q.shape[0]), device=q.device)
     if _distributed():
+        dist.all_reduce(total)
         dist.all_reduce(n)
+    q = q / (total + floor)
     num_experts = q.shape[1]
     for _ in range(iterations):
         col = q.sum(0, keepdim=True)
         if _distributed():
             dist.all_reduce(col)
-        q = q * (n / num_experts) / col.clamp_min(tiny)
-        q = q / q.sum(1, keepdim=True).clamp_min(tiny)
-    return q
+        q = q / (col + floor) / num_experts
+        q = q / (q.sum(1, keepdim=True) + floor) / n
+        q = q.clamp_min(floor)
+    q = (q * n).clamp_min(floor)
+    return q / (q.sum(1, keepdim=True) + floor)
 
 
 class RoutingConsistencyLoss(nn.Module):

@@ -1,8 +1,8 @@
-"""Transforms of medfm: PET/CT loading, FratMAE's stack crops and SPAD-ViT's depth-first layout."""
+"""Transforms of medfm: PET/CT loading, FratMAE's stack crops, SPAD-ViT's depth-first layout, rows-first 2D images."""
 
 from __future__ import annotations
 
-from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized
+from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
 from .panfm import (
     SUPPORTED_DROP_MODES,
     SUPPORTED_ORGAN_INTENSITY,
@@ -10,6 +10,7 @@ from .panfm import (
     LoadOrgansd,
     organ_drop_draws,
 )
+from .planar import RowsFirstd, is_planar_file
 from .petct import (
     LoadPETCTd,
     PETCTChannelsd,
@@ -41,6 +42,7 @@ __all__ = [
     "MultiCropd",
     "ResizeNormalized",
     "SEGMENTATION_PATCHES",
+    "ScaleIntensity8Bitd",
     "STACKS",
     "SUPPORTED_DROP_MODES",
     "SUPPORTED_INTENSITY",
@@ -52,6 +54,7 @@ __all__ = [
     "RandStackCrop",
     "RandStackCropd",
     "ReorientToDepthd",
+    "RowsFirstd",
     "ScaleIntensitySpadd",
     "SpadLayout",
     "SpadRandCropd",
@@ -63,6 +66,7 @@ __all__ = [
     "check_single_channel_3d",
     "count_nonfinite",
     "grid_mismatch",
+    "is_planar_file",
     "organ_drop_draws",
     "resample_to_reference",
     "spad_layout",

@@ -1,8 +1,9 @@
-"""M-IDoL's multi-crop augmentation (DINO's) and evaluation resize, for channel-first 2D images in ``[0, 1]``.
+"""M-IDoL's multi-crop augmentation (DINO's), intensity scaling and evaluation resize, for channel-first 2D images.
 
 M-IDoL (public code LYH-hh/M-IDoL) pre-trains with DINO's augmentation (Caron et al., `arXiv:2104.14294
-<https://arxiv.org/abs/2104.14294>`_, ``DataAugmentationDINO``): two global crops (scale 0.4-1, 224 px) and
-local crops (scale 0.05-0.4, 96 px), each with a horizontal flip (p 0.5), colour jitter (brightness 0.4,
+<https://arxiv.org/abs/2104.14294>`_, ``DataAugmentationDINO``) with its own local-crop size: two global crops
+(scale 0.4-1, 224 px) and two local crops (scale 0.05-0.4) also of 224 px (DINO: eight of 96 px; a window-7
+Swin's last stage would be 3x3 tokens padded to 7x7), each with a horizontal flip (p 0.5), colour jitter (brightness 0.4,
 contrast 0.4, saturation 0.2, hue 0.1, in random order, p 0.8), greyscale (p 0.2), Gaussian blur (sigma
 0.1-2 px; p 1.0 and 0.1 for the two global crops, 0.5 for local crops), solarisation (p 0.2, second global
 crop only), then ImageNet normalisation.
@@ -36,6 +37,7 @@ from monai.transforms import (
     RandScaleIntensityFixedMean,
     Resize,
 )
+from monai.transforms import ScaleIntensity
 from monai.utils import convert_to_tensor
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "IMAGENET_STD",
     "MultiCropd",
     "ResizeNormalized",
+    "ScaleIntensity8Bitd",
     "adjust_hue",
     "adjust_saturation",
     "dino_crop_box",
@@ -213,9 +216,9 @@ class MultiCropd(Randomizable, MapTransform):
     Args:
         keys: the one image key.
         global_size: side of the global crops (DINO: 224).
-        local_size: side of the local crops (DINO: 96).
-        num_global: number of global crops (DINO: 2).
-        num_local: number of local crops (DINO: 8).
+        local_size: side of the local crops (M-IDoL's reference code: 224; DINO: 96).
+        num_global: number of global crops (2).
+        num_local: number of local crops (M-IDoL's reference code: 2; DINO: 8).
         global_scale: area fraction range of the global crops (DINO: 0.4-1).
         local_scale: area fraction range of the local crops (DINO: 0.05-0.4).
         prefix_global: output key prefix of the global crops.
@@ -224,8 +227,8 @@ class MultiCropd(Randomizable, MapTransform):
         local_blur_prob: blur probability of the local crops (DINO: 0.5).
         global_solarize_prob: solarisation probability per global crop (DINO: 0, 0.2).
         flip_prob: flip probability (0.5).
-        flip_axis: spatial axis flipped: 1 is the last (width of an ``(H, W)`` array); MONAI's ``PILReader`` loads
-            PNG/JPEG as ``(W, H)`` unless ``reverse_indexing=False``, where 0 is the horizontal axis.
+        flip_axis: spatial axis flipped: 1 is the last, the width of an ``(H, W)`` array (the horizontal flip of
+            an image presented rows first by :class:`medfm.transforms.RowsFirstd`).
         brightness: brightness jitter strength (0.4).
         contrast: contrast jitter strength (0.4).
         saturation: saturation jitter strength (0.2).
@@ -243,9 +246,9 @@ class MultiCropd(Randomizable, MapTransform):
         self,
         keys: KeysCollection = "image",
         global_size: int = 224,
-        local_size: int = 96,
+        local_size: int = 224,
         num_global: int = 2,
-        num_local: int = 8,
+        num_local: int = 2,
         global_scale: Sequence[float] = (0.4, 1.0),
         local_scale: Sequence[float] = (0.05, 0.4),
         prefix_global: str = "global_",
@@ -377,4 +380,37 @@ class ResizeNormalized(MapTransform):
         for key in self.key_iterator(d):
             x = convert_to_tensor(self.resize(_rgb01(d[key], key)), track_meta=False).clamp(0, 1)
             d[key] = convert_to_tensor(self.normalize(x), dtype=torch.float32, track_meta=False).contiguous()
+        return d
+
+
+EIGHT_BIT_MODES = frozenset({"L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr"})
+"""PIL image modes with 8 bits per channel (``meta["mode"]`` of MONAI's ``PILReader``)."""
+
+
+class ScaleIntensity8Bitd(MapTransform):
+    """Intensities to ``[0, 1]``: 8-bit images divided by 255, others min-max scaled.
+
+    An image is 8-bit when MONAI's ``PILReader`` loaded it with a mode in :data:`EIGHT_BIT_MODES` (meta ``mode``):
+    ``x / 255``, what the reference code's ``torchvision.transforms.ToTensor`` does to the PIL images it reads.
+    Anything else (a 16-bit PNG, a DICOM X-ray, an array without meta) is min-max scaled to ``[0, 1]`` (MONAI
+    ``ScaleIntensity``), our choice: the reference reads 8-bit images only. Output is float32.
+
+    Args:
+        keys: image keys.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.minmax = ScaleIntensity(minv=0.0, maxv=1.0, dtype=torch.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if (getattr(img, "meta", None) or {}).get("mode") in EIGHT_BIT_MODES:
+                t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+                d[key] = t.to(torch.float32) / 255.0  # a MetaTensor keeps its meta and applied operations
+            else:
+                d[key] = self.minmax(img)
         return d

@@ -37,7 +37,8 @@ class MIDoLHead(nn.Module):
         hidden_dim: expert MLP width (reference: 2048).
         bottleneck_dim: None (reference) or a width to project to before normalising.
         norm_last_layer: fix the last layer's row norms at 1 (reference: True).
-        normalize_gate: renormalise the selected gate probabilities (see :class:`MoEProjector`).
+        normalize_gate: renormalise the selected gate probabilities (reference: False; see :class:`MoEProjector`).
+        gate_noise: training-time gate noise in units of ``1 / E`` (reference: 1.0).
     """
 
     def __init__(
@@ -49,12 +50,13 @@ class MIDoLHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int | None = None,
         norm_last_layer: bool = True,
-        normalize_gate: bool = True,
+        normalize_gate: bool = False,
+        gate_noise: float = 1.0,
     ) -> None:
         super().__init__()
         if bottleneck_dim is not None and bottleneck_dim < 1:
             raise ValueError(f"bottleneck_dim must be positive or None, got {bottleneck_dim}.")
-        self.moe = MoEProjector(in_dim, hidden_dim, num_experts, top_k, normalize_gate)
+        self.moe = MoEProjector(in_dim, hidden_dim, num_experts, top_k, normalize_gate, gate_noise)
         self.last_layer = DINOHead(
             in_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim or in_dim, nlayers=1,
             norm_last_layer=norm_last_layer,
@@ -110,17 +112,21 @@ class _MIDoLBranch(nn.Module):
 class MIDoLSelfDistill(EMATeacherPair):
     """M-IDoL pre-training pair: student = backbone + :class:`MIDoLHead`, teacher = its EMA copy.
 
-    The teacher starts as a deep copy of the student, never requires grad, stays in eval mode (no stochastic
-    depth, no dropout) and moves only by :meth:`update_teacher` (parameters and floating-point buffers, e.g.
+    The teacher starts as a deep copy of the student, never requires grad and moves only by
+    :meth:`update_teacher` (parameters and floating-point buffers, e.g.
     BatchNorm statistics, by the same EMA). The state dict holds ``student.*`` and ``teacher.*``; downstream
     models take the teacher's backbone (the reference keeps only the teacher Swin), see
-    :func:`midol_backbone_state`. Give the optimiser ``model.student.parameters()``.
+    :func:`midol_backbone_state`. Give the optimiser ``model.student.parameters()``. With ``teacher_train_mode``
+    (default, as the reference code, which never puts its teacher in eval mode) the teacher follows the pair's
+    mode, so in training its stochastic depth and gate noise are active; without it the teacher always stays in
+    eval mode (deterministic targets, DINO's choice for ViTs).
 
     Args:
         backbone: module ``forward(x) -> (B, embed_dim)`` pooled features (reference: Swin-B, 1024).
         embed_dim: D.
-        num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate: of the
-            :class:`MIDoLHead`.
+        num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate, gate_noise: of
+            the :class:`MIDoLHead`.
+        teacher_train_mode: the teacher follows the pair's train/eval mode (reference) instead of staying in eval.
     """
 
     ema_buffers = True  # float buffers follow the EMA, counters are copied
@@ -135,15 +141,27 @@ class MIDoLSelfDistill(EMATeacherPair):
         hidden_dim: int = 2048,
         bottleneck_dim: int | None = None,
         norm_last_layer: bool = True,
-        normalize_gate: bool = True,
+        normalize_gate: bool = False,
+        gate_noise: float = 1.0,
+        teacher_train_mode: bool = True,
     ) -> None:
         super().__init__()
         head = MIDoLHead(
-            embed_dim, num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate
-        )
+            embed_dim, num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate,
+            gate_noise,
+        )  # fmt: skip
         self.num_experts = num_experts
+        self.teacher_train_mode = teacher_train_mode
         self.student = _MIDoLBranch(backbone, head)
         self.init_teacher()
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MIDoLSelfDistill:
+        """Set the mode; the teacher follows it with ``teacher_train_mode``, else stays in eval mode."""
+        super().train(mode)
+        if self.teacher_train_mode:
+            self.teacher.train(mode)
+        return self
 
     @torch.no_grad()
     def forward_teacher(self, global_crops: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
