@@ -201,10 +201,11 @@ def test_scale_intensity_errors():
 
 @pytest.mark.parametrize("aniso_d", range(6))
 def test_spad_roi_size(aniso_d):
-    depth_patch = [16, 8, 4, 2, 1, 1][aniso_d]
-    assert spad_roi_size((5, 10, 12), aniso_d) == (5 * depth_patch, 160, 192)
+    # depth = tokens x depth patch (16 >> level); past the patch (2**level > 16) a single slice, like 2D
+    depth = [5 * 16, 5 * 8, 5 * 4, 5 * 2, 5 * 1, 1][aniso_d]
+    assert spad_roi_size((5, 10, 12), aniso_d) == (depth, 160, 192)
     assert spad_roi_size((5, 10, 12), aniso_d, is_2d=True) == (1, 160, 192)
-    assert spad_roi_size((2, 3, 3), aniso_d, patch_size=8) == (2 * max(8 >> aniso_d, 1), 24, 24)
+    assert spad_roi_size((2, 3, 3), aniso_d, patch_size=8) == ([16, 8, 4, 2, 1, 1][aniso_d], 24, 24)
 
 
 def test_spad_roi_size_ill_arg():
@@ -225,7 +226,7 @@ def _find_offset(crop: np.ndarray, shape) -> tuple[int, ...]:
 )
 def test_rand_crop_matches_slicing_and_is_shared(aniso_d, shape):
     tokens = (2, 2, 2)
-    roi = (2 * max(16 >> aniso_d, 1), 32, 32)
+    roi = (1 if aniso_d == 5 else 2 * (16 >> aniso_d), 32, 32)
     img = _volume(shape, (1.0, 1.0, 1.0))
     label = img.clone() * 2
     tr = SpadRandCropd(["image", "label"], tokens=tokens).set_random_state(3)

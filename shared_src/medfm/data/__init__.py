@@ -1,6 +1,6 @@
 """Datalists, prompts and synthetic demo data."""
 
-from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
+from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
 from .autopet import build_autopet_datalist, find_petct_images, split_datalist
 from .cache import transform_state_hash
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
@@ -42,6 +42,7 @@ __all__ = [
     "SpadHeaderd",
     "STUDY_SUFFIXES",
     "AnisoBatchSampler",
+    "SpadDrawDataset",
     "PromptTokenizer",
     "aniso_batch_sampler",
     "build_autopet_datalist",

@@ -86,7 +86,7 @@ def _itk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 
 def _read_header(path: str) -> dict[str, Any]:
-    """``aniso_d``, ``spacing``, ``dim`` and ``intensity`` of one image from its header (array axes as MONAI)."""
+    """``aniso_d``, ``spacing``, ``shape``, ``dim`` and ``intensity`` of one image from its header (MONAI's axes)."""
     lower = path.lower()
     intensity = "percentile"
     try:
@@ -104,7 +104,14 @@ def _read_header(path: str) -> dict[str, Any]:
     except Exception as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path}: cannot read the image header ({type(e).__name__}: {cause}).") from e
-    return {"aniso_d": layout.aniso_d, "spacing": list(layout.spacing), "dim": layout.dim, "intensity": intensity}
+    full = [*shape, 1] if len(shape) == 2 else list(shape)
+    return {
+        "aniso_d": layout.aniso_d,
+        "spacing": list(layout.spacing),
+        "shape": [int(full[a]) for a in layout.axes],
+        "dim": layout.dim,
+        "intensity": intensity,
+    }
 
 
 def _find_label(labels_dir: str, rel: str) -> str | None:
@@ -162,7 +169,8 @@ def build_spad_datalist(
     ``image`` (absolute path; a DICOM series is its directory), ``label`` (when a label with the image's stem
     exists in ``labels_subdir``), ``aniso_d`` (int), ``spacing`` (``[s_d, s_h, s_w]`` mm, depth first after
     :class:`medfm.transforms.spad.ReorientToDepthd`; for 2D ``s_d`` is the nominal ``32 * min(s_h, s_w)``),
-    ``dim`` (2 or 3), ``intensity`` (``"uint8"`` for 8-bit PNG/JPEG, else ``"percentile"``) and ``class``
+    ``shape`` (``[D, H, W]`` in the same layout; depth 1 for 2D), ``dim`` (2 or 3), ``intensity``
+    (``"uint8"`` for 8-bit PNG/JPEG, else ``"percentile"``) and ``class``
     (int, with ``classes_file``).
 
     Args:
@@ -216,13 +224,13 @@ def build_spad_datalist(
 
 def with_spad_headers(datalist: Sequence[Mapping[str, Any]], key: str = "image") -> list[dict[str, Any]]:
     """Copies of ``datalist`` items with the header fields :func:`build_spad_datalist` gives (``aniso_d``,
-    ``spacing``, ``dim``, ``intensity``) filled in from ``item[key]`` where absent, e.g. for the
+    ``spacing``, ``shape``, ``dim``, ``intensity``) filled in from ``item[key]`` where absent, e.g. for the
     ``{"image", "label"}`` pairs MONAI Label's ``/train`` passes. Errors name the file."""
     return [{**_read_header(str(item[key])), **item} for item in datalist]
 
 
 class SpadHeaderd(MapTransform):
-    """Fill in the datalist header fields (``aniso_d``, ``spacing``, ``dim``, ``intensity``) of a sample from
+    """Fill in the datalist header fields (``aniso_d``, ``spacing``, ``shape``, ``dim``, ``intensity``) of a sample from
     the file under ``keys`` before it is loaded; fields already present are kept.
 
     The first transform of a served SPAD-ViT config: MONAI Label passes ``{"image": path}`` alone, and without

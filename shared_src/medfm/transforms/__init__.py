@@ -31,6 +31,7 @@ from .spad import (
     spad_roi_size,
     through_plane_axis,
 )
+from .spad_augment import SpadRandAffineCropd, SpadScaleAugment
 from .stack_presets import STACKS, stack_settings
 from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
@@ -53,7 +54,9 @@ __all__ = [
     "ReorientToDepthd",
     "ScaleIntensitySpadd",
     "SpadLayout",
+    "SpadRandAffineCropd",
     "SpadRandCropd",
+    "SpadScaleAugment",
     "StackCrop",
     "ToRGBd",
     "TokenizePromptd",

@@ -331,10 +331,13 @@ def spad_roi_size(
 ) -> tuple[int, int, int]:
     """Crop size ``(D, H, W)`` holding a ``tokens = (t_d, t_h, t_w)`` grid of SPAD patches.
 
-    The depth patch is ``max(patch_size >> aniso_d, 1)``; a 2D image (depth 1) has one token in depth.
+    The depth patch is ``max(patch_size >> aniso_d, 1)``. A 2D image, and a volume whose level is past the
+    depth patch (``2**aniso_d > patch_size``: 5 for patch 16, slices at least 32 times the in-plane spacing),
+    gives one slice, as in the reference: so every sample of an ``aniso_d`` batch has the same crop depth and
+    the batch collates.
 
-    >>> spad_roi_size((5, 10, 10), 2), spad_roi_size((5, 10, 10), 5, is_2d=True)
-    ((20, 160, 160), (1, 160, 160))
+    >>> spad_roi_size((5, 10, 10), 2), spad_roi_size((5, 10, 10), 5, is_2d=True), spad_roi_size((5, 10, 10), 5)
+    ((20, 160, 160), (1, 160, 160), (1, 160, 160))
     """
     t = tuple(int(n) for n in tokens)
     if len(t) != 3 or min(t) < 1:
@@ -343,7 +346,8 @@ def spad_roi_size(
         raise ValueError(f"aniso_d must be in [0, {MAX_ANISO_D}], got {aniso_d}.")
     if int(patch_size) < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size}.")
-    depth = 1 if is_2d else t[0] * max(int(patch_size) >> int(aniso_d), 1)
+    single = is_2d or (1 << int(aniso_d)) > int(patch_size)
+    depth = 1 if single else t[0] * max(int(patch_size) >> int(aniso_d), 1)
     return depth, t[1] * int(patch_size), t[2] * int(patch_size)
 
 
