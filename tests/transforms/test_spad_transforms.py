@@ -12,6 +12,7 @@ from medfm.transforms import (
     ReorientToDepthd,
     ScaleIntensitySpadd,
     SpadRandCropd,
+    ToRGBd,
     spad_layout,
     spad_roi_size,
     through_plane_axis,
@@ -271,3 +272,30 @@ def test_rand_crop_errors():
         SpadRandCropd("image")({"image": torch.zeros(1, 8, 8), "aniso_d": 5})
     with pytest.raises(ValueError, match="spatial shape"):
         SpadRandCropd(["image", "label"])({"image": img, "label": torch.zeros(1, 4, 8, 9), "aniso_d": 2})
+
+
+def test_to_rgb_keeps_or_refuses_two_and_four_channels(tmp_path):
+    """Grey + alpha and RGBA are read as such only for 8-bit natural images; a 2-channel scan is refused by name."""
+    rng = np.random.default_rng(0)
+    la = rng.integers(0, 256, (6, 5, 2), dtype=np.uint8)
+    Image.fromarray(la, mode="LA").save(tmp_path / "grey_alpha.png")
+    mr = rng.standard_normal((6, 5, 4, 2)).astype(np.float32)  # in- and opposed-phase MR in one file
+    nib.save(nib.Nifti1Image(mr, np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "dixon.nii.gz"))
+    def load(d):
+        return ToRGBd("image")(LoadImaged("image", ensure_channel_first=True)(d))
+
+    out = load({"image": str(tmp_path / "grey_alpha.png"), "intensity": "uint8"})["image"]
+    assert out.shape[0] == 3
+    for ch in range(3):  # the grey channel, replicated (compared as values: independent of the axis order)
+        np.testing.assert_array_equal(out[ch].numpy(), out[0].numpy())
+    np.testing.assert_array_equal(np.sort(out[0].numpy().ravel()), np.sort(la[..., 0].ravel()))
+    with pytest.raises(ValueError, match=r"dixon\.nii\.gz.*2 channels"):
+        load({"image": str(tmp_path / "dixon.nii.gz"), "intensity": "percentile"})
+    with pytest.raises(ValueError, match=r"dixon\.nii\.gz.*2 channels"):
+        load({"image": str(tmp_path / "dixon.nii.gz")})
+    four = MetaTensor(torch.ones(4, 2, 3, 3), meta={"filename_or_obj": "seq4.nii.gz"})
+    with pytest.raises(ValueError, match=r"seq4\.nii\.gz.*4 channels"):
+        ToRGBd("image")({"image": four})
+    assert ToRGBd("image")({"image": four, "intensity": "uint8"})["image"].shape == (3, 2, 3, 3)
+    one = MetaTensor(torch.arange(8.0).reshape(1, 2, 2, 2))
+    np.testing.assert_array_equal(ToRGBd("image")({"image": one})["image"].numpy(), one.repeat(3, 1, 1, 1).numpy())

@@ -308,15 +308,37 @@ class ScaleIntensitySpadd(MapTransform):
 class ToRGBd(MapTransform):
     """Three channels, as SPAD-ViT's release takes: grey images are replicated, RGBA / grey+alpha lose alpha.
 
-    Channel-first input ``(C, ...)`` with C in {1, 2 (grey + alpha), 3, 4 (RGBA)}; anything else raises a
-    ValueError naming the file. MetaTensor metadata is kept.
+    Channel-first input ``(C, ...)`` with C in {1, 3} for any image, and C in {2 (grey + alpha), 4 (RGBA)} for
+    8-bit natural images only (``data[intensity_key] == "uint8"``, as :func:`medfm.data.build_spad_datalist`
+    marks PNG/JPEG files). A 2- or 4-channel scan (e.g. in- and opposed-phase MR, or four MR sequences in one
+    file) has no alpha channel, and dropping one would lose data silently: it raises a ValueError naming the
+    file, as does any other channel count. The release trains on each channel of a multi-channel scan as its own
+    image; store them as separate files. MetaTensor metadata is kept.
+
+    Args:
+        keys: image keys.
+        intensity_key: key of the intensity kind (see :data:`SUPPORTED_INTENSITY`); absent means a scan.
+        allow_missing_keys: don't raise for missing keys.
     """
+
+    def __init__(
+        self, keys: KeysCollection, intensity_key: str = "intensity", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.intensity_key = intensity_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        natural = d.get(self.intensity_key) == "uint8"
         for key in self.key_iterator(d):
             img = d[key]
             c = img.shape[0]
+            if c in (2, 4) and not natural:
+                raise ValueError(
+                    f"{_name(img)}: {key!r} has {c} channels; only an 8-bit natural image (PNG/JPEG) is read as "
+                    f"{'grey' if c == 2 else 'RGB'} + alpha. A {c}-channel scan would lose a channel: store each "
+                    "channel as its own file."
+                )
             if c in (1, 2):
                 d[key] = img[:1].repeat(3, *([1] * (img.ndim - 1)))
             elif c in (3, 4):
