@@ -171,14 +171,37 @@ def test_scale_intensity_percentile_matches_numpy():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1, 4, 20, 20)) * 100 + 40).astype(np.float32)
     out = ScaleIntensitySpadd("image")({"image": MetaTensor(torch.from_numpy(x)), "intensity": "percentile"})
-    lo, hi = np.percentile(x, [0.5, 99.5])
+    lo, hi = np.percentile(x[x > x.min()], [0.5, 99.5])
     expected = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     np.testing.assert_allclose(out["image"].numpy(), expected, atol=1e-5)
     assert out["image"].dtype == torch.float32
-    # no intensity key: percentile too
-    out2 = ScaleIntensitySpadd("image", lower=10, upper=90)({"image": torch.from_numpy(x)})
+    # no intensity key: percentile too; above_min=False: over all voxels
+    out2 = ScaleIntensitySpadd("image", lower=10, upper=90, above_min=False)({"image": torch.from_numpy(x)})
     lo, hi = np.percentile(x, [10, 90])
     np.testing.assert_allclose(out2["image"].numpy(), np.clip((x - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+def test_scale_intensity_percentiles_skip_the_background_at_the_minimum():
+    """A CT-like volume: 60% padding at -1024, tissue values 0..999 (each once). The reference takes the
+    percentiles over the voxels above the minimum, i.e. over the 1000 tissue values alone."""
+    tissue = np.random.default_rng(1).permutation(1000).astype(np.float32)
+    x = np.concatenate([np.full(1500, -1024.0, np.float32), tissue]).reshape(1, 10, 10, 25)
+    out = ScaleIntensitySpadd("image")({"image": torch.from_numpy(x), "intensity": "percentile"})["image"].numpy()
+    # hand computation (linear interpolation over the sorted values 0..999): p0.5 at rank 0.005 * 999 = 4.995,
+    # p99.5 at rank 0.995 * 999 = 994.005
+    lo, hi = 4.995, 994.005
+    np.testing.assert_allclose(out, np.clip((x - lo) / (hi - lo), 0, 1), atol=1e-5)
+    assert out.min() == 0.0 and out[x == 500.0] == pytest.approx((500 - lo) / (hi - lo))
+    # over all voxels the lower bound would sit in the padding and tissue 0 would map to ~0.5
+    allv = ScaleIntensitySpadd("image", above_min=False)({"image": torch.from_numpy(x)})["image"].numpy()
+    assert allv[x == 0.0].item() == pytest.approx(1024 / (1024 + np.percentile(x, 99.5)), abs=1e-4)
+    # channel-wise: each channel above its own minimum
+    two = np.stack([x[0], 2 * x[0] + 7])
+    cw = ScaleIntensitySpadd("image", channel_wise=True)({"image": torch.from_numpy(two)})["image"].numpy()
+    np.testing.assert_allclose(cw[1], out[0], atol=1e-5)
+    # a constant image has no voxel above its minimum: zeros
+    const = ScaleIntensitySpadd("image")({"image": torch.full((1, 2, 3, 4), 7.0)})["image"]
+    assert float(const.abs().sum()) == 0.0
 
 
 def test_scale_intensity_uint8_divides_by_255():

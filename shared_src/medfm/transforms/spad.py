@@ -32,8 +32,8 @@ from monai.transforms import (
     MapTransform,
     Pad,
     Randomizable,
-    ScaleIntensityRangePercentiles,
 )
+from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import TraceKeys
 
 from medfm.networks.blocks.spad import MAX_ANISO_D, aniso_d_from_spacing
@@ -256,8 +256,10 @@ class ScaleIntensitySpadd(MapTransform):
 
     ``"uint8"`` (8-bit natural images, PNG/JPEG): divided by 255. ``"percentile"`` (the default when the key
     is absent): the ``lower``-``upper`` percentiles are mapped to ``[0, 1]`` and the result clipped (MONAI
-    ``ScaleIntensityRangePercentiles``). Output is float32. NaN or Inf input raises a ValueError naming the
-    file.
+    ``ScaleIntensityRange``). As in the reference's preprocessing, the percentiles are taken over the voxels
+    above the image's minimum (``above_min``), so the padding or air at the minimum of a scan does not pull the
+    lower bound down; an image with no voxel above its minimum (constant) becomes 0. Output is float32. NaN or
+    Inf input raises a ValueError naming the file.
 
     Args:
         keys: image keys (not labels).
@@ -265,6 +267,8 @@ class ScaleIntensitySpadd(MapTransform):
         upper: upper percentile, in ``[lower, 100]``.
         intensity_key: key holding ``"uint8"`` or ``"percentile"`` (see :data:`SUPPORTED_INTENSITY`).
         channel_wise: percentiles per channel instead of over the whole image.
+        above_min: take the percentiles over the voxels above the minimum (the reference's); ``False`` takes
+            all voxels.
         allow_missing_keys: don't raise for missing keys.
     """
 
@@ -275,15 +279,26 @@ class ScaleIntensitySpadd(MapTransform):
         upper: float = 99.5,
         intensity_key: str = "intensity",
         channel_wise: bool = False,
+        above_min: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= lower <= upper <= 100.0:
             raise ValueError(f"need 0 <= lower <= upper <= 100, got lower={lower}, upper={upper}.")
         self.intensity_key = intensity_key
-        self._percentile = ScaleIntensityRangePercentiles(
-            lower, upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=channel_wise, dtype=np.float32
-        )
+        self.lower, self.upper = float(lower), float(upper)
+        self.channel_wise = bool(channel_wise)
+        self.above_min = bool(above_min)
+
+    def _scale(self, img: torch.Tensor) -> torch.Tensor:
+        """``img`` (float32) with its percentiles (over the voxels above its minimum) mapped to [0, 1], clipped."""
+        values = img[img > img.min()] if self.above_min else img.flatten()
+        if values.numel() == 0:
+            return torch.zeros_like(img)
+        lo, hi = (float(v) for v in percentile(values, [self.lower, self.upper]))
+        if hi <= lo:
+            return (img > lo).to(img.dtype)  # a two-level image: its lower level 0, the rest 1
+        return ((img - lo) / (hi - lo)).clamp(0.0, 1.0)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -297,11 +312,14 @@ class ScaleIntensitySpadd(MapTransform):
                 raise ValueError(
                     f"{_name(img)}: {key!r} has {n} non-finite voxels (NaN or Inf) out of {int(np.prod(img.shape))}."
                 )
+            t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+            t = t.to(torch.float32)
             if mode == "uint8":
-                t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
-                d[key] = t.to(torch.float32) / 255.0
+                d[key] = t / 255.0
+            elif self.channel_wise:
+                d[key] = torch.stack([self._scale(c) for c in t])
             else:
-                d[key] = self._percentile(img)
+                d[key] = self._scale(t)
         return d
 
 
