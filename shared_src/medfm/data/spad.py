@@ -28,6 +28,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from medfm.transforms.spad import spad_layout
+from medfm.transforms.spad_input import spad_limit_in_plane
 
 __all__ = ["SpadHeaderd", "build_spad_datalist", "find_spad_images", "read_class_table", "with_spad_headers"]
 
@@ -85,7 +86,7 @@ def _itk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return tuple(int(n) for n in out.GetLargestPossibleRegion().GetSize()), tuple(float(s) for s in out.GetSpacing())
 
 
-def _read_header(path: str) -> dict[str, Any]:
+def _read_header(path: str, max_in_plane: int | None = None) -> dict[str, Any]:
     """``aniso_d``, ``spacing``, ``shape``, ``dim`` and ``intensity`` of one image from its header (MONAI's axes)."""
     lower = path.lower()
     intensity = "percentile"
@@ -105,10 +106,14 @@ def _read_header(path: str) -> dict[str, Any]:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path}: cannot read the image header ({type(e).__name__}: {cause}).") from e
     full = [*shape, 1] if len(shape) == 2 else list(shape)
+    shape_dhw = [int(full[a]) for a in layout.axes]
+    aniso_d, spacing_dhw = layout.aniso_d, list(layout.spacing)
+    if max_in_plane is not None:  # the size limit of the pre-training pipeline (LimitInPlaneSized)
+        shape_dhw, spacing_dhw, aniso_d = spad_limit_in_plane(shape_dhw, spacing_dhw, max_in_plane)
     return {
-        "aniso_d": layout.aniso_d,
-        "spacing": list(layout.spacing),
-        "shape": [int(full[a]) for a in layout.axes],
+        "aniso_d": aniso_d,
+        "spacing": spacing_dhw,
+        "shape": shape_dhw,
         "dim": layout.dim,
         "intensity": intensity,
     }
@@ -162,6 +167,7 @@ def build_spad_datalist(
     labels_subdir: str = "labels",
     require_labels: bool = False,
     classes_file: str | None = None,
+    max_in_plane: int | None = None,
 ) -> list[dict[str, Any]]:
     """Datalist of the 2D images and 3D volumes under ``<dataset_dir>/<images_subdir>`` (layout: module doc).
 
@@ -180,6 +186,9 @@ def build_spad_datalist(
         require_labels: raise if an image has no label.
         classes_file: CSV with columns ``image,class`` (image names relative to the images folder), a path
             or a name inside ``dataset_dir``; every image must be listed.
+        max_in_plane: the shorter in-plane side a pipeline limits images to
+            (:class:`medfm.transforms.LimitInPlaneSized`): ``aniso_d``, ``spacing`` and ``shape`` are then given
+            after that resize. ``None``: as in the file.
 
     Returns:
         The datalist, sorted by image path.
@@ -215,7 +224,7 @@ def build_spad_datalist(
             item["label"] = label
         elif require_labels:
             raise ValueError(f"image {item['image']} has no label {os.path.join(labels_dir, _stem(rel))}.* .")
-        item.update(_read_header(item["image"]))
+        item.update(_read_header(item["image"], max_in_plane))
         if classes is not None:
             item["class"] = classes[rel]
         datalist.append(item)

@@ -32,6 +32,7 @@ from .spad import (
     through_plane_axis,
 )
 from .spad_augment import SpadRandAffineCropd, SpadScaleAugment
+from .spad_input import CropForegroundSpadd, LimitInPlaneSized, positive_in_all_channels, spad_limit_in_plane
 from .stack_presets import STACKS, stack_settings
 from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
@@ -52,6 +53,10 @@ __all__ = [
     "RandStackCrop",
     "RandStackCropd",
     "ReorientToDepthd",
+    "CropForegroundSpadd",
+    "LimitInPlaneSized",
+    "positive_in_all_channels",
+    "spad_limit_in_plane",
     "ScaleIntensitySpadd",
     "SpadLayout",
     "SpadRandAffineCropd",
