@@ -181,6 +181,38 @@ def test_mim_batch_loss_and_gradient():
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
 
 
+def test_short_mim_run_lowers_the_soft_token_cross_entropy():
+    """25 AdamW steps of a tiny SPAD-ViT on four fixed 64^2 images: the soft-token CE (start ~log 24 = 3.18)
+    falls clearly, towards the targets' entropy (its floor)."""
+    torch.manual_seed(0)
+    tok = _FakeTokenizer()
+    torch.nn.init.normal_(tok.proj.weight, std=4.0)  # peaked soft tokens that depend on the patch intensity
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    imgs = []
+    for _ in range(4):  # a disc at a random place on an intensity ramp
+        cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
+        imgs.append((((xx - cx) ** 2 + (yy - cy) ** 2) < 0.25).float() * 0.6 + 0.2 * (xx + 1))
+    batch = {"image": torch.stack(imgs)[:, None, None].repeat(1, 3, 1, 1, 1), "aniso_d": torch.tensor([5] * 4)}
+    prep = SpadMIMPrepareBatch(tok, mask_ratio=0.55, seed=0)
+    model = SpadViTMIM(num_codes=24, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, pos_embed_shape=(1, 4, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        image, targets, _, kwargs = prep(batch, "cpu")
+        loss = SoftTokenCELoss()(model(image, **kwargs), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    p = targets["probs"]
+    floor = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())  # entropy of the targets
+    start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert start > math.log(24) - 0.1
+    assert end < start - 0.8, losses
+    assert end - floor < 0.5 * (start - floor), (losses, floor)
+
+
 def test_mixed_aniso_batch_is_refused():
     with pytest.raises(ValueError, match="AnisoBatchSampler"):
         batch_aniso_d({"aniso_d": torch.tensor([0, 2])})
