@@ -161,3 +161,30 @@ def test_dataloader_samples_carry_their_drawn_level():
         assert batch["image"].shape[2:] == (max(16 >> levels[0], 1) if levels[0] < 5 else 1, 32, 32)
         seen += len(indices)
     assert seen >= len(base) - 2
+
+
+@pytest.mark.parametrize("config", ["train.json", "train_tokenizer.json"])
+def test_pretraining_configs_switch_the_augmentation(config, tmp_path):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    path = Path(__file__).resolve().parents[2] / "bundles" / "spad_vit" / "configs" / config
+    items = [{"image": "a.png", "aniso_d": 5, "spacing": [32.0, 1.0, 1.0], "shape": [1, 64, 64]}] * 4
+    for on in (True, False):
+        parser = ConfigParser()
+        parser.read_config(str(path))
+        parser.update({"augment": on, "augment_scale": on, "train#datalist": items, "batch_size": 2,
+                       "cache_dir": str(tmp_path)})  # fmt: skip
+        names = [type(t).__name__ for t in parser.get_parsed_content("train#random_transforms")]
+        crop = parser.get_parsed_content("train#crop")
+        sampler = parser.get_parsed_content("train#batch_sampler")
+        if on:
+            assert names[0] == "SpadRandAffineCropd" and names[-1] == "EnsureTyped"
+            assert {"RandFlipd", "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "OneOf"} <= set(names)
+            assert crop.rotate_prob == 0.3 and isinstance(sampler.scale_augment, SpadScaleAugment)
+            assert all(isinstance(i, tuple) for b in sampler for i in b)  # (index, draw) pairs
+        else:
+            assert names == ["SpadRandAffineCropd", "EnsureTyped"]
+            assert crop.rotate_prob == 0.0 and sampler.scale_augment is None
+            assert all(isinstance(i, int) for b in sampler for i in b)
