@@ -109,7 +109,7 @@ def test_segmentation_trained_on_2d_and_3d_and_loaded_the_pretrained_encoder(cha
     split = json.load(open(os.path.join(chain["seg"], "split.json")))
     suffixes = {os.path.basename(p).split(".", 1)[1] for p in split["train"]}
     assert {"png", "nii.gz"} <= suffixes, suffixes
-    seg = SpadViTSegmenter(4, **_demo_sizes("demo_seg.json"))
+    seg = SpadViTSegmenter(4, deep_supervision=True, **_demo_sizes("demo_seg.json"))
     seg.load_state_dict(torch.load(chain["seg_ckpt"], weights_only=True))
     mim = torch.load(chain["mim_ckpt"], weights_only=True)
     # the fine-tuned encoder started from the MIM weights: the position embedding moved little from them
@@ -182,7 +182,7 @@ def test_check_properties_mim_and_multi_gpu(chain, tmp_path, monkeypatch):
 def test_metadata_net_in_out_and_export(chain, tmp_path):
     ts = zoo_checks_and_export(B, chain["seg_ckpt"], [1, 3, 32, 64, 64], tmp_path)
     exported = torch.jit.load(ts)
-    net = SpadViTSegmenter(4, **_demo_sizes("demo_inference.json"))
+    net = SpadViTSegmenter(4, deep_supervision=True, **_demo_sizes("demo_inference.json"))
     net.load_state_dict(torch.load(chain["seg_ckpt"], weights_only=True))
     x = torch.rand(1, 3, 32, 64, 64)
     with torch.no_grad():

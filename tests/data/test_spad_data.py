@@ -6,6 +6,7 @@ import csv
 import math
 import os
 from collections import Counter
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,8 +21,11 @@ from medfm.data import (
     generate_synthetic_spad,
 )
 from medfm.transforms import ReorientToDepthd, RowsFirstd, ScaleIntensitySpadd
+from monai.bundle import ConfigParser
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
+
+SPAD_CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "spad_vit" / "configs"
 
 
 def _level(sz: float, sy: float, sx: float) -> int:
@@ -83,7 +87,8 @@ def test_datalist_fields(mixed):
     assert set(items) == {"a.png", "b16.png", "c.jpg", "ax.nii.gz", "sag.nii.gz", "sub/iso.nii.gz", "thick.nii.gz"}
     for name, d in items.items():
         assert os.path.isabs(d["image"]) and os.path.isfile(d["image"])
-        assert set(d) == {"image", "aniso_d", "spacing", "dim", "intensity"} | ({"label"} if name[0] in "a" else set())
+        fields = {"image", "aniso_d", "spacing", "shape", "dim", "intensity"}
+        assert set(d) == fields | ({"label"} if name[0] in "a" else set())
     assert items["a.png"]["label"] == str(root / "labels" / "a.png")
     assert items["ax.nii.gz"]["label"] == str(root / "labels" / "ax.nii.gz")
     for name, expected in [("a.png", "uint8"), ("c.jpg", "uint8"), ("b16.png", "percentile")]:
@@ -106,6 +111,24 @@ def test_datalist_agrees_with_reorientation(mixed):
         assert out["aniso_d"] == item["aniso_d"], item["image"]
         assert out["spacing"] == pytest.approx(item["spacing"]), item["image"]
         assert (out["image"].shape[1] == 1) == (item["dim"] == 2)
+
+
+def test_top_level_volume_and_2d_image_collate_in_one_batch(mixed, tmp_path):
+    """A volume at the top level (slices >= 32x the pixels) and 2D images share the aniso_d = 5 batches: each is
+    cropped to one slice, so the batches of the shipped pre-training pipeline stack."""
+    root, _ = mixed
+    items = build_spad_datalist(str(root))
+    assert sorted(os.path.basename(d["image"]) for d in items if d["aniso_d"] == 5) == [
+        "a.png", "b16.png", "c.jpg", "thick.nii.gz"
+    ]
+    parser = ConfigParser()
+    parser.read_config(str(SPAD_CONFIGS / "train.json"))
+    parser.update({"train#datalist": items, "cache_dir": str(tmp_path / "cache"), "batch_size": 4,
+                   "crop_tokens": [2, 1, 1], "num_workers": 0})  # fmt: skip
+    loader = parser.get_parsed_content("train#dataloader")
+    (batch,) = list(loader)  # 7 items, drop_last: one batch of 4, the four level-5 items
+    assert tuple(batch["image"].shape) == (4, 3, 1, 16, 16)
+    assert batch["aniso_d"].tolist() == [5, 5, 5, 5]
 
 
 def test_datalist_dicom(tmp_path):

@@ -181,6 +181,38 @@ def test_mim_batch_loss_and_gradient():
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
 
 
+def test_short_mim_run_lowers_the_soft_token_cross_entropy():
+    """25 AdamW steps of a tiny SPAD-ViT on four fixed 64^2 images: the soft-token CE (start ~log 24 = 3.18)
+    falls clearly, towards the targets' entropy (its floor)."""
+    torch.manual_seed(0)
+    tok = _FakeTokenizer()
+    torch.nn.init.normal_(tok.proj.weight, std=4.0)  # peaked soft tokens that depend on the patch intensity
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    imgs = []
+    for _ in range(4):  # a disc at a random place on an intensity ramp
+        cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
+        imgs.append((((xx - cx) ** 2 + (yy - cy) ** 2) < 0.25).float() * 0.6 + 0.2 * (xx + 1))
+    batch = {"image": torch.stack(imgs)[:, None, None].repeat(1, 3, 1, 1, 1), "aniso_d": torch.tensor([5] * 4)}
+    prep = SpadMIMPrepareBatch(tok, mask_ratio=0.55, seed=0)
+    model = SpadViTMIM(num_codes=24, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, pos_embed_shape=(1, 4, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        image, targets, _, kwargs = prep(batch, "cpu")
+        loss = SoftTokenCELoss()(model(image, **kwargs), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    p = targets["probs"]
+    floor = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())  # entropy of the targets
+    start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert start > math.log(24) - 0.1
+    assert end < start - 0.8, losses
+    assert end - floor < 0.5 * (start - floor), (losses, floor)
+
+
 def test_mixed_aniso_batch_is_refused():
     with pytest.raises(ValueError, match="AnisoBatchSampler"):
         batch_aniso_d({"aniso_d": torch.tensor([0, 2])})
@@ -194,6 +226,51 @@ def test_segmenter_output_matches_input_for_2d_and_3d(shape, aniso_d):
     assert y.shape == (shape[0], 4, *shape[2:])
     y.mean().backward()
     assert net.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape, aniso_d", [((2, 3, 1, 64, 64), 5), ((2, 3, 8, 64, 64), 2)])
+def test_segmenter_deep_supervision(shape, aniso_d):
+    kw = dict(feature_layers=(0, 1, 1, 1), decoder_channels=(4, 4, 8, 8, 8, 8), **TINY)
+    torch.manual_seed(0)
+    plain = SpadViTSegmenter(3, **kw)
+    torch.manual_seed(0)
+    net = SpadViTSegmenter(3, deep_supervision=True, **kw)
+    assert len(plain.aux_heads) == 0 and len(net.aux_heads) == 2  # no unused modules when off
+    assert net.deep_supervision_weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # 1, 0.5, 0.25 normalised
+    x = torch.rand(shape)
+    outs = net(x, aniso_d)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert all(o.shape == (shape[0], 3, *shape[2:]) for o in outs)
+    assert isinstance(plain(x, aniso_d), torch.Tensor)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, aniso_d), outs[0].detach())  # evaluation: the full-resolution logits
+        # the level-1 head reads the decoder's level-1 features (half resolution in-plane), upsampled
+        feats = {}
+        hook = net.fuse[1].register_forward_hook(lambda m, a, o: feats.setdefault("h", o))
+        net(x, aniso_d)
+        hook.remove()
+        h = feats["h"]
+        assert h.shape[-2:] == (shape[-2] // 2, shape[-1] // 2)
+        w = net.aux_heads[0].weight.flatten(1)
+        low = torch.einsum("oc,ncdhw->nodhw", w, h) + net.aux_heads[0].bias.view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(outs[1].detach(), F.interpolate(low, size=shape[2:], mode="trilinear"))
+    net.train()
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    label = torch.randint(0, 3, (shape[0], 1, *shape[2:]))
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss = DeepSupervisionLoss(dice_ce, weights=net.deep_supervision_weights)(outs, label)
+    expected = sum(w * dice_ce(o, label) for w, o in zip([4 / 7, 2 / 7, 1 / 7], outs))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    for name, param in net.named_parameters():
+        if name.startswith("encoder.") and ("mask_token" in name or name.startswith("encoder.norm")):
+            continue
+        assert param.grad is not None, name
+    assert all(param.grad.abs().sum() > 0 for param in net.aux_heads.parameters())
+    with pytest.raises(ValueError, match="deep_supervision_heads"):
+        SpadViTSegmenter(3, deep_supervision=True, deep_supervision_heads=1, **kw)
 
 
 def test_classifier_and_encoder_transfer(tmp_path):

@@ -177,7 +177,8 @@ def test_served_multi_gpu_config_lets_ddp_skip_unused_parameters(bundle, tmp_pat
     network = ConfigParser(json.loads((out / "configs" / "inference.json").read_text())).get_parsed_content(
         "network_def"
     )
-    network(torch.randn(DEMO_INPUTS[bundle])).float().sum().backward()
+    pred = network(torch.randn(DEMO_INPUTS[bundle]))  # in training a deeply supervised network gives a list
+    sum(o.float().sum() for o in (pred if isinstance(pred, list) else [pred])).backward()
     unused = [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None]
     merged = ConfigParser()  # as torchrun with --config_file "[train.json, multi_gpu_train.json]" merges them
     merged.read_config([str(out / "configs" / "train.json"), str(out / "configs" / "multi_gpu_train.json")])

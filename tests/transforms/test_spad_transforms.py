@@ -12,6 +12,7 @@ from medfm.transforms import (
     ReorientToDepthd,
     ScaleIntensitySpadd,
     SpadRandCropd,
+    ToRGBd,
     spad_layout,
     spad_roi_size,
     through_plane_axis,
@@ -170,14 +171,37 @@ def test_scale_intensity_percentile_matches_numpy():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1, 4, 20, 20)) * 100 + 40).astype(np.float32)
     out = ScaleIntensitySpadd("image")({"image": MetaTensor(torch.from_numpy(x)), "intensity": "percentile"})
-    lo, hi = np.percentile(x, [0.5, 99.5])
+    lo, hi = np.percentile(x[x > x.min()], [0.5, 99.5])
     expected = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     np.testing.assert_allclose(out["image"].numpy(), expected, atol=1e-5)
     assert out["image"].dtype == torch.float32
-    # no intensity key: percentile too
-    out2 = ScaleIntensitySpadd("image", lower=10, upper=90)({"image": torch.from_numpy(x)})
+    # no intensity key: percentile too; above_min=False: over all voxels
+    out2 = ScaleIntensitySpadd("image", lower=10, upper=90, above_min=False)({"image": torch.from_numpy(x)})
     lo, hi = np.percentile(x, [10, 90])
     np.testing.assert_allclose(out2["image"].numpy(), np.clip((x - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+def test_scale_intensity_percentiles_skip_the_background_at_the_minimum():
+    """A CT-like volume: 60% padding at -1024, tissue values 0..999 (each once). The reference takes the
+    percentiles over the voxels above the minimum, i.e. over the 1000 tissue values alone."""
+    tissue = np.random.default_rng(1).permutation(1000).astype(np.float32)
+    x = np.concatenate([np.full(1500, -1024.0, np.float32), tissue]).reshape(1, 10, 10, 25)
+    out = ScaleIntensitySpadd("image")({"image": torch.from_numpy(x), "intensity": "percentile"})["image"].numpy()
+    # hand computation (linear interpolation over the sorted values 0..999): p0.5 at rank 0.005 * 999 = 4.995,
+    # p99.5 at rank 0.995 * 999 = 994.005
+    lo, hi = 4.995, 994.005
+    np.testing.assert_allclose(out, np.clip((x - lo) / (hi - lo), 0, 1), atol=1e-5)
+    assert out.min() == 0.0 and out[x == 500.0] == pytest.approx((500 - lo) / (hi - lo))
+    # over all voxels the lower bound would sit in the padding and tissue 0 would map to ~0.5
+    allv = ScaleIntensitySpadd("image", above_min=False)({"image": torch.from_numpy(x)})["image"].numpy()
+    assert allv[x == 0.0].item() == pytest.approx(1024 / (1024 + np.percentile(x, 99.5)), abs=1e-4)
+    # channel-wise: each channel above its own minimum
+    two = np.stack([x[0], 2 * x[0] + 7])
+    cw = ScaleIntensitySpadd("image", channel_wise=True)({"image": torch.from_numpy(two)})["image"].numpy()
+    np.testing.assert_allclose(cw[1], out[0], atol=1e-5)
+    # a constant image has no voxel above its minimum: zeros
+    const = ScaleIntensitySpadd("image")({"image": torch.full((1, 2, 3, 4), 7.0)})["image"]
+    assert float(const.abs().sum()) == 0.0
 
 
 def test_scale_intensity_uint8_divides_by_255():
@@ -201,10 +225,11 @@ def test_scale_intensity_errors():
 
 @pytest.mark.parametrize("aniso_d", range(6))
 def test_spad_roi_size(aniso_d):
-    depth_patch = [16, 8, 4, 2, 1, 1][aniso_d]
-    assert spad_roi_size((5, 10, 12), aniso_d) == (5 * depth_patch, 160, 192)
+    # depth = tokens x depth patch (16 >> level); past the patch (2**level > 16) a single slice, like 2D
+    depth = [5 * 16, 5 * 8, 5 * 4, 5 * 2, 5 * 1, 1][aniso_d]
+    assert spad_roi_size((5, 10, 12), aniso_d) == (depth, 160, 192)
     assert spad_roi_size((5, 10, 12), aniso_d, is_2d=True) == (1, 160, 192)
-    assert spad_roi_size((2, 3, 3), aniso_d, patch_size=8) == (2 * max(8 >> aniso_d, 1), 24, 24)
+    assert spad_roi_size((2, 3, 3), aniso_d, patch_size=8) == ([16, 8, 4, 2, 1, 1][aniso_d], 24, 24)
 
 
 def test_spad_roi_size_ill_arg():
@@ -225,7 +250,7 @@ def _find_offset(crop: np.ndarray, shape) -> tuple[int, ...]:
 )
 def test_rand_crop_matches_slicing_and_is_shared(aniso_d, shape):
     tokens = (2, 2, 2)
-    roi = (2 * max(16 >> aniso_d, 1), 32, 32)
+    roi = (1 if aniso_d == 5 else 2 * (16 >> aniso_d), 32, 32)
     img = _volume(shape, (1.0, 1.0, 1.0))
     label = img.clone() * 2
     tr = SpadRandCropd(["image", "label"], tokens=tokens).set_random_state(3)
@@ -270,3 +295,30 @@ def test_rand_crop_errors():
         SpadRandCropd("image")({"image": torch.zeros(1, 8, 8), "aniso_d": 5})
     with pytest.raises(ValueError, match="spatial shape"):
         SpadRandCropd(["image", "label"])({"image": img, "label": torch.zeros(1, 4, 8, 9), "aniso_d": 2})
+
+
+def test_to_rgb_keeps_or_refuses_two_and_four_channels(tmp_path):
+    """Grey + alpha and RGBA are read as such only for 8-bit natural images; a 2-channel scan is refused by name."""
+    rng = np.random.default_rng(0)
+    la = rng.integers(0, 256, (6, 5, 2), dtype=np.uint8)
+    Image.fromarray(la, mode="LA").save(tmp_path / "grey_alpha.png")
+    mr = rng.standard_normal((6, 5, 4, 2)).astype(np.float32)  # in- and opposed-phase MR in one file
+    nib.save(nib.Nifti1Image(mr, np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "dixon.nii.gz"))
+    def load(d):
+        return ToRGBd("image")(LoadImaged("image", ensure_channel_first=True)(d))
+
+    out = load({"image": str(tmp_path / "grey_alpha.png"), "intensity": "uint8"})["image"]
+    assert out.shape[0] == 3
+    for ch in range(3):  # the grey channel, replicated (compared as values: independent of the axis order)
+        np.testing.assert_array_equal(out[ch].numpy(), out[0].numpy())
+    np.testing.assert_array_equal(np.sort(out[0].numpy().ravel()), np.sort(la[..., 0].ravel()))
+    with pytest.raises(ValueError, match=r"dixon\.nii\.gz.*2 channels"):
+        load({"image": str(tmp_path / "dixon.nii.gz"), "intensity": "percentile"})
+    with pytest.raises(ValueError, match=r"dixon\.nii\.gz.*2 channels"):
+        load({"image": str(tmp_path / "dixon.nii.gz")})
+    four = MetaTensor(torch.ones(4, 2, 3, 3), meta={"filename_or_obj": "seq4.nii.gz"})
+    with pytest.raises(ValueError, match=r"seq4\.nii\.gz.*4 channels"):
+        ToRGBd("image")({"image": four})
+    assert ToRGBd("image")({"image": four, "intensity": "uint8"})["image"].shape == (3, 2, 3, 3)
+    one = MetaTensor(torch.arange(8.0).reshape(1, 2, 2, 2))
+    np.testing.assert_array_equal(ToRGBd("image")({"image": one})["image"].numpy(), one.repeat(3, 1, 1, 1).numpy())

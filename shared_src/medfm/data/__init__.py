@@ -1,6 +1,6 @@
 """Datalists, prompts and synthetic demo data."""
 
-from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
+from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
 from .autopet import (
     build_autopet_datalist,
     exclude_split_cases,
@@ -50,6 +50,7 @@ __all__ = [
     "SpadHeaderd",
     "STUDY_SUFFIXES",
     "AnisoBatchSampler",
+    "SpadDrawDataset",
     "PromptTokenizer",
     "aniso_batch_sampler",
     "autopet_clinical_metadata",

@@ -3,7 +3,9 @@
 SPAD-ViT (SPAD-Nets, `arXiv:2312.07630 <https://arxiv.org/abs/2312.07630>`_) batches samples by ``aniso_d``: the
 depth patch size ``16 >> aniso_d`` is a property of the whole batch, so every batch holds a single level.
 :class:`AnisoBatchSampler` is a ``batch_sampler`` for ``torch.utils.data.DataLoader`` that does this and
-shards the batches over distributed ranks the way ``DistributedSampler`` shards samples.
+shards the batches over distributed ranks the way ``DistributedSampler`` shards samples. With a
+:class:`medfm.transforms.SpadScaleAugment` it draws each sample's scale, and so its level, per epoch and hands the
+draw to the dataset with the index (:class:`SpadDrawDataset`), as the reference's sampler does.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from monai.transforms import apply_transform
+from torch.utils.data import Dataset, Sampler
 
-__all__ = ["AnisoBatchSampler", "aniso_batch_sampler"]
+from medfm.transforms.spad_augment import SpadScaleAugment
+
+__all__ = ["AnisoBatchSampler", "SpadDrawDataset", "aniso_batch_sampler"]
 
 
-class AnisoBatchSampler(Sampler[list[int]]):
+class AnisoBatchSampler(Sampler[list[Any]]):
     """Yield lists of dataset indices in which every batch has a single ``aniso_d`` value.
 
     Per epoch: indices are grouped by level, each group is shuffled and cut into batches of ``batch_size``
@@ -38,6 +44,13 @@ class AnisoBatchSampler(Sampler[list[int]]):
         seed: base seed, shared by all ranks.
         num_replicas: number of ranks; default the ``torch.distributed`` world size when initialised, else 1.
         rank: this rank; default the ``torch.distributed`` rank when initialised, else 0.
+        scale_augment: per-sample scale draws; each epoch every sample gets a draw from ``(seed, epoch)``, its
+            level is the draw's ``aniso_d``, and batches hold ``(index, draw)`` pairs (for
+            :class:`SpadDrawDataset`). The number of batches is then fixed at ``N // batch_size`` (``drop_last``)
+            or ``ceil(N / batch_size)``, as the groups change from epoch to epoch: an epoch with fewer batches
+            repeats its first ones, one with more drops its last ones.
+        spacing: depth-first spacing of every item (needed with ``scale_augment``).
+        shape: depth-first spatial shape of every item (needed with ``scale_augment``).
     """
 
     def __init__(
@@ -49,6 +62,9 @@ class AnisoBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        scale_augment: SpadScaleAugment | None = None,
+        spacing: Sequence[Sequence[float]] | None = None,
+        shape: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -83,6 +99,14 @@ class AnisoBatchSampler(Sampler[list[int]]):
         per_group = (len(g) // self.batch_size if self.drop_last else math.ceil(len(g) / self.batch_size)
                      for g in self.groups.values())  # fmt: skip
         self.total_batches = sum(per_group)
+        self.scale_augment = scale_augment
+        if scale_augment is not None:
+            n = len(levels)
+            if spacing is None or shape is None or len(spacing) != n or len(shape) != n:
+                raise ValueError(f"scale_augment needs the spacing and shape of each of the {n} items.")
+            self.spacing = [[float(v) for v in sp] for sp in spacing]
+            self.shape = [[int(v) for v in sh] for sh in shape]
+            self.total_batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         if self.drop_last:
             self.num_batches = self.total_batches // self.num_replicas
         else:
@@ -103,9 +127,16 @@ class AnisoBatchSampler(Sampler[list[int]]):
         """All ranks' batches of the current epoch before sharding (padded or trimmed to divide by ranks)."""
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        batches: list[list[int]] = []
-        for level in sorted(self.groups):
-            idx = self.groups[level]
+        groups: dict[int, list[Any]] = self.groups
+        if self.scale_augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            groups = {}
+            for i, (sp, sh) in enumerate(zip(self.spacing, self.shape)):
+                draw = self.scale_augment.draw(rng, sp, sh)
+                groups.setdefault(draw["aniso_d"], []).append((i, draw))
+        batches: list[list[Any]] = []
+        for level in sorted(groups):
+            idx = groups[level]
             if self.shuffle:
                 idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
             for start in range(0, len(idx), self.batch_size):
@@ -115,6 +146,8 @@ class AnisoBatchSampler(Sampler[list[int]]):
         if self.shuffle:
             batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
         total = self.num_batches * self.num_replicas
+        if not batches:
+            raise ValueError(f"no full batch of {self.batch_size} this epoch ({self.epoch}); use drop_last=False.")
         if total > len(batches):
             batches += (batches * math.ceil((total - len(batches)) / len(batches)))[: total - len(batches)]
         return batches[:total]
@@ -126,12 +159,19 @@ class AnisoBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
 
-def aniso_batch_sampler(datalist: Sequence[Mapping[str, Any]], batch_size: int, **kw: Any) -> AnisoBatchSampler:
+def aniso_batch_sampler(
+    datalist: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    scale_augment: SpadScaleAugment | None = None,
+    **kw: Any,
+) -> AnisoBatchSampler:
     """:class:`AnisoBatchSampler` from datalist dicts carrying ``"aniso_d"`` (one ``_target_`` in a bundle config).
 
     Args:
-        datalist: items such as those of :func:`medfm.data.spad.build_spad_datalist`.
+        datalist: items such as those of :func:`medfm.data.spad.build_spad_datalist` (with ``scale_augment``
+            they also need ``"spacing"`` and ``"shape"``).
         batch_size: samples per batch.
+        scale_augment: per-sample scale draws (see :class:`AnisoBatchSampler`); ``None`` keeps each level.
         **kw: further arguments of :class:`AnisoBatchSampler`.
     """
     levels = []
@@ -140,4 +180,41 @@ def aniso_batch_sampler(datalist: Sequence[Mapping[str, Any]], batch_size: int, 
             name = item.get("image", "?") if isinstance(item, Mapping) else repr(item)
             raise ValueError(f"datalist item {i} ({name}) has no 'aniso_d'; build it with build_spad_datalist.")
         levels.append(item["aniso_d"])
-    return AnisoBatchSampler(levels, batch_size, **kw)
+    if scale_augment is not None:
+        for i, item in enumerate(datalist):
+            if item.get("spacing") is None or item.get("shape") is None:
+                raise ValueError(
+                    f"datalist item {i} ({item.get('image', '?')}) has no 'spacing' or 'shape', needed by the scale "
+                    "augmentation; build it with build_spad_datalist."
+                )
+        kw.update(spacing=[d["spacing"] for d in datalist], shape=[d["shape"] for d in datalist])
+    return AnisoBatchSampler(levels, batch_size, scale_augment=scale_augment, **kw)
+
+
+class SpadDrawDataset(Dataset):
+    """A dataset whose items are ``dataset[i]`` followed by ``transform``, for batches of :class:`AnisoBatchSampler`.
+
+    An index is an int or an ``(index, draw)`` pair (from an :class:`AnisoBatchSampler` with ``scale_augment``);
+    the draw is put into the item under ``draw_key`` before ``transform`` (e.g.
+    :class:`medfm.transforms.SpadRandAffineCropd`) runs. ``dataset`` holds the deterministic (cached) part.
+
+    Args:
+        dataset: the base dataset (e.g. a ``PersistentDataset`` of the loading transforms).
+        transform: the random transforms.
+        draw_key: where the draw goes.
+    """
+
+    def __init__(self, dataset: Any, transform: Any, draw_key: str = "spad_draw") -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.draw_key = draw_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        index, draw = item if isinstance(item, (tuple, list)) else (item, None)
+        data = dict(self.dataset[int(index)])
+        if draw is not None:
+            data[self.draw_key] = draw
+        return apply_transform(self.transform, data)

@@ -28,6 +28,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from medfm.transforms.spad import spad_layout
+from medfm.transforms.spad_input import spad_limit_in_plane
 
 __all__ = ["SpadHeaderd", "build_spad_datalist", "find_spad_images", "read_class_table", "with_spad_headers"]
 
@@ -85,9 +86,9 @@ def _itk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return tuple(int(n) for n in out.GetLargestPossibleRegion().GetSize()), tuple(float(s) for s in out.GetSpacing())
 
 
-def _read_header(path: str) -> dict[str, Any]:
-    """``aniso_d``, ``spacing``, ``dim`` and ``intensity`` of one image from its header (array axes as the transforms
-    present them: volumes as MONAI loads them, 2D files rows first)."""
+def _read_header(path: str, max_in_plane: int | None = None) -> dict[str, Any]:
+    """``aniso_d``, ``spacing``, ``shape``, ``dim`` and ``intensity`` of one image from its header (array axes as the
+    transforms present them: volumes as MONAI loads them, 2D files rows first)."""
     lower = path.lower()
     intensity = "percentile"
     try:
@@ -107,7 +108,18 @@ def _read_header(path: str) -> dict[str, Any]:
     except Exception as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path}: cannot read the image header ({type(e).__name__}: {cause}).") from e
-    return {"aniso_d": layout.aniso_d, "spacing": list(layout.spacing), "dim": layout.dim, "intensity": intensity}
+    full = [*shape, 1] if len(shape) == 2 else list(shape)
+    shape_dhw = [int(full[a]) for a in layout.axes]
+    aniso_d, spacing_dhw = layout.aniso_d, list(layout.spacing)
+    if max_in_plane is not None:  # the size limit of the pre-training pipeline (LimitInPlaneSized)
+        shape_dhw, spacing_dhw, aniso_d = spad_limit_in_plane(shape_dhw, spacing_dhw, max_in_plane)
+    return {
+        "aniso_d": aniso_d,
+        "spacing": spacing_dhw,
+        "shape": shape_dhw,
+        "dim": layout.dim,
+        "intensity": intensity,
+    }
 
 
 def _find_label(labels_dir: str, rel: str) -> str | None:
@@ -158,6 +170,7 @@ def build_spad_datalist(
     labels_subdir: str = "labels",
     require_labels: bool = False,
     classes_file: str | None = None,
+    max_in_plane: int | None = None,
 ) -> list[dict[str, Any]]:
     """Datalist of the 2D images and 3D volumes under ``<dataset_dir>/<images_subdir>`` (layout: module doc).
 
@@ -165,7 +178,8 @@ def build_spad_datalist(
     ``image`` (absolute path; a DICOM series is its directory), ``label`` (when a label with the image's stem
     exists in ``labels_subdir``), ``aniso_d`` (int), ``spacing`` (``[s_d, s_h, s_w]`` mm, depth first after
     :class:`medfm.transforms.spad.ReorientToDepthd`; for 2D ``s_d`` is the nominal ``32 * min(s_h, s_w)``),
-    ``dim`` (2 or 3), ``intensity`` (``"uint8"`` for 8-bit PNG/JPEG, else ``"percentile"``) and ``class``
+    ``shape`` (``[D, H, W]`` in the same layout; depth 1 for 2D), ``dim`` (2 or 3), ``intensity``
+    (``"uint8"`` for 8-bit PNG/JPEG, else ``"percentile"``) and ``class``
     (int, with ``classes_file``).
 
     Args:
@@ -175,6 +189,9 @@ def build_spad_datalist(
         require_labels: raise if an image has no label.
         classes_file: CSV with columns ``image,class`` (image names relative to the images folder), a path
             or a name inside ``dataset_dir``; every image must be listed.
+        max_in_plane: the shorter in-plane side a pipeline limits images to
+            (:class:`medfm.transforms.LimitInPlaneSized`): ``aniso_d``, ``spacing`` and ``shape`` are then given
+            after that resize. ``None``: as in the file.
 
     Returns:
         The datalist, sorted by image path.
@@ -210,7 +227,7 @@ def build_spad_datalist(
             item["label"] = label
         elif require_labels:
             raise ValueError(f"image {item['image']} has no label {os.path.join(labels_dir, _stem(rel))}.* .")
-        item.update(_read_header(item["image"]))
+        item.update(_read_header(item["image"], max_in_plane))
         if classes is not None:
             item["class"] = classes[rel]
         datalist.append(item)
@@ -219,13 +236,13 @@ def build_spad_datalist(
 
 def with_spad_headers(datalist: Sequence[Mapping[str, Any]], key: str = "image") -> list[dict[str, Any]]:
     """Copies of ``datalist`` items with the header fields :func:`build_spad_datalist` gives (``aniso_d``,
-    ``spacing``, ``dim``, ``intensity``) filled in from ``item[key]`` where absent, e.g. for the
+    ``spacing``, ``shape``, ``dim``, ``intensity``) filled in from ``item[key]`` where absent, e.g. for the
     ``{"image", "label"}`` pairs MONAI Label's ``/train`` passes. Errors name the file."""
     return [{**_read_header(str(item[key])), **item} for item in datalist]
 
 
 class SpadHeaderd(MapTransform):
-    """Fill in the datalist header fields (``aniso_d``, ``spacing``, ``dim``, ``intensity``) of a sample from
+    """Fill in the datalist header fields (``aniso_d``, ``spacing``, ``shape``, ``dim``, ``intensity``) of a sample from
     the file under ``keys`` before it is loaded; fields already present are kept.
 
     The first transform of a served SPAD-ViT config: MONAI Label passes ``{"image": path}`` alone, and without

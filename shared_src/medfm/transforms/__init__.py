@@ -32,6 +32,8 @@ from .spad import (
     spad_roi_size,
     through_plane_axis,
 )
+from .spad_augment import SpadRandAffineCropd, SpadScaleAugment
+from .spad_input import CropForegroundSpadd, LimitInPlaneSized, positive_in_all_channels, spad_limit_in_plane
 from .stack_presets import SEGMENTATION_PATCHES, STACKS, segmentation_roi, stack_settings
 from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
@@ -55,9 +57,15 @@ __all__ = [
     "RandStackCropd",
     "ReorientToDepthd",
     "RowsFirstd",
+    "CropForegroundSpadd",
+    "LimitInPlaneSized",
+    "positive_in_all_channels",
+    "spad_limit_in_plane",
     "ScaleIntensitySpadd",
     "SpadLayout",
+    "SpadRandAffineCropd",
     "SpadRandCropd",
+    "SpadScaleAugment",
     "StackCrop",
     "ToRGBd",
     "TokenizePromptd",

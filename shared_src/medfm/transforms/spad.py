@@ -32,8 +32,8 @@ from monai.transforms import (
     MapTransform,
     Pad,
     Randomizable,
-    ScaleIntensityRangePercentiles,
 )
+from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import TraceKeys
 
 from medfm.networks.blocks.spad import MAX_ANISO_D, aniso_d_from_spacing
@@ -256,8 +256,10 @@ class ScaleIntensitySpadd(MapTransform):
 
     ``"uint8"`` (8-bit natural images, PNG/JPEG): divided by 255. ``"percentile"`` (the default when the key
     is absent): the ``lower``-``upper`` percentiles are mapped to ``[0, 1]`` and the result clipped (MONAI
-    ``ScaleIntensityRangePercentiles``). Output is float32. NaN or Inf input raises a ValueError naming the
-    file.
+    ``ScaleIntensityRange``). As in the reference's preprocessing, the percentiles are taken over the voxels
+    above the image's minimum (``above_min``), so the padding or air at the minimum of a scan does not pull the
+    lower bound down; an image with no voxel above its minimum (constant) becomes 0. Output is float32. NaN or
+    Inf input raises a ValueError naming the file.
 
     Args:
         keys: image keys (not labels).
@@ -265,6 +267,8 @@ class ScaleIntensitySpadd(MapTransform):
         upper: upper percentile, in ``[lower, 100]``.
         intensity_key: key holding ``"uint8"`` or ``"percentile"`` (see :data:`SUPPORTED_INTENSITY`).
         channel_wise: percentiles per channel instead of over the whole image.
+        above_min: take the percentiles over the voxels above the minimum (the reference's); ``False`` takes
+            all voxels.
         allow_missing_keys: don't raise for missing keys.
     """
 
@@ -275,15 +279,26 @@ class ScaleIntensitySpadd(MapTransform):
         upper: float = 99.5,
         intensity_key: str = "intensity",
         channel_wise: bool = False,
+        above_min: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= lower <= upper <= 100.0:
             raise ValueError(f"need 0 <= lower <= upper <= 100, got lower={lower}, upper={upper}.")
         self.intensity_key = intensity_key
-        self._percentile = ScaleIntensityRangePercentiles(
-            lower, upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=channel_wise, dtype=np.float32
-        )
+        self.lower, self.upper = float(lower), float(upper)
+        self.channel_wise = bool(channel_wise)
+        self.above_min = bool(above_min)
+
+    def _scale(self, img: torch.Tensor) -> torch.Tensor:
+        """``img`` (float32) with its percentiles (over the voxels above its minimum) mapped to [0, 1], clipped."""
+        values = img[img > img.min()] if self.above_min else img.flatten()
+        if values.numel() == 0:
+            return torch.zeros_like(img)
+        lo, hi = (float(v) for v in percentile(values, [self.lower, self.upper]))
+        if hi <= lo:
+            return (img > lo).to(img.dtype)  # a two-level image: its lower level 0, the rest 1
+        return ((img - lo) / (hi - lo)).clamp(0.0, 1.0)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -297,26 +312,51 @@ class ScaleIntensitySpadd(MapTransform):
                 raise ValueError(
                     f"{_name(img)}: {key!r} has {n} non-finite voxels (NaN or Inf) out of {int(np.prod(img.shape))}."
                 )
+            t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+            t = t.to(torch.float32)
             if mode == "uint8":
-                t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
-                d[key] = t.to(torch.float32) / 255.0
+                d[key] = t / 255.0
+            elif self.channel_wise:
+                d[key] = torch.stack([self._scale(c) for c in t])
             else:
-                d[key] = self._percentile(img)
+                d[key] = self._scale(t)
         return d
 
 
 class ToRGBd(MapTransform):
     """Three channels, as SPAD-ViT's release takes: grey images are replicated, RGBA / grey+alpha lose alpha.
 
-    Channel-first input ``(C, ...)`` with C in {1, 2 (grey + alpha), 3, 4 (RGBA)}; anything else raises a
-    ValueError naming the file. MetaTensor metadata is kept.
+    Channel-first input ``(C, ...)`` with C in {1, 3} for any image, and C in {2 (grey + alpha), 4 (RGBA)} for
+    8-bit natural images only (``data[intensity_key] == "uint8"``, as :func:`medfm.data.build_spad_datalist`
+    marks PNG/JPEG files). A 2- or 4-channel scan (e.g. in- and opposed-phase MR, or four MR sequences in one
+    file) has no alpha channel, and dropping one would lose data silently: it raises a ValueError naming the
+    file, as does any other channel count. The release trains on each channel of a multi-channel scan as its own
+    image; store them as separate files. MetaTensor metadata is kept.
+
+    Args:
+        keys: image keys.
+        intensity_key: key of the intensity kind (see :data:`SUPPORTED_INTENSITY`); absent means a scan.
+        allow_missing_keys: don't raise for missing keys.
     """
+
+    def __init__(
+        self, keys: KeysCollection, intensity_key: str = "intensity", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.intensity_key = intensity_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        natural = d.get(self.intensity_key) == "uint8"
         for key in self.key_iterator(d):
             img = d[key]
             c = img.shape[0]
+            if c in (2, 4) and not natural:
+                raise ValueError(
+                    f"{_name(img)}: {key!r} has {c} channels; only an 8-bit natural image (PNG/JPEG) is read as "
+                    f"{'grey' if c == 2 else 'RGB'} + alpha. A {c}-channel scan would lose a channel: store each "
+                    "channel as its own file."
+                )
             if c in (1, 2):
                 d[key] = img[:1].repeat(3, *([1] * (img.ndim - 1)))
             elif c in (3, 4):
@@ -331,10 +371,13 @@ def spad_roi_size(
 ) -> tuple[int, int, int]:
     """Crop size ``(D, H, W)`` holding a ``tokens = (t_d, t_h, t_w)`` grid of SPAD patches.
 
-    The depth patch is ``max(patch_size >> aniso_d, 1)``; a 2D image (depth 1) has one token in depth.
+    The depth patch is ``max(patch_size >> aniso_d, 1)``. A 2D image, and a volume whose level is past the
+    depth patch (``2**aniso_d > patch_size``: 5 for patch 16, slices at least 32 times the in-plane spacing),
+    gives one slice, as in the reference: so every sample of an ``aniso_d`` batch has the same crop depth and
+    the batch collates.
 
-    >>> spad_roi_size((5, 10, 10), 2), spad_roi_size((5, 10, 10), 5, is_2d=True)
-    ((20, 160, 160), (1, 160, 160))
+    >>> spad_roi_size((5, 10, 10), 2), spad_roi_size((5, 10, 10), 5, is_2d=True), spad_roi_size((5, 10, 10), 5)
+    ((20, 160, 160), (1, 160, 160), (1, 160, 160))
     """
     t = tuple(int(n) for n in tokens)
     if len(t) != 3 or min(t) < 1:
@@ -343,7 +386,8 @@ def spad_roi_size(
         raise ValueError(f"aniso_d must be in [0, {MAX_ANISO_D}], got {aniso_d}.")
     if int(patch_size) < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size}.")
-    depth = 1 if is_2d else t[0] * max(int(patch_size) >> int(aniso_d), 1)
+    single = is_2d or (1 << int(aniso_d)) > int(patch_size)
+    depth = 1 if single else t[0] * max(int(patch_size) >> int(aniso_d), 1)
     return depth, t[1] * int(patch_size), t[2] * int(patch_size)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medfm.networks.blocks.spad import SpadConv3d, SpadConvTranspose3d, SpadDownsample, SpadSequential, default_aniso_d
@@ -41,11 +42,18 @@ class SpadViTSegmenter(nn.Module):
     upsample depth only where depth was downsampled, so 2D images (``D = 1``) and volumes of any spacing go
     through the same weights. Output: logits (N, out_channels, D, H, W).
 
+    With ``deep_supervision`` (the reference's segmentation model), 1x1 heads on the decoder levels
+    ``1 … deep_supervision_heads - 1`` give extra logits, upsampled (trilinearly) to the input size; in training
+    ``forward`` then returns the list ``[logits, level-1 logits, …]`` for ``monai.losses.DeepSupervisionLoss``
+    with weights :attr:`deep_supervision_weights`, and in evaluation the full-resolution logits alone.
+
     Args:
         out_channels: classes (background included).
         feature_layers: four block indices feeding the pyramid.
         decoder_channels: channels per level 0 … p+1 (``p + 2`` values; the reference's BTCV decoder: 32, 64 in
             the full-resolution stem, 128, 256, 512, 512 on the pyramid levels).
+        deep_supervision: add the auxiliary heads and return their logits in training.
+        deep_supervision_heads: heads in all, the full-resolution one included (reference: 3).
         encoder_kwargs: everything else goes to :class:`SpadViT` (``in_channels``, ``patch_size``, sizes, …).
     """
 
@@ -54,6 +62,8 @@ class SpadViTSegmenter(nn.Module):
         out_channels: int,
         feature_layers: Sequence[int] = (3, 5, 7, 11),
         decoder_channels: Sequence[int] = (32, 64, 128, 256, 512, 512),
+        deep_supervision: bool = False,
+        deep_supervision_heads: int = 3,
         **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -96,8 +106,20 @@ class SpadViTSegmenter(nn.Module):
         self.up = nn.ModuleList(SpadConvTranspose3d(ch[lvl + 1], ch[lvl], 2) for lvl in range(p + 1))
         self.fuse = nn.ModuleList(_conv_block(2 * ch[lvl], ch[lvl]) for lvl in range(p + 1))
         self.head = SpadConv3d(ch[0], out_channels, 1)
+        if deep_supervision and not 2 <= int(deep_supervision_heads) <= p + 1:
+            raise ValueError(f"deep_supervision_heads must be in [2, {p + 1}], got {deep_supervision_heads}.")
+        num_aux = int(deep_supervision_heads) - 1 if deep_supervision else 0
+        self.aux_heads = nn.ModuleList(SpadConv3d(ch[lvl], out_channels, 1) for lvl in range(1, 1 + num_aux))
 
-    def forward(self, x: torch.Tensor, aniso_d: int | None = None) -> torch.Tensor:
+    @property
+    def deep_supervision_weights(self) -> list[float]:
+        """Loss weight per head, full resolution first: ``0.5 ** i`` normalised to sum 1 (the reference's)."""
+        w = [0.5**i for i in range(1 + len(self.aux_heads))]
+        return [v / sum(w) for v in w]
+
+    def forward(self, x: torch.Tensor, aniso_d: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """x: (N, C, D, H, W) -> logits (N, out_channels, D, H, W); a list of such logits (full resolution first)
+        in training with deep supervision."""
         aniso_d = default_aniso_d(x, aniso_d)
         p = self.patch_level
         _, feats, grid = self.encoder.forward_intermediates(x, aniso_d, self.feature_layers)
@@ -112,10 +134,15 @@ class SpadViTSegmenter(nn.Module):
             h = block(h, aniso_d, max(lvl - 1, 0))
             skips[lvl] = h
         h = skips[p + 1]
+        aux: list[torch.Tensor] = []
         for lvl in range(p, -1, -1):
             h = self.up[lvl](h, aniso_d, lvl + 1)
             h = self.fuse[lvl](torch.cat((h, skips[lvl]), dim=1), aniso_d, lvl)
-        return self.head(h, aniso_d, 0)
+            if self.training and 1 <= lvl <= len(self.aux_heads):
+                logits = self.aux_heads[lvl - 1](h, aniso_d, lvl)
+                aux.insert(0, F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False))
+        out = self.head(h, aniso_d, 0)
+        return [out, *aux] if aux else out
 
 
 class SpadViTClassifier(nn.Module):
