@@ -11,6 +11,7 @@ from medfm.transforms import (
     CropForegroundSpadd,
     LimitInPlaneSized,
     ReorientToDepthd,
+    RowsFirstd,
     ScaleIntensitySpadd,
     spad_limit_in_plane,
 )
@@ -56,7 +57,8 @@ def test_datalist_with_the_limit_matches_the_pipeline(tmp_path):
     Image.fromarray(np.full((700, 600), 9, np.uint8)).save(tmp_path / "images" / "xr.png")
     items = build_spad_datalist(str(tmp_path), max_in_plane=512)
     plain = build_spad_datalist(str(tmp_path))
-    pipeline = [LoadImaged("image", ensure_channel_first=True), ReorientToDepthd("image"), LimitInPlaneSized("image")]
+    pipeline = [LoadImaged("image", ensure_channel_first=True), RowsFirstd("image"), ReorientToDepthd("image"),
+                LimitInPlaneSized("image")]  # as the shipped configs (2D files rows first)
     for item, before in zip(items, plain):
         out = dict(item)
         for t in pipeline:
