@@ -240,3 +240,69 @@ def test_cli_fratmae(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert len(build_autopet_datalist(str(out), require_labels=True)) == 2
     with pytest.raises(SystemExit):  # second run would overwrite
         module.main(argv)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    return ~_erode(~mask)
+
+
+HOSTS = {"lymph_node", "lung", "liver", "spleen", "bone", "fat", "soft_tissue"}
+SITES = {  # where each diagnosis may put lesions
+    "lymphoma": {"lymph_node", "spleen", "bone"},
+    "melanoma": {"fat", "lymph_node", "lung", "liver"},
+    "lung cancer": {"lung", "lymph_node", "bone", "liver"},
+    "prostate cancer": {"soft_tissue", "lymph_node", "bone"},
+}
+
+
+def test_lesions_sit_in_one_ct_visible_host_by_diagnosis(demo: dict) -> None:
+    names = {v: k for k, v in ORGAN_LABELS.items()}
+    seen = {}
+    for c, d in demo["data"].items():
+        comps = _components(d["label"] > 0)
+        hosts = set()
+        for k in np.unique(comps[comps > 0]):
+            codes = np.unique(d["organs"][comps == k])
+            hosts |= {names[int(x)] for x in codes}
+        assert hosts <= SITES.get(d["meta"]["diagnosis"], set()), (c, d["meta"]["diagnosis"], hosts)
+        seen.setdefault(d["meta"]["diagnosis"], set()).update(hosts)
+    assert "lung" in seen["lung cancer"] and "lymph_node" in seen["lymphoma"]
+
+
+def test_lesions_are_hot_in_pet_and_at_most_faint_in_ct(demo: dict) -> None:
+    n = 0
+    for c, d in demo["data"].items():
+        comps = _components(d["label"] > 0)
+        for k in np.unique(comps[comps > 0]):
+            lesion = comps == k
+            host = int(np.bincount(d["organs"][lesion]).argmax())
+            ref = (d["organs"] == host) & (d["label"] == 0)
+            ct_host, ct_lesion = float(d["ct"][ref].mean()), float(d["ct"][lesion].mean())
+            # CT contrast: a small fraction of the host's distance from soft tissue (40 HU), plus noise
+            assert abs(ct_lesion - ct_host) <= 0.15 * abs(ct_host - 40) + 30, (c, host, ct_lesion, ct_host)
+            assert d["pet"][lesion].mean() > 2 * float(np.median(d["pet"][ref])), (c, host)
+            n += 1
+    assert n >= 8
+
+
+def test_lymph_nodes_are_soft_tissue_in_fat(demo: dict) -> None:
+    for c, d in demo["data"].items():
+        node = d["organs"] == ORGAN_LABELS["lymph_node"]
+        assert node.sum() >= 10, c
+        shell = _dilate(node) & ~node & (d["organs"] != 0)
+        assert 20 < d["ct"][node & (d["label"] == 0)].mean() < 60, c
+        assert d["ct"][shell].mean() < -20, c  # mostly fat around the nodes
+        if d["meta"]["diagnosis"] == "negative":
+            assert d["pet"][node].mean() < 2.0, c  # normal nodes are not hot
+
+
+def test_bone_density_falls_with_age(tmp_path: Path) -> None:
+    small = {"shape": (32, 24, 64), "spacing": (15.0, 14.0, 30.0)}
+    generate_synthetic_petct(str(tmp_path), num_cases=40, seed=11, write_organs=True, **small)
+    with open(tmp_path / "metadata.csv", newline="") as f:
+        ages = {r["case"]: int(r["age"]) for r in csv.DictReader(f)}
+    hu = []
+    for c in ages:
+        ct, organs = (_load(str(tmp_path / p)) for p in (f"imagesTr/{c}_0000.nii.gz", f"organsTr/{c}.nii.gz"))
+        hu.append(ct[organs == ORGAN_LABELS["bone"]].mean())
+    assert np.corrcoef(list(ages.values()), hu)[0, 1] < -0.3

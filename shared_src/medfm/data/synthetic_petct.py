@@ -2,7 +2,17 @@
 
 Each case is a coarse, vectorised phantom of a person lying supine: body outline (legs, pelvis, abdomen,
 thorax, neck, head), subcutaneous fat, soft tissue, lungs, heart, liver, spleen, kidneys, bladder, bones,
-brain and salivary glands, with tracer-specific uptake (FDG or PSMA), 0-4 lesions and noise. The files are
+brain, salivary glands and lymph-node stations (small soft-tissue nodes in fat pads), with tracer-specific
+uptake (FDG or PSMA), 0-4 lesions and noise. The structure mirrors what PET/CT pre-training exploits:
+
+- every organ has a CT density and a PET uptake, so anatomy seen in CT predicts much of the PET image;
+- lesions are hot in PET and at most faint in CT (a tenth of the way from the host tissue towards soft
+  tissue density), so they are mainly a PET finding;
+- lesions sit inside host tissues that CT shows (lymph nodes, lung, liver, spleen, bone, subcutaneous fat),
+  with diagnosis-specific sites (lymphoma: nodes, spleen, marrow; melanoma: skin, nodes, lung, liver; lung
+  cancer: lung, then mediastinal/hilar nodes, bone, liver; prostate cancer: pelvis, then nodes and bone);
+- the tracer sets the organ pattern (FDG: brain, heart, bladder; PSMA: salivary glands, kidneys, liver,
+  spleen, bladder), and age lowers bone density and FDG brain uptake. The files are
 exactly what :func:`medfm.data.autopet.build_autopet_datalist` reads, so the demo and real data share one
 path. Array axes: X = patient left -> right, Y = posterior -> anterior, Z = inferior -> superior (feet ->
 head); the affine is ``diag(spacing)`` in RAS+ world coordinates, isocentre at X = Y = 0 and the top slice at
@@ -17,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from .autopet import CT_CHANNEL, PET_CHANNEL, find_petct_images
 from .nifti import save_nifti
@@ -32,7 +43,7 @@ DIAPHRAGM_HEIGHT_FRACTION = 0.70  # diaphragm level as a fraction of body height
 DIAGNOSES = ("melanoma", "lymphoma", "lung cancer", "prostate cancer", "negative")
 ORGAN_LABELS = {
     "air": 0, "fat": 1, "soft_tissue": 2, "lung": 3, "heart": 4, "liver": 5, "spleen": 6, "kidney": 7,
-    "bone": 8, "brain": 9, "bladder": 10, "salivary_gland": 11,
+    "bone": 8, "brain": 9, "bladder": 10, "salivary_gland": 11, "lymph_node": 12,
 }  # fmt: skip
 
 # Outlines: height fraction -> half-width / half-depth in mm (reference habitus, scaled per case).
@@ -57,7 +68,25 @@ _GLANDS = [
     (11, (-42, 0, 0.888), (12, 18, 0.012), 0), (11, (42, 0, 0.888), (12, 18, 0.012), 0),  # parotids
     (11, (-30, 35, 0.866), (11, 11, 0.008), 0), (11, (30, 35, 0.866), (11, 11, 0.008), 0),  # submandibular
 ]  # fmt: skip
-_LESION_HOSTS = (2, 3, 5, 6, 8)  # soft tissue, lung, liver, spleen, bone
+# Lymph-node stations: (centre, fat-pad semi-axes) as above; each pad holds 2-3 nodes. Cervical, axillary,
+# mediastinal (above the heart), para-aortic, common iliac and inguinal.
+_NODE_STATIONS = [
+    ((-35, -5, 0.855), (16, 16, 0.018)), ((35, -5, 0.855), (16, 16, 0.018)),
+    ((-135, -20, 0.79), (18, 28, 0.022)), ((135, -20, 0.79), (18, 28, 0.022)),
+    ((0, 15, 0.785), (20, 22, 0.022)),
+    ((0, -33, 0.60), (22, 12, 0.045)),
+    ((-45, -15, 0.535), (16, 16, 0.022)), ((45, -15, 0.535), (16, 16, 0.022)),
+    ((-75, 45, 0.49), (18, 16, 0.016)), ((75, 45, 0.49), (18, 16, 0.016)),
+]  # fmt: skip
+# Lesion sites per diagnosis: host -> weight, for the first lesion and for the others. "skin" is the
+# subcutaneous fat layer; "pelvis" is soft tissue low in the pelvis near the midline (prostate bed).
+_SITES = {
+    "lymphoma": ({"node": 1.0}, {"node": 0.6, "spleen": 0.2, "bone": 0.2}),
+    "melanoma": ({"skin": 0.6, "node": 0.4}, {"skin": 0.3, "node": 0.3, "lung": 0.2, "liver": 0.2}),
+    "lung cancer": ({"lung": 1.0}, {"node": 0.4, "bone": 0.3, "liver": 0.2, "lung": 0.1}),
+    "prostate cancer": ({"pelvis": 1.0}, {"node": 0.5, "bone": 0.5}),
+}
+_HOST_CODES = {"node": 12, "lung": 3, "liver": 5, "spleen": 6, "bone": 8, "skin": 1, "pelvis": 2}
 
 
 def _ellipsoid_r2(uu: np.ndarray, vv: np.ndarray, hh: np.ndarray, centre: Sequence[float],
@@ -108,14 +137,18 @@ def _smooth(vol: np.ndarray, spacing: Sequence[float], sigma_mm: float = 3.0) ->
     return vol
 
 
-def _tissue_values(rng: np.random.Generator, tracer: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-case HU and SUV lookup tables indexed by organ code, shapes ``(12,)``."""
+def _tissue_values(rng: np.random.Generator, tracer: str, age: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case HU and SUV lookup tables indexed by organ code, shapes ``(13,)``; bone density and FDG
+    brain uptake fall with age."""
     u = rng.uniform
-    hu = [-1000, -100, 40, -800, 40, 60, 50, 30, u(400, 700), 35, 10, 40]
+    hu = [-1000, -100, 40, -800, 40, 60, 50, 30, u(500, 750) - 2.5 * (age - 20), 35, 10, 40, 40]
     if tracer == "PSMA":  # brain low; kidneys, salivary glands, liver and bladder high
-        suv = [0, 0.2, 0.5, 0.3, u(1.2, 2), u(4, 6), u(3, 5), u(20, 40), 0.8, u(0.2, 0.5), u(10, 30), u(12, 20)]
+        suv = [0, 0.2, 0.5, 0.3, u(1.2, 2), u(4, 6), u(3, 5), u(20, 40), 0.8, u(0.2, 0.5), u(10, 30), u(12, 20),
+               u(0.5, 0.8)]  # fmt: skip
     else:  # FDG: brain and bladder high, heart variable
-        suv = [0, 0.35, u(0.8, 1), 0.4, u(2, 6), u(2, 2.5), u(1.6, 2), u(4, 8), 1.0, u(8, 10), u(10, 30), u(1.5, 2)]
+        brain = u(9, 11) * (1 - 0.003 * (age - 20))
+        suv = [0, 0.35, u(0.8, 1), 0.4, u(2, 6), u(2, 2.5), u(1.6, 2), u(4, 8), 1.0, brain, u(10, 30), u(1.5, 2),
+               u(0.9, 1.3)]  # fmt: skip
     return np.asarray(hu, np.float32), np.asarray(suv, np.float32)
 
 
@@ -192,12 +225,24 @@ def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], s
     organ[bones & inner] = ORGAN_LABELS["bone"]
     organ[(_ellipsoid_r2(uu, vv, hh, brain_c, brain_s) <= 1) & inner] = ORGAN_LABELS["brain"]
     place(_GLANDS)
+    soft = np.isin(organ, (ORGAN_LABELS["fat"], ORGAN_LABELS["soft_tissue"])) & inner
+    for (cu, cv, ch), (a, b, c) in _NODE_STATIONS:  # fat pads, then 2-3 nodes inside each
+        centre, semi = (k * cu, k * cv, H * ch), (a * k, b * k, c * H)
+        pad = (_ellipsoid_r2(uu, vv, hh, centre, semi) <= 1) & soft
+        organ[pad] = ORGAN_LABELS["fat"]
+        for _ in range(int(rng.integers(2, 4))):
+            nc = [x + f * rng.uniform(-0.5, 0.5) for x, f in zip(centre, semi)]
+            ns = (rng.uniform(9, 13) * s, rng.uniform(9, 13) * s, rng.uniform(12, 18) * s)
+            organ[(_ellipsoid_r2(uu, vv, hh, nc, ns) <= 1) & pad] = ORGAN_LABELS["lymph_node"]
 
-    hu, suv = _tissue_values(rng, tracer)
+    hu, suv = _tissue_values(rng, tracer, age)
     ct, pet = hu[organ], _smooth(suv[organ], spacing)
     label = np.zeros(shape, bool)
     if diagnosis != "negative":
-        eligible = np.isin(organ, _LESION_HOSTS) & _erode(body) & ((hf >= 0.45) & (hf <= 0.87))[None, None, :]
+        eligible = _erode(body) & ((hf >= 0.45) & (hf <= 0.87))[None, None, :]
+        hosts = {name: eligible & (organ == code) for name, code in _HOST_CODES.items()}
+        hosts["skin"] &= ~inner  # subcutaneous fat, not the fat pads of the nodes
+        hosts["pelvis"] &= (hf < 0.53)[None, None, :] & (np.abs(uu) < 40 * k)[:, None, None]
         # advanced (both sides of the diaphragm) half the time, so staging is balanced among lesion cases
         advanced = bool(rng.random() < 0.5)
         n_lesions = int(rng.integers(2 if advanced else 1, 5))
@@ -206,22 +251,21 @@ def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], s
         sides = [first] + ([not first] if advanced else []) + rest
         liver_suv = float(suv[ORGAN_LABELS["liver"]])
         for j, side in enumerate(sides):
-            allowed = eligible & (above if side else ~above)
-            region = allowed
-            if j == 0 and diagnosis == "lung cancer":
-                region = allowed & (organ == ORGAN_LABELS["lung"])
-            elif j == 0 and diagnosis == "prostate cancer":
-                region = allowed & (hf < 0.53)[None, None, :] & (np.abs(uu) < 40 * k)[:, None, None]
-            candidates = np.flatnonzero(region)
-            if candidates.size == 0:
+            weights = _SITES[diagnosis][0 if j == 0 else 1]
+            allowed = {h: hosts[h] & (above if side else ~above) for h in _SITES[diagnosis][1] | weights}
+            names = [h for h in weights if allowed[h].any()] or [h for h in allowed if allowed[h].any()]
+            if not names:
                 continue
-            ci = np.unravel_index(rng.choice(candidates), shape)
+            p = np.array([weights.get(h, 1.0) for h in names])
+            host = names[int(rng.choice(len(names), p=p / p.sum()))]
+            ci = np.unravel_index(rng.choice(np.flatnonzero(allowed[host])), shape)
             semi = rng.uniform(8, 22) * s * rng.uniform(0.8, 1.2, 3)
             r2 = _ellipsoid_r2(uu, vv, hh, (uu[ci[0]], vv[ci[1]], hh[ci[2]]), semi)
-            m = (r2 <= 1) & allowed
+            parts, _ = ndimage.label((r2 <= 1) & allowed[host])
+            m = parts == parts[ci]  # the part of the ellipsoid inside the host that holds its centre
             peak = rng.uniform(max(4.0, 2.5 * liver_suv), max(15.0, 4 * liver_suv))
             pet[m] = np.maximum(pet[m], peak * (1 - 0.2 * r2[m]))
-            ct[m] = rng.uniform(25, 50)
+            ct[m] += 0.1 * (hu[ORGAN_LABELS["soft_tissue"]] - ct[m])  # faint in CT
             label |= m
     stage = int(label[..., above[0, 0]].any() and label[..., ~above[0, 0]].any())
     ct = ct + rng.standard_normal(shape, dtype=np.float32) * 12.0
