@@ -116,8 +116,9 @@ def evaluate(net, ev: dict, patch_size, mask_ratio: float, mask_seed: int) -> di
         res["pet_mse_clean"] = np.asarray(per_crop).reshape(-1, kc).mean(1).tolist()
         res["noise_floor"] = float(masked_mse(target, clean, mk.mask))
     if "image_embed" in out:
-        img = torch.nn.functional.normalize(net.image_projection(net.forward_features(pet, ct)["pet_tokens"][:, 0]), dim=-1)
-        img = torch.nn.functional.normalize(img.reshape(-1, kc, img.shape[-1]).mean(1), dim=-1)
+        cls = net.forward_features(pet, ct)["pet_tokens"][:, 0]  # unmasked PET
+        img = torch.nn.functional.normalize(net.image_projection(cls), dim=-1)
+        img = torch.nn.functional.normalize(img.reshape(-1, kc, img.shape[-1]).mean(1), dim=-1)  # mean over crops
         txt = torch.nn.functional.normalize(net.text_encoder(ev["prompt_ids"]), dim=-1)
         res["similarity"] = (txt @ img.T).tolist()
     net.train()
@@ -199,7 +200,8 @@ def summarise(results: dict, ev: dict, args: argparse.Namespace) -> str:
     lines.append("\nLearning curves (held-out masked-PET MSE at evenly spaced steps, seed " + str(seeds[0]) + "):")
     for a in results:
         c = results[a][str(seeds[0])]["curve"]
-        pts = ", ".join(f"{i}: {t:.5f}/{h:.5f}" for i, t, h in zip(c["iteration"], c["train_mse"], c["heldout_pet_mse"]))
+        pts = zip(c["iteration"], c["train_mse"], c["heldout_pet_mse"])
+        pts = ", ".join(f"{i}: {t:.5f}/{h:.5f}" for i, t, h in pts)
         lines.append(f"- {a} (step: train MSE/held-out PET MSE): {pts}")
     from medfm.metrics import bootstrap_ci
 
