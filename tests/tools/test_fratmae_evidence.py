@@ -61,4 +61,4 @@ def test_tiny_run_writes_every_arm_and_seed(tool, tmp_path, capsys) -> None:
             if arm != "MAE":
                 assert np.asarray(r["similarity"]).shape == (5, 5)
     out = capsys.readouterr().out
-    assert "minus MAE" in out and "same prompt, top-1" in out
+    assert "minus MAE" in out and "same prompt, top-1" in out and "visible-PET mean" in out
