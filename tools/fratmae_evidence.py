@@ -26,6 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,6 @@ ARMS = {
     "FratMAE w/o ContextAlign": ([], {"infonce_weight": 0.0}),
     "FratMAE": ([], {}),
 }
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
@@ -46,11 +46,15 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
     d = np.asarray(diffs, float)
     if d.size < 2:
         return float(d.mean()), float("nan"), float("nan")
-    half = T_975.get(d.size - 1, 1.96) * d.std(ddof=1) / math.sqrt(d.size)
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, d.size - 1)) * d.std(ddof=1) / math.sqrt(d.size)
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
-def parser_for(arm: str, dataset_dir: Path, out: Path, cache: Path, seed: int, args: argparse.Namespace):
+def parser_for(arm: str, dataset_dir: Path, out: Path, cache: Path, seed: int, args: argparse.Namespace) -> Any:
+    """The bundle's pre-training config for one arm (``train.json`` + ``demo.json`` + the arm's files), run on CPU
+    without checkpoints or logs (only the learning-rate schedule handler)."""
     from monai.bundle import ConfigParser
 
     files, over = ARMS[arm]
@@ -66,7 +70,7 @@ def parser_for(arm: str, dataset_dir: Path, out: Path, cache: Path, seed: int, a
     return p
 
 
-def eval_inputs(parser, test_dir: Path, num_crops: int) -> dict:
+def eval_inputs(parser: Any, test_dir: Path, num_crops: int) -> dict:
     """Held-out cases through the bundle's deterministic transforms, then ``num_crops`` fixed stack crops."""
     from monai.transforms import Compose
 
@@ -92,7 +96,7 @@ def eval_inputs(parser, test_dir: Path, num_crops: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(net, ev: dict, patch_size, mask_ratio: float, mask_seed: int) -> dict:
+def evaluate(net: Any, ev: dict, patch_size: Any, mask_ratio: float, mask_seed: int) -> dict:
     """Per-case masked-PET MSE (fixed masks) and, with a text tower, the text/image similarity matrix."""
     from medfm.losses.masked_mse import masked_mse
     from medfm.masking import random_masking
@@ -125,7 +129,7 @@ def evaluate(net, ev: dict, patch_size, mask_ratio: float, mask_seed: int) -> di
     return res
 
 
-def reference_errors(ev: dict, patch_size, mask_ratio: float, mask_seed: int) -> dict:
+def reference_errors(ev: dict, patch_size: Any, mask_ratio: float, mask_seed: int) -> dict:
     """Masked-PET MSE of two predictors that learn nothing, on the same masks as :func:`evaluate`: all zeros, and
     each stack's mean over its visible PET voxels. A pre-trained decoder must beat them to have learned PET."""
     from medfm.losses.masked_mse import masked_mse
@@ -173,7 +177,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path, ev: dict)
     every = max(1, total // args.curve_points)
 
     @trainer.on(Events.ITERATION_COMPLETED)
-    def _log(engine) -> None:
+    def _log(engine: Any) -> None:
         window.append(engine.state.output["terms"]["mse"])
         if engine.state.iteration % every == 0 or engine.state.iteration == total:
             curve["iteration"].append(engine.state.iteration)
@@ -254,15 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=int, nargs=3, default=[96, 64, 192])
     ap.add_argument("--spacing", type=float, nargs=3, default=[5.0, 5.0, 10.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=60, help="epochs of --train-cases / --batch-size steps")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--crops", type=int, default=4, help="fixed stack crops per held-out case")
     ap.add_argument("--mask-seed", type=int, default=1234, help="seed of the held-out masks (same for every arm)")
-    ap.add_argument("--curve-points", type=int, default=5)
+    ap.add_argument("--curve-points", type=int, default=6, help="held-out evaluations along each run")
     args = ap.parse_args(argv)
     from medfm.data import generate_synthetic_petct
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     grid = {"shape": tuple(args.grid), "spacing": tuple(args.spacing)}
