@@ -306,3 +306,20 @@ def test_bone_density_falls_with_age(tmp_path: Path) -> None:
         ct, organs = (_load(str(tmp_path / p)) for p in (f"imagesTr/{c}_0000.nii.gz", f"organsTr/{c}.nii.gz"))
         hu.append(ct[organs == ORGAN_LABELS["bone"]].mean())
     assert np.corrcoef(list(ages.values()), hu)[0, 1] < -0.3
+
+
+def test_noise_free_cases_are_the_same_cases_without_noise(tmp_path: Path) -> None:
+    small = {"shape": (32, 24, 64), "spacing": (15.0, 14.0, 30.0)}
+    generate_synthetic_petct(str(tmp_path / "noisy"), num_cases=2, seed=4, **small)
+    generate_synthetic_petct(str(tmp_path / "clean"), num_cases=2, seed=4, noise=False, **small)
+    assert (tmp_path / "noisy" / "metadata.csv").read_text() == (tmp_path / "clean" / "metadata.csv").read_text()
+    for c in ("demo_000", "demo_001"):
+        noisy, clean = ({k: _load(str(tmp_path / v / p)) for k, p in (("ct", f"imagesTr/{c}_0000.nii.gz"),
+                        ("pet", f"imagesTr/{c}_0001.nii.gz"), ("label", f"labelsTr/{c}.nii.gz"))}
+                        for v in ("noisy", "clean"))  # fmt: skip
+        np.testing.assert_array_equal(noisy["label"], clean["label"])
+        inside = (clean["ct"] > -1000) & (clean["ct"] < 3000)  # away from the int16 clipping
+        assert 10 < np.std(noisy["ct"][inside].astype(float) - clean["ct"][inside]) < 14  # 12 HU noise
+        hot = clean["pet"] > 1.0
+        rel = noisy["pet"][hot] / clean["pet"][hot] - 1
+        assert abs(rel.mean()) < 0.01 and 0.07 < rel.std() < 0.16  # 8-15% multiplicative noise

@@ -152,7 +152,9 @@ def _tissue_values(rng: np.random.Generator, tracer: str, age: int) -> tuple[np.
     return np.asarray(hu, np.float32), np.asarray(suv, np.float32)
 
 
-def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], spacing: Sequence[float]) -> dict:
+def _make_case(
+    rng: np.random.Generator, diagnosis: str, shape: Sequence[int], spacing: Sequence[float], noise: bool = True
+) -> dict:
     """Draw one case.
 
     Args:
@@ -160,6 +162,7 @@ def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], s
         diagnosis: one of :data:`DIAGNOSES`; sets tracer, sex/age range and lesion sites.
         shape: array shape ``(X, Y, Z)``.
         spacing: voxel size in mm.
+        noise: add the CT and PET noise (drawn last, so a case without noise is otherwise the same).
 
     Returns:
         ``{"meta", "affine", "ct", "pet", "label", "organs"}``: metadata dict, ``(4, 4)`` affine, CT (int16 HU),
@@ -268,8 +271,9 @@ def _make_case(rng: np.random.Generator, diagnosis: str, shape: Sequence[int], s
             ct[m] += 0.1 * (hu[ORGAN_LABELS["soft_tissue"]] - ct[m])  # faint in CT
             label |= m
     stage = int(label[..., above[0, 0]].any() and label[..., ~above[0, 0]].any())
-    ct = ct + rng.standard_normal(shape, dtype=np.float32) * 12.0
-    pet = pet * (1 + rng.uniform(0.08, 0.15) * rng.standard_normal(shape, dtype=np.float32))
+    on = float(noise)
+    ct = ct + on * rng.standard_normal(shape, dtype=np.float32) * 12.0
+    pet = pet * (1 + on * rng.uniform(0.08, 0.15) * rng.standard_normal(shape, dtype=np.float32))
     meta = {"tracer": tracer, "diagnosis": diagnosis, "age": age, "sex": sex, "stage": stage}
     return {
         "meta": meta, "affine": affine, "organs": organ, "label": label.astype(np.uint8),
@@ -285,6 +289,7 @@ def generate_synthetic_petct(
     seed: int = 0,
     write_organs: bool = False,
     overwrite: bool = False,
+    noise: bool = True,
 ) -> list[str]:
     """Write synthetic whole-body PET/CT cases in the AutoPET III nnU-Net layout.
 
@@ -303,6 +308,7 @@ def generate_synthetic_petct(
         seed: random seed; the output is deterministic for a seed.
         write_organs: also write the organ map ``organsTr/<case>.nii.gz`` (codes in :data:`ORGAN_LABELS`).
         overwrite: replace existing files instead of raising.
+        noise: add CT and PET noise; False writes the same cases without it (e.g. clean reconstruction targets).
 
     Returns:
         The case ids written.
@@ -339,7 +345,8 @@ def generate_synthetic_petct(
     offset = int(np.random.default_rng(seed).integers(len(DIAGNOSES)))
     rows = []
     for i, (case, child) in enumerate(zip(cases, np.random.SeedSequence(seed).spawn(num_cases))):
-        data = _make_case(np.random.default_rng(child), DIAGNOSES[(offset + i) % len(DIAGNOSES)], shape, spacing)
+        data = _make_case(np.random.default_rng(child), DIAGNOSES[(offset + i) % len(DIAGNOSES)], shape, spacing,
+                          noise)  # fmt: skip
         for key, path in paths[case].items():
             save_nifti(data[key], data["affine"], path)
         rows.append({"case": case, **data["meta"]})
