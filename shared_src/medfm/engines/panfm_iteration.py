@@ -106,8 +106,8 @@ class PanFMIteration:
     holds ``image`` (organ -> image), ``label``, ``pred`` (student and teacher CLS logits), ``loss``,
     ``organ_attention`` (B, O), ``organ_mask`` and ``present`` (B, O), and ``terms``: ``loss``, ``cls``,
     ``patch``, ``teacher_temp``, ``momentum``, ``masked_fraction`` (masked / present organs), ``lr`` and
-    ``attn_<organ>`` (batch mean of the teacher's attention share, 0 for subjects without the organ: the shares
-    sum to 1) for :func:`medfm.engines.loss_terms`.
+    ``attn_<organ>`` (batch mean of the teacher's token-normalised attention share, 0 for subjects without the organ:
+    the shares sum to 1) for :func:`medfm.engines.loss_terms`.
 
     Args:
         organs: the network's organs (names of the ``attn_<organ>`` terms); must match the network.
