@@ -226,3 +226,15 @@ def test_ill_arguments_and_organ_mismatch():
     trainer = _trainer(_model(), organs=("brain", "liver", "heart"))
     with pytest.raises(ValueError, match="differ from the network"):
         trainer.run()
+
+
+def test_default_masking_is_the_bundle_default_mix():
+    import inspect
+    import json
+    from pathlib import Path
+
+    train = Path(__file__).resolve().parents[2] / "bundles" / "panfm_panorgan" / "configs" / "train.json"
+    bundle_default = json.loads(train.read_text())["masking"]
+    assert bundle_default == "mix"
+    assert inspect.signature(PanFMIteration).parameters["masking"].default == bundle_default
+    assert PanFMIteration().masking == bundle_default

@@ -111,7 +111,7 @@ class PanFMIteration:
 
     Args:
         organs: the network's organs (names of the ``attn_<organ>`` terms); must match the network.
-        masking: ``"random"``, ``"sgm"`` or ``"mix"`` (the ablation switch).
+        masking: ``"random"``, ``"sgm"`` or ``"mix"`` (the ablation switch; default ``"mix"``, as the bundle).
         sgm_fraction: share of subjects masked by SGM in ``"mix"`` mode.
         floor: lambda, the uniform share of the SGM probabilities.
         ratio_range: range of the per-subject organ masking ratio.
@@ -127,7 +127,7 @@ class PanFMIteration:
     def __init__(
         self,
         organs: Sequence[str] = PANFM_ORGANS,
-        masking: Literal["random", "sgm", "mix"] = "sgm",
+        masking: Literal["random", "sgm", "mix"] = "mix",
         sgm_fraction: float = 0.5,
         floor: float = 0.2,
         ratio_range: tuple[float, float] = (0.1, 0.5),
