@@ -238,3 +238,31 @@ def test_default_masking_is_the_bundle_default_mix():
     assert bundle_default == "mix"
     assert inspect.signature(PanFMIteration).parameters["masking"].default == bundle_default
     assert PanFMIteration().masking == bundle_default
+
+
+def test_patch_centre_follows_every_teacher_token_not_only_the_masked_ones():
+    model = _model()
+    trainer = _trainer(model, "random", data=_data(2), ratio_range=(0.5, 0.5))
+    seen = {}
+
+    def forward_done(engine):  # the teacher is not updated yet: recompute its patch logits of every token
+        images, _, _, kw = engine.prepare_batch(engine.state.batch, engine.state.device)
+        t = model.forward_teacher(images, kw["present"])
+        per_image = [model.teacher.project_patches(t["tokens"][b][t["valid"][b]]).mean(0) for b in range(2)]
+        seen["expected"] = 0.1 * (per_image[0] + per_image[1]) / 2  # centre 0 before, momentum 0.9
+        seen["masked_only"] = 0.1 * model.teacher_patch_logits(t["tokens"], engine.state.output_masked).mean(0)
+
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, forward_done)
+    original = model.forward_student
+
+    def forward_student(*args, **kw):
+        out = original(*args, **kw)
+        trainer.state.output_masked = out["masked"]
+        return out
+
+    model.forward_student = forward_student
+    trainer.run()
+    center = trainer.loss_function.patch_loss.center[0]
+    assert int(trainer.state.output["organ_mask"].sum()) > 0
+    assert torch.allclose(center, seen["expected"], atol=1e-5)
+    assert not torch.allclose(center, seen["masked_only"], atol=1e-4)

@@ -97,7 +97,8 @@ class PanFMIteration:
        ``sgm_fraction`` of the subjects), see :func:`medfm.masking.organ_masking`; drawn from this object's
        generator on the batch's device, seeded ``seed + rank``;
     3. student on the masked view (through ``engine.network``, so DDP syncs its gradients); the teacher's patch
-       head on the same masked tokens (same ``present`` -> same packing -> same token slots);
+       head on every token (same ``present`` -> same packing -> same token slots): the masked ones are the
+       patch loss's targets, and all of them update its centre, as in iBOT;
     4. ``L = L_cls + patch_weight * L_patch`` (weight set in the loss), backward, clipping, optimizer step;
     5. EMA teacher update with the cosine momentum schedule.
 
@@ -218,7 +219,14 @@ class PanFMIteration:
             student = engine.network(images, present, organ_mask)
             if student["masked"].shape != teacher["tokens"].shape[:2]:
                 raise RuntimeError("student and teacher token layouts differ: they must pack the same organs.")
-            teacher["patch_logits"] = model.teacher_patch_logits(teacher["tokens"], student["masked"])
+            if getattr(engine.loss_function, "patch_loss", None) is None:
+                teacher["patch_logits"] = model.teacher_patch_logits(teacher["tokens"], student["masked"])
+            else:  # every teacher token, for iBOT's patch centre; the masked ones are the loss's targets
+                valid = teacher["valid"]
+                every = model.teacher_patch_logits(teacher["tokens"], valid)
+                teacher["patch_logits"] = every[student["masked"][valid]]
+                teacher["patch_center_logits"] = every
+                teacher["patch_center_sample"] = valid.nonzero()[:, 0]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function.forward_terms(student, teacher, teacher_temp)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
