@@ -1,10 +1,18 @@
 """Datalists, prompts and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, aniso_batch_sampler
+from .group_sampler import GroupBatchSampler, length_buckets
 from .autopet import build_autopet_datalist, find_petct_images, split_datalist
 from .cache import transform_state_hash
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
-from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
+from .panfm import (
+    ORGANS,
+    PANFM_TABLE,
+    label_names_from_table,
+    read_subject_table,
+    subject_token_counts,
+    token_bucket_sampler,
+)
 from .petct_studies import export_petct_studies, write_petct_study
 from .prompt import PromptTokenizer, build_prompt
 from .spad import SpadHeaderd, build_spad_datalist, find_spad_images, with_spad_headers
@@ -42,6 +50,10 @@ __all__ = [
     "SpadHeaderd",
     "STUDY_SUFFIXES",
     "AnisoBatchSampler",
+    "GroupBatchSampler",
+    "length_buckets",
+    "subject_token_counts",
+    "token_bucket_sampler",
     "PromptTokenizer",
     "aniso_batch_sampler",
     "build_autopet_datalist",
