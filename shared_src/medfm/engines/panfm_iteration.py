@@ -109,9 +109,9 @@ class PanFMIteration:
     holds ``image`` (organ -> image), ``label``, ``pred`` (student and teacher CLS logits), ``loss``,
     ``organ_attention`` (B, O), ``organ_mask`` and ``present`` (B, O), and ``terms``: ``loss``, ``cls``,
     ``patch``, ``teacher_temp``, ``momentum``, ``weight_decay``, ``masked_fraction`` (masked / present organs), ``lr``
-    and
-    ``attn_<organ>`` (batch mean of the teacher's token-normalised attention share, 0 for subjects without the organ:
-    the shares sum to 1) for :func:`medfm.engines.loss_terms`.
+    and ``attn_<organ>`` (batch mean of the teacher's token-normalised attention share, 0 for subjects without the
+    organ: the shares sum to 1) for :func:`medfm.engines.loss_terms`. The weight-decay schedule reuses M-IDoL's
+    helpers (:func:`~medfm.engines.cosine_schedule`, :meth:`MIDoLIteration.set_weight_decay`).
 
     Args:
         organs: the network's organs (names of the ``attn_<organ>`` terms); must match the network.
