@@ -114,3 +114,27 @@ def test_group_sampler_and_ill_arguments():
         GroupBatchSampler([], 2)
     loader = torch.utils.data.DataLoader(list(range(5)), batch_sampler=sampler)
     assert [b.tolist() for b in loader] == [[1, 3], [4], [0, 2]]
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_ranks_draw_from_the_same_bucket_at_each_step(replicas):
+    items = _datalist(120)
+    buckets = length_buckets(subject_token_counts(items, TOKENS), 5, 4)  # 5 buckets of 24 subjects = 6 batches
+    samplers = [token_bucket_sampler(items, TOKENS, 4, num_buckets=5, seed=2, num_replicas=replicas, rank=r)
+                for r in range(replicas)]  # fmt: skip
+    for epoch in (0, 1):
+        per_rank = [_epoch(s, epoch) for s in samplers]
+        steps = list(zip(*per_rank))
+        mixed = [k for k, step in enumerate(steps) if len({buckets[b[0]] for b in step}) > 1]
+        # 6 batches per bucket: whole runs for 2 and 3 ranks, so every step is aligned
+        assert mixed == []
+        assert sorted(i for batches in per_rank for b in batches for i in b) == list(range(120))
+    # buckets whose batch count does not divide by the ranks: their leftovers come last
+    samplers = [token_bucket_sampler(items[:100], TOKENS, 4, num_buckets=5, seed=2, num_replicas=2, rank=r)
+                for r in range(2)]  # fmt: skip
+    buckets = length_buckets(subject_token_counts(items[:100], TOKENS), 5, 4)  # 20 subjects = 5 batches each
+    steps = list(zip(*[_epoch(s, 0) for s in samplers]))
+    mixed = [k for k, step in enumerate(steps) if len({buckets[b[0]] for b in step}) > 1]
+    assert all(k >= len(steps) - 3 for k in mixed)  # 5 leftover batches: the last 3 steps at most
+    unaligned = GroupBatchSampler(buckets, 4, seed=2, num_replicas=2, rank=0, align_replicas=False)
+    assert len(unaligned) == len(samplers[0])

@@ -29,6 +29,10 @@ class GroupBatchSampler(Sampler[list[int]]):
     divide by ``R``, the list is padded by repeating its first batches (every rank gets ``ceil(B / R)``), or with
     ``drop_last`` its tail is dropped (``floor(B / R)``), like ``DistributedSampler``.
 
+    With ``align_replicas`` (and ``shuffle``), the shuffle moves runs of ``R`` consecutive batches of one group, so
+    the ``R`` ranks work on the same group at the same step (under DDP a step waits for its slowest rank); the
+    batches left over when a group's batch count does not divide by ``R`` come last, in shuffled order.
+
     Args:
         groups: the group key of every dataset item, in dataset order (sortable keys, e.g. ints).
         batch_size: samples per batch.
@@ -38,6 +42,7 @@ class GroupBatchSampler(Sampler[list[int]]):
         seed: base seed, shared by all ranks.
         num_replicas: number of ranks; default the ``torch.distributed`` world size when initialised, else 1.
         rank: this rank; default the ``torch.distributed`` rank when initialised, else 0.
+        align_replicas: keep the ranks on the same group at each step (see above).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class GroupBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        align_replicas: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -67,6 +73,7 @@ class GroupBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
+        self.align_replicas = bool(align_replicas)
         self.epoch = 0
         self.groups: dict[Hashable, list[int]] = {}
         for i, key in enumerate(groups):
@@ -94,17 +101,25 @@ class GroupBatchSampler(Sampler[list[int]]):
         """All ranks' batches of the current epoch before sharding (padded or trimmed to divide by ranks)."""
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
-        batches: list[list[int]] = []
+        per_group: list[list[list[int]]] = []
         for key in sorted(self.groups):
             idx = self.groups[key]
             if self.shuffle:
                 idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-            for start in range(0, len(idx), self.batch_size):
-                batch = idx[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        if self.shuffle:
+            chunks = [idx[start : start + self.batch_size] for start in range(0, len(idx), self.batch_size)]
+            per_group.append([b for b in chunks if len(b) == self.batch_size or not self.drop_last])
+        if not self.shuffle:
+            batches = [b for group in per_group for b in group]
+        elif not self.align_replicas:
+            batches = [b for group in per_group for b in group]
             batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        else:  # shuffle runs of R batches of one group; the leftovers of each group go last
+            r = self.num_replicas
+            runs = [group[i : i + r] for group in per_group for i in range(0, len(group) - r + 1, r)]
+            rest = [b for group in per_group for b in group[len(group) - len(group) % r :]]
+            runs = [runs[j] for j in torch.randperm(len(runs), generator=g).tolist()]
+            rest = [rest[j] for j in torch.randperm(len(rest), generator=g).tolist()]
+            batches = [b for run in runs for b in run] + rest
         total = self.num_batches * self.num_replicas
         if total > len(batches):
             batches += (batches * math.ceil((total - len(batches)) / len(batches)))[: total - len(batches)]

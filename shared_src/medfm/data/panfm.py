@@ -212,8 +212,9 @@ def token_bucket_sampler(
     A batch is padded to its longest subject, so a batch mixing a seven-organ subject with one-organ subjects costs
     as much as seven-organ ones. Subjects are put in ``num_buckets`` equal-frequency buckets of token count
     (:func:`~medfm.data.length_buckets`) and each batch is drawn within one bucket
-    (:class:`~medfm.data.GroupBatchSampler`: shuffled per ``seed + epoch``, sharded over ranks), so the cost of a
-    step follows its subjects' tokens. ``num_buckets=1`` is plain shuffling.
+    (:class:`~medfm.data.GroupBatchSampler`: shuffled per ``seed + epoch``, sharded over ranks, with
+    ``align_replicas`` on by default so that all ranks draw from the same bucket at a step), so the cost of a step
+    follows its subjects' tokens. ``num_buckets=1`` is plain shuffling.
 
     Args:
         datalist: items of :func:`read_subject_table`.
@@ -221,8 +222,9 @@ def token_bucket_sampler(
         batch_size: subjects per batch (per rank).
         num_buckets: token-count buckets.
         organs: the column order of ``present``.
-        **kw: ``shuffle``, ``drop_last``, ``seed``, ``num_replicas``, ``rank`` of
+        **kw: ``shuffle``, ``drop_last``, ``seed``, ``num_replicas``, ``rank``, ``align_replicas`` (default True) of
             :class:`~medfm.data.GroupBatchSampler`.
     """
     counts = subject_token_counts(datalist, num_tokens, organs)
+    kw.setdefault("align_replicas", True)
     return GroupBatchSampler(length_buckets(counts, num_buckets, batch_size), batch_size, **kw)
