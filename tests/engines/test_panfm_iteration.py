@@ -289,7 +289,8 @@ def test_weight_decay_follows_the_cosine_schedule_on_decaying_groups_only():
     # the schedule switched off: the optimizer's value stays
     trainer = _trainer(_model(), "random", data=_data(4), weight_decay=None)
     trainer.run()
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01 and "weight_decay" not in trainer.state.output["terms"]
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert "weight_decay" not in trainer.state.output["terms"]
 
 
 def test_train_config_scales_the_learning_rate_with_the_total_batch(monkeypatch):
