@@ -2,7 +2,7 @@
 """Where Pan-FM's demo pre-training collapses: per-step diagnostics of the self-distillation targets.
 
     python tools/panfm_collapse.py [--data DIR] [--subjects 96] [--steps 144] [--seed 0] [--every 12]
-                                   [--invert-half] [--set KEY=VALUE ...]
+                                   [--invert-half] [--freeze-last-layer N] [--koleo W] [--set KEY=VALUE ...]
 
 Pre-trains ``train.json`` + ``demo.json`` in-process (same network, loss, optimizer, sampler, schedules and
 :class:`medfm.engines.PanFMIteration` as the bundle; ``--set`` overrides config ids, e.g.
@@ -20,6 +20,10 @@ absent) and prints, every ``--every`` steps, with ``T`` the step's teacher tempe
 Before training it prints the mean cosine similarity between subjects of the teacher's CLS feature and of its
 head's bottleneck, on the subjects that have all organs. ``--invert-half`` replaces every second subject's images
 ``x`` by ``1 - x`` (a large difference in content) to tell a too-small input difference from a broken mechanism.
+Two variants that the bundle does not ship can be tried: ``--freeze-last-layer N`` drops the gradients of the
+student heads' prototypes for the first N steps (DINO and iBOT freeze them during the first epoch), and
+``--koleo W`` adds ``W`` times DINOv2's KoLeo term (``-mean_b log min_{b' != b} ||x_b - x_b'||`` over the
+L2-normalised student CLS features of the batch) to the loss.
 """
 
 from __future__ import annotations
@@ -57,6 +61,40 @@ def mean_offdiag_cosine(x: torch.Tensor) -> float:
     return float((g.sum() - g.diagonal().sum()) / (n * n - n))
 
 
+def koleo(x: torch.Tensor) -> torch.Tensor:
+    """KoLeo term of DINOv2 over the rows of ``x`` (B, D), B >= 2: ``-mean_b log(min distance to another row)``
+    after L2 normalisation."""
+    z = F.normalize(x.float(), dim=-1)
+    d = torch.cdist(z, z) + torch.eye(z.shape[0], device=z.device) * 1e9
+    return -torch.log(d.min(1).values + 1e-8).mean()
+
+
+def _add_variants(net, loss, optimizer, state, freeze_steps: int, koleo_weight: float) -> None:
+    """Wrap the optimizer step (prototype gradients dropped while ``state.iteration <= freeze_steps``) and the
+    loss (plus ``koleo_weight`` x KoLeo of the student CLS features, read by a hook on the student's head)."""
+    heads = [h for h in (net.student.head, net.student.patch_head) if h is not None]
+    step = optimizer.step
+
+    def frozen_step(*a, **k):
+        if state.iteration <= freeze_steps:
+            for h in heads:
+                h.last_v.grad = None
+        return step(*a, **k)
+
+    optimizer.step = frozen_step
+    if koleo_weight > 0:
+        seen: dict[str, torch.Tensor] = {}
+        net.student.head.register_forward_hook(lambda m, inp, out: seen.__setitem__("cls", inp[0]))
+        terms = loss.forward_terms
+
+        def with_koleo(student, teacher, teacher_temp):
+            out = terms(student, teacher, teacher_temp)
+            out["loss"] = out["loss"] + koleo_weight * koleo(seen["cls"])
+            return out
+
+        loss.forward_terms = with_koleo
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="cohort folder (default: a temporary one)")
@@ -65,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and masks")
     p.add_argument("--every", type=int, default=12, help="print every this many steps (and steps 1-3)")
     p.add_argument("--invert-half", action="store_true", help="x -> 1 - x for every second subject's images")
+    p.add_argument("--freeze-last-layer", type=int, default=0, help="steps with frozen prototypes (default 0)")
+    p.add_argument("--koleo", type=float, default=0.0, help="weight of a KoLeo term on the student CLS (default 0)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (Python literals)")
     args = p.parse_args(argv)
     import tempfile
@@ -111,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    prepare_batch=parser.get_parsed_content("train#prepare_batch"), to_kwargs={},
                                    optim_set_to_none=True, fire_event=lambda event: None, state=state)  # fmt: skip
 
+    _add_variants(net, loss, optimizer, state, args.freeze_last_layer, args.koleo)
     full = [it for it in items if bool(torch.as_tensor(it["present"]).all())][:16]
     if len(full) >= 2:
         batch = default_collate(full)

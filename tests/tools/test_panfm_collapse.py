@@ -28,11 +28,15 @@ def test_subject_information_and_cosine(module):
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     pairs = [0.0, 1 / math.sqrt(2), 1 / math.sqrt(2)]  # (0, 1), (0, 2), (1, 2)
     assert module.mean_offdiag_cosine(x) == pytest.approx(sum(pairs) / 3, rel=1e-6)
+    # KoLeo: after normalisation every row's nearest other row is at distance sqrt(2) -> -log sqrt(2)
+    points = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    assert float(module.koleo(points)) == pytest.approx(-0.5 * math.log(2), rel=1e-5)
 
 
 @pytest.mark.slow
 def test_two_steps_print_every_column(module, tmp_path, capsys):
-    assert module.main(["--data", str(tmp_path / "data"), "--subjects", "16", "--steps", "2"]) == 0
+    args = ["--data", str(tmp_path / "data"), "--subjects", "16", "--steps", "2", "--freeze-last-layer", "1"]
+    assert module.main([*args, "--koleo", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "mean cosine between subjects of the teacher's CLS" in out
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in ("1", "2")]
