@@ -6,7 +6,7 @@ Usage::
     python tools/bench.py fratmae [--size base|tiny] [--batch 2] [--steps N] [--warmup W] [--threads T]
                                   [--bf16/--no-bf16] [--data/--no-data]
     python tools/bench.py spad [--size base|tiny] [--batch 2] [--steps N] [--data/--no-data]
-    python tools/bench.py panfm [--size base|tiny] [--batch 4] [--rates 0 0.2 0.4 0.6]
+    python tools/bench.py panfm [--size base|tiny] [--batch 4] [--pool 16] [--buckets K] [--rates 0 0.2 0.4 0.6]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 Everything runs in one process; stdout carries exactly one JSON object per case, human notes go to stderr.
@@ -978,12 +978,21 @@ def _add_spad(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_panfm(args: argparse.Namespace) -> int:
-    """Pan-FM encoder training step (forward, backward) at organ missing rates: packing must make cost fall."""
-    from medfm.data import DEFAULT_ORGAN_SHAPES, ORGANS
+    """Pan-FM encoder training steps (forward, backward) at organ missing rates, batched as pre-training batches
+    them (``medfm.data.length_buckets`` + ``GroupBatchSampler``): the step cost should follow the tokens.
+
+    Per rate, a pool of ``--pool`` subjects drops each organ with that probability (keeping at least one); the pool
+    is cut into batches of ``--batch`` within ``--buckets`` token-count buckets (default ``pool / batch``, the
+    tightest; ``--buckets 1`` is plain shuffling, each batch padded to its longest subject). One timed step runs
+    every batch of the pool once; ``step_s`` is per batch. ``step_vs_no_missing`` compares with the first rate
+    (0%), ``tokens_vs_no_missing`` the mean tokens per subject, ``padded_tokens_per_subject`` counts padding."""
+    from medfm.data import DEFAULT_ORGAN_SHAPES, ORGANS, GroupBatchSampler, length_buckets
     from medfm.networks.nets import PanFMEncoder
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.pool < args.batch:
+        raise SystemExit(f"--pool ({args.pool}) must hold at least one batch of --batch ({args.batch}).")
     torch.manual_seed(0)
     base = {"brain": (96, 112, 96), "heart": (64, 64, 48), "adipose": (96, 64, 32), "liver": (80, 80, 48),
             "kidney": (64, 64, 48), "spleen": (64, 48, 48), "pancreas": (64, 48, 32)}  # panfm train.json
@@ -991,48 +1000,65 @@ def _run_panfm(args: argparse.Namespace) -> int:
     size = {"base": (768, 12, 12, 3072, 16), "tiny": (48, 2, 3, 96, 8)}[args.size]
     enc = PanFMEncoder(ORGANS, shapes, patch_size=size[4], hidden_size=size[0], num_layers=size[1], num_heads=size[2],
                        mlp_dim=size[3]).train()  # fmt: skip
-    b = args.batch
-    images = {o: torch.rand(b, 1, *shapes[o]) for o in ORGANS}
+    b, n = args.batch, args.pool
+    buckets = args.buckets or max(1, n // b)
+    images = {o: torch.rand(n, 1, *shapes[o]) for o in ORGANS}
+    ntok = torch.tensor([enc.num_tokens[o] for o in ORGANS])
     gen = torch.Generator().manual_seed(0)
-    presents = {}
+    plans: dict[float, list[tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
+    stats: dict[float, dict[str, float]] = {}
     for rate in args.rates:
-        p = torch.rand(b, len(ORGANS), generator=gen) >= rate
-        p[:, 0] |= ~p.any(1)  # every subject keeps at least one organ
-        presents[rate] = p
+        p = torch.rand(n, len(ORGANS), generator=gen) >= rate
+        p[torch.arange(n), torch.randint(len(ORGANS), (n,), generator=gen)] |= ~p.any(1)  # keep one organ
+        counts = (p.long() * ntok).sum(1)
+        sampler = GroupBatchSampler(length_buckets(counts.tolist(), buckets, b), b, shuffle=True, seed=0)
+        batches = [torch.tensor(idx) for idx in sampler]
+        plans[rate] = [({o: x[idx] for o, x in images.items()}, p[idx]) for idx in batches]
+        stats[rate] = {"organs": float(p.float().sum(1).mean()), "tokens": float(counts.float().mean()),
+                       "padded": float(sum(int(counts[idx].max()) * len(idx) for idx in batches)) / n,
+                       "batches": len(batches)}  # fmt: skip
 
-    def step(rate: float) -> None:
-        enc.zero_grad(set_to_none=True)
-        enc(images, presents[rate]).cls.sum().backward()
+    def epoch(rate: float) -> None:
+        for imgs, present in plans[rate]:
+            enc.zero_grad(set_to_none=True)
+            enc(imgs, present).cls.sum().backward()
 
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
     for rate in args.rates:
         with FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_flop_mapping()) as fc:
-            step(rate)
-        flops[rate] = int(fc.get_total_flops())
-    runners = {f"missing_{round(100 * r)}": (lambda r=r: step(r)) for r in args.rates}
+            epoch(rate)
+        flops[rate] = int(fc.get_total_flops()) // stats[rate]["batches"]
+    runners = {f"missing_{round(100 * r)}": (lambda r=r: epoch(r)) for r in args.rates}
     samples, _, rounds, clean = _time_rounds(runners, dict.fromkeys(runners, args.warmup), args.steps, 30.0)
-    ref = None
+    ref = ref_tokens = None
     for rate, name in zip(args.rates, runners):
         summ = _summary(samples[name])
-        ref = ref or summ["step_s"]
-        _emit({"case": name, "size": args.size, "batch": b, "missing_rate": rate,
-               "organs_present": round(float(presents[rate].float().sum(1).mean()), 3),
-               "tokens_per_subject": round(float(sum(presents[rate][:, i].float().mean() * enc.num_tokens[o]
-                                                     for i, o in enumerate(ORGANS))), 1),
-               "flops_per_step": flops[rate], "step_vs_no_missing": _r(summ["step_s"] / ref), **summ,
+        per_batch = summ["step_s"] / stats[rate]["batches"]
+        ref = ref or per_batch
+        ref_tokens = ref_tokens or stats[rate]["tokens"]
+        _emit({"case": name, "size": args.size, "batch": b, "pool": n, "buckets": buckets, "missing_rate": rate,
+               "organs_present": round(stats[rate]["organs"], 3),
+               "tokens_per_subject": round(stats[rate]["tokens"], 1),
+               "padded_tokens_per_subject": round(stats[rate]["padded"], 1),
+               "tokens_vs_no_missing": _r(stats[rate]["tokens"] / ref_tokens),
+               "flops_per_step": flops[rate], "step_vs_no_missing": _r(per_batch / ref),
+               "batches": stats[rate]["batches"], "step_s": _r(per_batch),
+               **{k.replace("step_s", "epoch_s"): v for k, v in summ.items()},
                "rounds": len(rounds), "quiet_rounds": len(clean)})  # fmt: skip
     return 0
 
 
 def _add_panfm(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("panfm", help="Pan-FM encoder step at organ missing rates (packing)")
+    p = subparsers.add_parser("panfm", help="Pan-FM encoder step at organ missing rates (packing, token buckets)")
     p.add_argument("--size", choices=["base", "tiny"], default="base", help="model size (default base)")
     p.add_argument("--batch", type=int, default=4, help="subjects per batch (default 4)")
+    p.add_argument("--pool", type=int, default=16, help="subjects per rate, batched by token buckets (default 16)")
+    p.add_argument("--buckets", type=int, default=None, help="token-count buckets (default pool / batch; 1: shuffled)")
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="organ missing rates")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per rate (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per rate (default 1)")
+    p.add_argument("--steps", type=int, default=3, help="timed passes over the pool per rate (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up passes per rate (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.set_defaults(func=_run_panfm)
 

@@ -1,24 +1,32 @@
 #!/usr/bin/env python
 """Random organ masking vs saliency-guided masking (SGM) for Pan-FM at demo scale.
 
-    python tools/panfm_compare.py [--seeds 0 1 2] [--steps 96] [--out-dir DIR] [--write-docs]
+    python tools/panfm_compare.py [--seeds 0 1 2] [--steps 96] [--subjects 48] [--test-subjects 0]
+                                  [--out-dir DIR] [--write-docs]
 
 For each masking mode (``random``, ``sgm``) and seed: pre-train ``train.json`` + ``demo.json`` on the synthetic
-pan-organ demo (:func:`medfm.data.generate_synthetic_panfm`), then measure
+pan-organ cohort (:func:`medfm.data.generate_synthetic_panfm`, ``--subjects``, seed 0; its dominant organs are
+adipose and heart), then measure
 
-- the teacher's attention share per organ (last-block CLS attention summed per organ, averaged over the
-  subjects that have the organ) on every demo subject;
+- the teacher's token-normalised attention share per organ (:func:`medfm.masking.organ_attention_share`: mean
+  attention per token, normalised over the subject's present organs; averaged over the subjects that have the
+  organ) and its normalised entropy ``H(a) / log |present|`` per subject (1 = every present organ gets the same
+  attention per token; mean over the subjects with at least two organs);
 - a linear probe (``finetune.json`` + ``linear_probe.json`` + ``demo_finetune.json``) on the frozen teacher
-  encoder, evaluated with the missing-organ protocol (:func:`medfm.metrics.missing_organ_robustness`) on the
-  probe's validation subjects.
+  encoder, evaluated with the missing-organ protocol (:func:`medfm.metrics.missing_organ_robustness`) on a held-out
+  cohort (``--test-subjects``, generator seed 1) or, with ``--test-subjects 0``, on the probe's validation subjects;
+  the AUROC drop when a dominant organ is missing is ``AUROC(all organs) - AUROC(without it)``.
 
-Prints a Markdown table (means over seeds) and, with ``--write-docs``, writes it into
+Each number is reported as the mean over seeds with a 95% t-interval (``mean ± t(0.975, n-1) sd / sqrt(n)``), and
+SGM - random as the mean of the per-seed differences (same seed: same initialisation, data order and probe split)
+with its 95% t-interval. Prints Markdown tables and, with ``--write-docs``, writes them into
 ``bundles/panfm_panorgan/docs/README.md`` between ``<!-- compare:start -->`` and ``<!-- compare:end -->``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -33,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "panfm_panorgan"
 DOCS = BUNDLE / "docs" / "README.md"
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
+DOMINANT = ("adipose", "heart")  # the synthetic cohort's dominant organs (medfm.data.synthetic_panfm)
 
 
 def _workflow(names: Sequence[str], **override):
@@ -47,9 +56,18 @@ def _workflow(names: Sequence[str], **override):
     )
 
 
+def normalised_entropy(share: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``H(a) / log |present|`` per subject with at least two present organs (share: (B, O), rows sum to 1)."""
+    keep = present.sum(1) >= 2
+    a = np.where(present, share, 0.0)[keep]
+    h = -(np.where(a > 0, a * np.log(np.clip(a, 1e-30, None)), 0.0)).sum(1)
+    return h / np.log(present[keep].sum(1))
+
+
 @torch.no_grad()
-def _attention_share(pretrain_ckpt: str, data_dir: str, wf) -> np.ndarray:
-    """Mean teacher attention share of each organ over the subjects that have it."""
+def _attention(pretrain_ckpt: str, data_dir: str, wf) -> tuple[np.ndarray, float]:
+    """Mean token-normalised teacher attention share of each organ over the subjects that have it, and the mean
+    normalised entropy of the share over the subjects with two or more organs."""
     from monai.data import DataLoader, Dataset
 
     from medfm.data import read_subject_table
@@ -59,17 +77,21 @@ def _attention_share(pretrain_ckpt: str, data_dir: str, wf) -> np.ndarray:
     net.eval()
     organs = list(wf.parser.get_parsed_content("organs"))
     load = wf.parser.get_parsed_content("train#preprocessing")
-    total, count = np.zeros(len(organs)), np.zeros(len(organs))
+    total, count, entropies = np.zeros(len(organs)), np.zeros(len(organs)), []
     for batch in DataLoader(Dataset(read_subject_table(data_dir), load), batch_size=8):
         present = batch["present"].bool()
         images = {o: batch["image_" + o].float() for o in organs}
-        att = net.forward_teacher(images, present)["organ_attention"].numpy()
+        att = net.forward_teacher(images, present)["organ_attention"].double().numpy()
         total += att.sum(0)
         count += present.numpy().sum(0)
-    return total / np.maximum(count, 1)
+        entropies.append(normalised_entropy(att, present.numpy()))
+    return total / np.maximum(count, 1), float(np.concatenate(entropies).mean())
 
 
-def _run(mode: str, seed: int, steps: int, data_dir: str, out: str) -> dict:
+def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, out: str) -> dict:
+    from monai.data import Dataset
+
+    from medfm.data import read_subject_table
     from medfm.metrics import missing_organ_robustness
 
     pre = _workflow(["train.json", "demo.json"], dataset_dir=data_dir, output_dir=f"{out}/pretrain", masking=mode,
@@ -77,7 +99,7 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, out: str) -> dict:
     pre.initialize()
     pre.run()
     ckpt = f"{out}/pretrain/models/model.pt"
-    share = _attention_share(ckpt, data_dir, pre)
+    share, entropy = _attention(ckpt, data_dir, pre)
     organs = list(pre.parser.get_parsed_content("organs"))
     pre.finalize()
     probe = _workflow(["finetune.json", "linear_probe.json", "demo_finetune.json"], dataset_dir=data_dir,
@@ -88,32 +110,68 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, out: str) -> dict:
     best = f"{out}/probe/models/model.pt"
     if os.path.isfile(best):
         net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
-    val = probe.parser.get_parsed_content("validate#dataset")
     labels = list(probe.parser.get_parsed_content("label_names"))
-    rows = missing_organ_robustness(net, [val[i] for i in range(len(val))], organs, labels, f"{out}/robustness",
+    if test_dir is None:
+        test = probe.parser.get_parsed_content("validate#dataset")
+    else:
+        load = probe.parser.get_parsed_content("preprocessing")
+        test = Dataset(read_subject_table(test_dir, label_names=labels), load)
+    rows = missing_organ_robustness(net, [test[i] for i in range(len(test))], organs, labels, f"{out}/robustness",
                                     seed=seed)  # fmt: skip
     probe.finalize()
-    return {"share": dict(zip(organs, share)), "auroc": {r["condition"]: r["macro"] for r in rows}}
+    return {"share": dict(zip(organs, share)), "entropy": entropy, "auroc": {r["condition"]: r["macro"] for r in rows}}
+
+
+def _dominant_drops(result: dict) -> dict[str, float]:
+    auroc = result["auroc"]
+    drops = {f"drop without {o}": auroc["all organs"] - auroc[f"without {o}"] for o in DOMINANT}
+    drops["drop, mean of the dominant organs"] = float(np.mean(list(drops.values())))
+    return drops
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% t-interval over seeds (half-width NaN for one value)."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    if v.size == 1:
+        return float(v[0]), math.nan
+    return float(v.mean()), float(t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, half = t_interval(values)
+    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
 
 
 def _table(results: dict[str, list[dict]]) -> str:
     modes = list(results)
-    organs = list(results[modes[0]][0]["share"])
-    conds = list(results[modes[0]][0]["auroc"])
+    first = results[modes[0]][0]
     n = len(results[modes[0]])
+    pair = "random" in results and "sgm" in results
+    head = "| " + " | ".join(modes) + (" | sgm − random |" if pair else " |")
+    rule = "|---|" + "---|" * (len(modes) + pair)
 
-    def cell(values: list[float]) -> str:
-        a = np.array(values, dtype=float)
-        return f"{np.nanmean(a):.3f} ± {np.nanstd(a):.3f}" if n > 1 else f"{a[0]:.3f}"
+    def row(name: str, get) -> str:
+        cells = [_cell([get(r) for r in results[m]]) for m in modes]
+        if pair:
+            cells.append(_cell([get(s) - get(r) for s, r in zip(results["sgm"], results["random"])]))
+        return f"| {name} | " + " | ".join(cells) + " |"
 
-    lines = [f"Teacher attention share per organ (mean over subjects having the organ; {n} seed(s), mean ± sd):", "",
-             "| organ | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]  # fmt: skip
-    for o in organs:
-        lines.append(f"| {o} | " + " | ".join(cell([r["share"][o] for r in results[m]]) for m in modes) + " |")
-    lines += ["", "Linear-probe macro AUROC on the validation subjects, by test-time condition:", "",
-              "| condition | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]  # fmt: skip
-    for c in conds:
-        lines.append(f"| {c} | " + " | ".join(cell([r["auroc"].get(c, np.nan) for r in results[m]]) for m in modes) + " |")
+    lines = [f"Mean ± half-width of the 95% t-interval over {n} seed(s); the last column pairs the runs by seed.", "",
+             "Claims (the abstract's direction: SGM flatter and more robust to a missing dominant organ):", "",
+             "| measure " + head, rule,
+             row("attention entropy (normalised; 1 = uniform per token)", lambda r: r["entropy"])]  # fmt: skip
+    for name in _dominant_drops(first):
+        lines.append(row(f"AUROC {name}", lambda r, k=name: _dominant_drops(r)[k]))
+    lines += ["", "Teacher's token-normalised attention share per organ (mean over subjects having the organ):", "",
+              "| organ " + head, rule]  # fmt: skip
+    lines += [row(o, lambda r, o=o: r["share"][o]) for o in first["share"]]
+    lines += ["", "Linear-probe macro AUROC by test-time condition:", "", "| condition " + head, rule]
+    lines += [row(c, lambda r, c=c: r["auroc"].get(c, math.nan)) for c in first["auroc"]]
     return "\n".join(lines)
 
 
@@ -121,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--steps", type=int, default=96, help="pre-training steps per run (default 96)")
+    p.add_argument("--subjects", type=int, default=48, help="pre-training and probe cohort size (default 48)")
+    p.add_argument("--test-subjects", type=int, default=0,
+                   help="held-out test cohort size (generator seed 1); 0 tests on the probe's validation split")
     p.add_argument("--modes", nargs="+", default=["random", "sgm"], choices=["random", "sgm", "mix"])
     p.add_argument("--out-dir", default=None, help="run folder (default: a temporary folder)")
     p.add_argument("--write-docs", action="store_true", help=f"write the tables into {DOCS.relative_to(REPO)}")
@@ -130,10 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="panfm_compare_") as tmp:
         root = args.out_dir or tmp
-        data = os.path.join(root, "data")
+        data, test = os.path.join(root, "data"), None
         if not os.path.isdir(data):
-            generate_synthetic_panfm(data, seed=0)
-        results = {m: [_run(m, s, args.steps, data, f"{root}/{m}_seed{s}") for s in args.seeds] for m in args.modes}
+            generate_synthetic_panfm(data, num_subjects=args.subjects, seed=0)
+        if args.test_subjects:
+            test = os.path.join(root, "test")
+            if not os.path.isdir(test):
+                generate_synthetic_panfm(test, num_subjects=args.test_subjects, seed=1)
+        results = {m: [_run(m, s, args.steps, data, test, f"{root}/{m}_seed{s}") for s in args.seeds]
+                   for m in args.modes}  # fmt: skip
     table = _table(results)
     cmd = "python tools/panfm_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
     block = f"{START}\nMade by `{cmd.strip()}` ({time.perf_counter() - start:.0f} s on 2 CPU cores).\n\n{table}\n{END}"

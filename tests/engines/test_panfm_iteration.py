@@ -120,7 +120,8 @@ def test_two_iterations_through_supervised_trainer(masking):
     trainer.add_event_handler(Events.ITERATION_COMPLETED, end)
     trainer.run()
     assert trainer.state.iteration == 2 and len(seen) == 2
-    keys = {"loss", "cls", "patch", "teacher_temp", "momentum", "masked_fraction", "lr"} | {f"attn_{o}" for o in ORG}
+    keys = {"loss", "cls", "patch", "teacher_temp", "momentum", "weight_decay", "masked_fraction", "lr"}
+    keys |= {f"attn_{o}" for o in ORG}
     for t in seen:
         assert set(t) == keys and all(math.isfinite(v) for v in t.values())
         assert t["loss"] == pytest.approx(t["cls"] + t["patch"], rel=1e-5)
@@ -226,3 +227,85 @@ def test_ill_arguments_and_organ_mismatch():
     trainer = _trainer(_model(), organs=("brain", "liver", "heart"))
     with pytest.raises(ValueError, match="differ from the network"):
         trainer.run()
+
+
+def test_default_masking_is_the_bundle_default_mix():
+    import inspect
+    import json
+    from pathlib import Path
+
+    train = Path(__file__).resolve().parents[2] / "bundles" / "panfm_panorgan" / "configs" / "train.json"
+    bundle_default = json.loads(train.read_text())["masking"]
+    assert bundle_default == "mix"
+    assert inspect.signature(PanFMIteration).parameters["masking"].default == bundle_default
+    assert PanFMIteration().masking == bundle_default
+
+
+def test_patch_centre_follows_every_teacher_token_not_only_the_masked_ones():
+    model = _model()
+    trainer = _trainer(model, "random", data=_data(2), ratio_range=(0.5, 0.5))
+    seen = {}
+
+    def forward_done(engine):  # the teacher is not updated yet: recompute its patch logits of every token
+        images, _, _, kw = engine.prepare_batch(engine.state.batch, engine.state.device)
+        t = model.forward_teacher(images, kw["present"])
+        per_image = [model.teacher.project_patches(t["tokens"][b][t["valid"][b]]).mean(0) for b in range(2)]
+        seen["expected"] = 0.1 * (per_image[0] + per_image[1]) / 2  # centre 0 before, momentum 0.9
+        seen["masked_only"] = 0.1 * model.teacher_patch_logits(t["tokens"], engine.state.output_masked).mean(0)
+
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, forward_done)
+    original = model.forward_student
+
+    def forward_student(*args, **kw):
+        out = original(*args, **kw)
+        trainer.state.output_masked = out["masked"]
+        return out
+
+    model.forward_student = forward_student
+    trainer.run()
+    center = trainer.loss_function.patch_loss.center[0]
+    assert int(trainer.state.output["organ_mask"].sum()) > 0
+    assert torch.allclose(center, seen["expected"], atol=1e-5)
+    assert not torch.allclose(center, seen["masked_only"], atol=1e-4)
+
+
+def test_weight_decay_follows_the_cosine_schedule_on_decaying_groups_only():
+    from medfm.utils import weight_decay_groups
+
+    model = _model()
+    trainer = _trainer(model, "random", data=_data(6), max_epochs=1)  # 3 iterations
+    trainer.optimizer = torch.optim.AdamW(weight_decay_groups(model.student, 0.04), lr=1e-3, weight_decay=0.04)
+    seen = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.append(([g["weight_decay"] for g in e.optimizer.param_groups], e.state.output["terms"])),
+    )
+    trainer.run()
+    # DINO's cosine: wd(t) = 0.4 - (0.4 - 0.04) * (1 + cos(pi t / T)) / 2, T = 3 steps
+    expected = [0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi * t / 3)) for t in range(3)]
+    assert [groups[0] for groups, _ in seen] == pytest.approx(expected)
+    assert [terms["weight_decay"] for _, terms in seen] == pytest.approx(expected)
+    assert all(groups[1] == 0.0 for groups, _ in seen)  # biases, norms, tokens never decay
+    # the schedule switched off: the optimizer's value stays
+    trainer = _trainer(_model(), "random", data=_data(4), weight_decay=None)
+    trainer.run()
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert "weight_decay" not in trainer.state.output["terms"]
+
+
+def test_train_config_scales_the_learning_rate_with_the_total_batch(monkeypatch):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[2] / "bundles" / "panfm_panorgan" / "configs"
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    assert parser.get_parsed_content("learning_rate") == pytest.approx(5e-4 * 16 / 256)  # DINO: base * batch / 256
+    assert tuple(parser.get_parsed_content("train#iteration#weight_decay")) == (0.04, 0.4)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 8)
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "multi_gpu_train.json")])
+    parser["batch_size"] = 32
+    assert parser.get_parsed_content("world_size") == 8
+    assert parser.get_parsed_content("learning_rate") == pytest.approx(5e-4 * 32 * 8 / 256)

@@ -112,3 +112,18 @@ def test_ill_arguments():
         DINOLoss(4)(torch.zeros(1, 5), torch.zeros(1, 5), 0.04)
     with pytest.raises(ValueError, match="patch_weight"):
         PanFMLoss(4, 4, patch_weight=-1.0)
+
+
+def test_ibot_patch_centre_is_the_per_image_mean_of_every_teacher_token():
+    loss_fn = IBOTPatchLoss(3, student_temp=0.1, center_momentum=0.9)
+    every = torch.randn(9, 3)
+    sample = torch.tensor([0, 0, 0, 0, 0, 1, 1, 3, 3])  # sample 2 has no token
+    masked = torch.tensor([1, 5, 7])
+    s = torch.randn(3, 3)
+    loss = loss_fn(s, every[masked], 0.04, center_tokens=every, center_sample=sample)
+    ce = _naive_ce(s, every[masked], [0.0] * 3, 0.04, 0.1)  # the loss is on the masked tokens only
+    assert loss.item() == pytest.approx(sum(ce) / 3, rel=1e-5)
+    per_image = [every[sample == b].mean(0) for b in (0, 1, 3)]  # iBOT: mean over each image's tokens, then images
+    expected = 0.1 * sum(per_image) / 3
+    assert torch.allclose(loss_fn.center, expected.view(1, 3), atol=1e-6)
+    assert not torch.allclose(loss_fn.center, 0.1 * every[masked].mean(0, keepdim=True), atol=1e-3)

@@ -2,7 +2,13 @@ import itertools
 
 import pytest
 import torch
-from medfm.masking import organ_masking, random_organ_mask, sample_organ_mask, sgm_probabilities
+from medfm.masking import (
+    organ_attention_share,
+    organ_masking,
+    random_organ_mask,
+    sample_organ_mask,
+    sgm_probabilities,
+)
 
 
 def _gen(seed=0):
@@ -117,3 +123,66 @@ def test_ill_arguments():
         organ_masking("mix", torch.rand(2, 3), present, sgm_fraction=2.0)
     with pytest.raises(ValueError, match="differ in shape"):
         sgm_probabilities(torch.rand(2, 4), present)
+
+
+# ---------------------------------------------------------------- token-normalised organ attention (train.json grids)
+
+# tokens per organ with train.json's grids and patch 16 (brain 6x7x6, heart 4x4x3, adipose 6x4x2, liver 5x5x3,
+# kidney 4x4x3, spleen 4x3x3, pancreas 4x3x2): 531 in all
+TRAIN_TOKENS = {"brain": 252, "heart": 48, "adipose": 48, "liver": 75, "kidney": 48, "spleen": 36, "pancreas": 24}
+
+
+def _layout(present_row):
+    """token_organ (1, L) of one subject packed in organ order, as PanFMEncoder packs it."""
+    ids = [i for i, (o, n) in enumerate(TRAIN_TOKENS.items()) if present_row[i] for _ in range(n)]
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize("missing", [None, 0, 6])
+def test_uniform_attention_per_token_gives_uniform_probabilities(missing):
+    present = torch.ones(1, 7, dtype=torch.bool)
+    if missing is not None:
+        present[0, missing] = False
+    token_organ = _layout(present[0].tolist())
+    attention = torch.full(token_organ.shape, 1.0 / (token_organ.shape[1] + 1))  # CLS takes one share too
+    share = organ_attention_share(attention, token_organ, present)
+    n = int(present.sum())
+    expected = present.float() / n
+    assert torch.allclose(share, expected, atol=1e-6)
+    assert torch.allclose(sgm_probabilities(share, present, floor=0.2), expected, atol=1e-6)
+    # a sum over each organ's tokens would have given the brain 252 / 531 and SGM probability 0.408
+    if missing is None:
+        assert float(share[0, 0]) == pytest.approx(1 / 7, abs=1e-6)
+
+
+def test_small_organ_with_dominant_attention_per_token_gets_the_highest_probability():
+    present = torch.ones(2, 7, dtype=torch.bool)
+    token_organ = _layout([True] * 7).expand(2, -1)
+    attention = torch.ones(token_organ.shape)
+    attention[token_organ == 6] = 3.0  # pancreas (24 tokens): three times the attention of any other token
+    attention[1, token_organ[1] == 0] = 0.5  # second subject: the brain's 252 tokens get half
+    attention = attention / (attention.sum(1, keepdim=True) + 1.0)
+    p = sgm_probabilities(organ_attention_share(attention, token_organ, present), present, floor=0.2)
+    # independent: per-token means 1 (3 for the pancreas, 0.5 for the brain of subject 1), normalised
+    for row, means in enumerate(([1.0] * 6 + [3.0], [0.5] + [1.0] * 5 + [3.0])):
+        a = torch.tensor(means) / sum(means)
+        assert torch.allclose(p[row], 0.8 * a + 0.2 / 7, atol=1e-6)
+        assert int(p[row].argmax()) == 6
+    assert float(p[0, 6]) == pytest.approx(0.8 * 3 / 9 + 0.2 / 7, abs=1e-6)
+
+
+def test_encoder_attention_is_uniform_on_the_train_grid_when_attention_per_token_is():
+    from medfm.data import ORGANS
+    from medfm.networks.nets import PanFMEncoder
+
+    shapes = {"brain": (96, 112, 96), "heart": (64, 64, 48), "adipose": (96, 64, 32), "liver": (80, 80, 48),
+              "kidney": (64, 64, 48), "spleen": (64, 48, 48), "pancreas": (64, 48, 32)}  # train.json  # fmt: skip
+    enc = PanFMEncoder(ORGANS, shapes, patch_size=16, hidden_size=8, num_layers=1, num_heads=2, mlp_dim=8).eval()
+    assert {o: enc.num_tokens[o] for o in ORGANS} == TRAIN_TOKENS
+    with torch.no_grad():
+        enc.blocks[0].attn.qkv.weight[:16].zero_()  # q = k = 0: every key gets the same attention
+        enc.blocks[0].attn.qkv.bias[:16].zero_()
+    images = {o: torch.randn(2, 1, *shapes[o]) for o in ORGANS}
+    present = torch.tensor([[1] * 7, [0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    att = enc(images, present, return_attention=True).organ_attention
+    assert torch.allclose(att, present.float() / present.sum(1, keepdim=True), atol=1e-5)

@@ -171,7 +171,7 @@ def test_organ_attention_matches_naive_cls_attention():
     blk = enc.blocks[1]
     q, k, _ = blk.attn.qkv(blk.norm1(x)).reshape(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
     w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)[0, :, 0].mean(0)  # CLS row, head mean
-    share = torch.stack([w[1:][token_organ[0] == i].sum() for i in range(3)])
+    share = torch.stack([w[1:][token_organ[0] == i].mean() if i else w.new_zeros(()) for i in range(3)])  # per token
     assert torch.allclose(att[1], share / share.sum(), atol=1e-5)
 
 

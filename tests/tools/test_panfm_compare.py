@@ -1,10 +1,13 @@
-"""tools/panfm_compare.py end to end at the smallest scale (the numbers themselves are the tool's output)."""
+"""tools/panfm_compare.py end to end at the smallest scale (the numbers themselves are the tool's output), and its
+entropy and interval helpers against hand computations."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medfm.data import ORGANS
@@ -12,19 +15,37 @@ from medfm.data import ORGANS
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "panfm_compare.py"
 
 
-@pytest.mark.slow
-def test_compare_tables_cover_every_organ_mode_and_condition(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def module():
     spec = importlib.util.spec_from_file_location("panfm_compare", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--seeds", "0", "--steps", "2", "--out-dir", str(tmp_path)]) == 0
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_normalised_entropy_and_t_interval(module):
+    share = np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    present = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=bool)
+    h = module.normalised_entropy(share, present)  # the one-organ subject is left out
+    assert h == pytest.approx([1.0, 0.0, math.log(2) / math.log(3)])
+    mean, half = module.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)  # t(0.975, 2) = 4.3027
+    assert math.isnan(module.t_interval([0.5])[1])
+
+
+@pytest.mark.slow
+def test_compare_tables_cover_every_organ_mode_and_condition(module, tmp_path, capsys):
+    assert module.main(["--seeds", "0", "--steps", "2", "--test-subjects", "6", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count(module.START) == 1 and out.count(module.END) == 1
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     for organ in ORGANS:
         shares = [float(c) for c in rows[organ].split("|")[2:4]]
         assert all(0.0 < s <= 1.0 for s in shares), rows[organ]
-    for cond in ("all organs", "without adipose", "random missing 60%"):
+    entropy = [float(c) for c in rows["attention entropy (normalised; 1 = uniform per token)"].split("|")[2:4]]
+    assert all(0.0 < e <= 1.0 for e in entropy)
+    for cond in ("all organs", "without adipose", "random missing 60%", "AUROC drop without heart"):
         assert cond in rows
-    assert "| organ | random | sgm |" in out
+    assert "| organ | random | sgm | sgm − random |" in out
     assert (tmp_path / "sgm_seed0" / "robustness" / "robustness_auroc.csv").is_file()
+    assert (tmp_path / "test" / "subjects.csv").is_file()

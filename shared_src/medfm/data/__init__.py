@@ -1,6 +1,7 @@
 """Datalists, prompts and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
+from .group_sampler import GroupBatchSampler, length_buckets
 from .autopet import (
     build_autopet_datalist,
     exclude_split_cases,
@@ -12,7 +13,14 @@ from .autopet import (
 from .autopet_metadata import autopet_clinical_metadata, tracer_from_case_id
 from .cache import transform_state_hash
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
-from .panfm import ORGANS, PANFM_TABLE, label_names_from_table, read_subject_table
+from .panfm import (
+    ORGANS,
+    PANFM_TABLE,
+    label_names_from_table,
+    read_subject_table,
+    subject_token_counts,
+    token_bucket_sampler,
+)
 from .petct_studies import export_petct_studies, write_petct_study
 from .prompt import PromptTokenizer, build_prompt
 from .spad import SpadHeaderd, build_spad_datalist, find_spad_images, with_spad_headers
@@ -51,6 +59,10 @@ __all__ = [
     "STUDY_SUFFIXES",
     "AnisoBatchSampler",
     "SpadDrawDataset",
+    "GroupBatchSampler",
+    "length_buckets",
+    "subject_token_counts",
+    "token_bucket_sampler",
     "PromptTokenizer",
     "aniso_batch_sampler",
     "autopet_clinical_metadata",

@@ -19,10 +19,19 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["ORGANS", "PANFM_TABLE", "label_names_from_table", "read_subject_table"]
+from .group_sampler import GroupBatchSampler, length_buckets
+
+__all__ = [
+    "ORGANS",
+    "PANFM_TABLE",
+    "label_names_from_table",
+    "read_subject_table",
+    "subject_token_counts",
+    "token_bucket_sampler",
+]
 
 ORGANS = ("brain", "heart", "adipose", "liver", "kidney", "spleen", "pancreas")
 PANFM_TABLE = "subjects.csv"
@@ -161,3 +170,61 @@ def _label(value: Any, table: str, sid: str, name: str) -> float:
     if x not in (0.0, 1.0):
         raise ValueError(f"{table}: subject {sid!r}, label {name!r} must be 0 or 1, got {value!r}.")
     return x
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def subject_token_counts(
+    datalist: Sequence[Mapping[str, Any]], num_tokens: Mapping[str, int], organs: Sequence[str] = ORGANS
+) -> list[int]:
+    """Tokens of every subject: the sum of ``num_tokens[o]`` over its present organs (organs the network does not
+    have count 0).
+
+    Args:
+        datalist: items of :func:`read_subject_table` (``present``: one bool per organ of ``organs``).
+        num_tokens: organ -> tokens of its grid (``PanFMEncoder.num_tokens``).
+        organs: the column order of ``present``.
+    """
+    counts = []
+    for i, item in enumerate(datalist):
+        present = item.get("present") if isinstance(item, Mapping) else None
+        if present is None or len(present) != len(organs):
+            name = item.get("subject", "?") if isinstance(item, Mapping) else repr(item)
+            raise ValueError(
+                f"datalist item {i} ({name}) needs 'present' with one flag per organ of {list(organs)}; build it "
+                "with read_subject_table."
+            )
+        counts.append(sum(int(num_tokens.get(o, 0)) for o, p in zip(organs, present) if p))
+    return counts
+
+
+def token_bucket_sampler(
+    datalist: Sequence[Mapping[str, Any]],
+    num_tokens: Mapping[str, int],
+    batch_size: int,
+    num_buckets: int = 8,
+    organs: Sequence[str] = ORGANS,
+    **kw: Any,
+) -> GroupBatchSampler:
+    """Batches of subjects with similar token counts (a ``batch_sampler`` for ``DataLoader``).
+
+    A batch is padded to its longest subject, so a batch mixing a seven-organ subject with one-organ subjects costs
+    as much as seven-organ ones. Subjects are put in ``num_buckets`` equal-frequency buckets of token count
+    (:func:`~medfm.data.length_buckets`) and each batch is drawn within one bucket
+    (:class:`~medfm.data.GroupBatchSampler`: shuffled per ``seed + epoch``, sharded over ranks, with
+    ``align_replicas`` on by default so that all ranks draw from the same bucket at a step), so the cost of a step
+    follows its subjects' tokens. ``num_buckets=1`` is plain shuffling.
+
+    Args:
+        datalist: items of :func:`read_subject_table`.
+        num_tokens: organ -> tokens of its grid (``PanFMEncoder.num_tokens``).
+        batch_size: subjects per batch (per rank).
+        num_buckets: token-count buckets.
+        organs: the column order of ``present``.
+        **kw: ``shuffle``, ``drop_last``, ``seed``, ``num_replicas``, ``rank``, ``align_replicas`` (default True) of
+            :class:`~medfm.data.GroupBatchSampler`.
+    """
+    counts = subject_token_counts(datalist, num_tokens, organs)
+    kw.setdefault("align_replicas", True)
+    return GroupBatchSampler(length_buckets(counts, num_buckets, batch_size), batch_size, **kw)

@@ -79,6 +79,10 @@ class OrganAttentionPlot:
     share per organ over those iterations (``engine.state.output["organ_attention"]``, from
     :class:`~medfm.engines.PanFMIteration`), then start a new window. Pan-FM's SGM should flatten it.
 
+    The shares are token-normalised (:func:`medfm.masking.organ_attention_share`: mean attention per token,
+    normalised over the present organs), so attention that is uniform per token gives every organ the same share
+    and the plot's line at ``1 / len(organs)`` is the uniform level, whatever the organs' token counts.
+
     Args:
         log_dir: TensorBoard folder (sharing the stats handler's is fine).
         organs: organ names, in the network's order.

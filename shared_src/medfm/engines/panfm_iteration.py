@@ -10,10 +10,11 @@ import torch.distributed as dist
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.utils.enums import CommonKeys as Keys
 
-from medfm.losses.self_distill import momentum_schedule, teacher_temp_schedule
+from medfm.losses.self_distill import teacher_temp_schedule
 from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
 from medfm.networks.nets.panfm import PANFM_ORGANS
 
+from .midol_iteration import MIDoLIteration, cosine_schedule
 from .prepare_batch import plain_tensor
 
 __all__ = ["PanFMIteration", "PanFMPrepareBatch"]
@@ -97,28 +98,34 @@ class PanFMIteration:
        ``sgm_fraction`` of the subjects), see :func:`medfm.masking.organ_masking`; drawn from this object's
        generator on the batch's device, seeded ``seed + rank``;
     3. student on the masked view (through ``engine.network``, so DDP syncs its gradients); the teacher's patch
-       head on the same masked tokens (same ``present`` -> same packing -> same token slots);
-    4. ``L = L_cls + patch_weight * L_patch`` (weight set in the loss), backward, clipping, optimizer step;
+       head on every token (same ``present`` -> same packing -> same token slots): the masked ones are the
+       patch loss's targets, and all of them update its centre, as in iBOT;
+    4. ``L = L_cls + patch_weight * L_patch`` (weight set in the loss), backward, clipping; weight decay set from
+       its cosine schedule (DINO: 0.04 -> 0.4) on the groups that decay, optimizer step;
     5. EMA teacher update with the cosine momentum schedule.
 
     Schedules use ``step = engine.state.iteration - 1``, so a resumed run continues them. The loss's centres
     are buffers: put the loss in the checkpoint's ``save_dict`` beside the network and optimizer. The output
     holds ``image`` (organ -> image), ``label``, ``pred`` (student and teacher CLS logits), ``loss``,
     ``organ_attention`` (B, O), ``organ_mask`` and ``present`` (B, O), and ``terms``: ``loss``, ``cls``,
-    ``patch``, ``teacher_temp``, ``momentum``, ``masked_fraction`` (masked / present organs), ``lr`` and
-    ``attn_<organ>`` (batch mean of the teacher's attention share, 0 for subjects without the organ: the shares
-    sum to 1) for :func:`medfm.engines.loss_terms`.
+    ``patch``, ``teacher_temp``, ``momentum``, ``weight_decay``, ``masked_fraction`` (masked / present organs), ``lr``
+    and ``attn_<organ>`` (batch mean of the teacher's token-normalised attention share, 0 for subjects without the
+    organ: the shares sum to 1) for :func:`medfm.engines.loss_terms`. The weight-decay schedule reuses M-IDoL's
+    helpers (:func:`~medfm.engines.cosine_schedule`, :meth:`MIDoLIteration.set_weight_decay`).
 
     Args:
         organs: the network's organs (names of the ``attn_<organ>`` terms); must match the network.
-        masking: ``"random"``, ``"sgm"`` or ``"mix"`` (the ablation switch).
+        masking: ``"random"``, ``"sgm"`` or ``"mix"`` (the ablation switch; default ``"mix"``, as the bundle).
         sgm_fraction: share of subjects masked by SGM in ``"mix"`` mode.
         floor: lambda, the uniform share of the SGM probabilities.
         ratio_range: range of the per-subject organ masking ratio.
         warmup_teacher_temp_steps: steps of the teacher-temperature warm-up; None takes 30% of ``total_steps``.
-        total_steps: steps of the momentum schedule; None takes ``max_epochs * epoch_length`` of the run.
+        total_steps: steps of the momentum and weight-decay schedules; None takes ``max_epochs * epoch_length``.
         momentum_start: EMA momentum at step 0 (cosine to 1).
         teacher_temp: (start, end) teacher temperature of the warm-up.
+        weight_decay: (start, end) of the cosine weight-decay schedule (DINO: 0.04 -> 0.4), applied to the
+            optimizer groups whose weight decay is > 0 at the first step (the others stay at 0); None leaves the
+            optimizer's weight decay as it is.
         grad_clip_norm: clip the student's gradient norm; None disables.
         seed: base seed of the mask generator.
         bf16: autocast the forward passes to bfloat16.
@@ -127,7 +134,7 @@ class PanFMIteration:
     def __init__(
         self,
         organs: Sequence[str] = PANFM_ORGANS,
-        masking: Literal["random", "sgm", "mix"] = "sgm",
+        masking: Literal["random", "sgm", "mix"] = "mix",
         sgm_fraction: float = 0.5,
         floor: float = 0.2,
         ratio_range: tuple[float, float] = (0.1, 0.5),
@@ -135,6 +142,7 @@ class PanFMIteration:
         total_steps: int | None = None,
         momentum_start: float = 0.992,
         teacher_temp: tuple[float, float] = (0.04, 0.07),
+        weight_decay: tuple[float, float] | None = (0.04, 0.4),
         grad_clip_norm: float | None = 3.0,
         seed: int = 0,
         bf16: bool = False,
@@ -157,8 +165,11 @@ class PanFMIteration:
             raise ValueError(f"momentum_start must be in [0, 1], got {momentum_start}.")
         if len(teacher_temp) != 2 or min(teacher_temp) <= 0:
             raise ValueError(f"teacher_temp must be two positive temperatures (start, end), got {teacher_temp}.")
+        if weight_decay is not None and (len(weight_decay) != 2 or min(weight_decay) < 0):
+            raise ValueError(f"weight_decay must be two non-negative values (start, end) or None, got {weight_decay}.")
         self.organs = tuple(organs)
         self.masking = masking
+        self.weight_decay = None if weight_decay is None else (float(weight_decay[0]), float(weight_decay[1]))
         self.sgm_fraction = sgm_fraction
         self.floor = floor
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
@@ -179,16 +190,20 @@ class PanFMIteration:
             self._generators[str(dev)] = torch.Generator(device=dev).manual_seed(self.seed + rank)
         return self._generators[str(dev)]
 
-    def schedules(self, engine: Any) -> tuple[float, float]:
-        """(teacher temperature, EMA momentum) of the engine's current iteration."""
+    def schedules(self, engine: Any) -> dict[str, float]:
+        """``teacher_temp``, ``momentum`` and (unless switched off) ``weight_decay`` of the engine's current
+        iteration."""
         total = self.total_steps or max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length))
         warmup = self.warmup_teacher_temp_steps
         warmup = round(0.3 * total) if warmup is None else warmup
         step = int(engine.state.iteration) - 1
-        return (
-            teacher_temp_schedule(step, warmup, *self.teacher_temp),
-            momentum_schedule(step, total, self.momentum_start, 1.0),
-        )
+        sched = {
+            "teacher_temp": teacher_temp_schedule(step, warmup, *self.teacher_temp),
+            "momentum": cosine_schedule(step, total, self.momentum_start, 1.0),
+        }
+        if self.weight_decay is not None:
+            sched["weight_decay"] = cosine_schedule(step, total, *self.weight_decay)
+        return sched
 
     def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -201,7 +216,8 @@ class PanFMIteration:
         model = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
         if tuple(model.organs) != self.organs:
             raise ValueError(f"PanFMIteration organs {self.organs} differ from the network's {tuple(model.organs)}.")
-        teacher_temp, momentum = self.schedules(engine)
+        sched = self.schedules(engine)
+        teacher_temp, momentum = sched["teacher_temp"], sched["momentum"]
         device_type = present.device.type
         engine.network.train()  # the teacher stays in eval mode (PanFMSelfDistill.train)
 
@@ -218,7 +234,14 @@ class PanFMIteration:
             student = engine.network(images, present, organ_mask)
             if student["masked"].shape != teacher["tokens"].shape[:2]:
                 raise RuntimeError("student and teacher token layouts differ: they must pack the same organs.")
-            teacher["patch_logits"] = model.teacher_patch_logits(teacher["tokens"], student["masked"])
+            if getattr(engine.loss_function, "patch_loss", None) is None:
+                teacher["patch_logits"] = model.teacher_patch_logits(teacher["tokens"], student["masked"])
+            else:  # every teacher token, for iBOT's patch centre; the masked ones are the loss's targets
+                valid = teacher["valid"]
+                every = model.teacher_patch_logits(teacher["tokens"], valid)
+                teacher["patch_logits"] = every[student["masked"][valid]]
+                teacher["patch_center_logits"] = every
+                teacher["patch_center_sample"] = valid.nonzero()[:, 0]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function.forward_terms(student, teacher, teacher_temp)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -226,12 +249,14 @@ class PanFMIteration:
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.student.parameters(), self.grad_clip_norm)
+        if "weight_decay" in sched:
+            MIDoLIteration.set_weight_decay(engine.optimizer, sched["weight_decay"])
         engine.optimizer.step()
         model.update_teacher(momentum)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         logged = {k: float(v.detach()) for k, v in terms.items()}
-        logged.update(teacher_temp=teacher_temp, momentum=momentum, lr=float(engine.optimizer.param_groups[0]["lr"]))
+        logged.update(sched, lr=float(engine.optimizer.param_groups[0]["lr"]))
         logged["masked_fraction"] = float(organ_mask.sum()) / max(1, int(present.sum()))
         for organ, share in zip(self.organs, attention.float().mean(0).tolist()):
             logged[f"attn_{organ}"] = share

@@ -116,7 +116,10 @@ class DINOLoss(_CenteredDistill):
 class IBOTPatchLoss(_CenteredDistill):
     """iBOT's masked-image-modelling loss (arXiv:2111.07832): the DINO loss on the tokens the student saw masked,
     averaged over all masked tokens of the batch; with no masked token it is 0 and still part of the graph.
-    The centre is updated from the teacher outputs of those tokens.
+
+    The centre is updated, as in iBOT's code, from *all* the teacher's patch outputs (``center_tokens``, masked or
+    not), averaged per sample first and then over the samples (``center_sample``), so every image weighs the same
+    whatever its token count; without ``center_tokens`` it falls back to the teacher outputs of the masked tokens.
 
     Args:
         patch_out_dim: patch head outputs K.
@@ -125,7 +128,13 @@ class IBOTPatchLoss(_CenteredDistill):
     """
 
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float, update_center: bool = True
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        teacher_temp: float,
+        update_center: bool = True,
+        center_tokens: torch.Tensor | None = None,
+        center_sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -133,12 +142,30 @@ class IBOTPatchLoss(_CenteredDistill):
             teacher: (M, K) teacher patch logits of the same tokens, same order.
             teacher_temp: this step's teacher temperature.
             update_center: update the centre after computing the loss.
+            center_tokens: (N, K) teacher patch logits of every token of the batch (iBOT's centre source); None
+                takes ``teacher``.
+            center_sample: (N,) long, the sample of each row of ``center_tokens``; None averages over rows.
         """
         per_token = self._loss(student, teacher, teacher_temp)
         loss = per_token.mean() if per_token.numel() > 0 else student.float().sum() * 0.0
         if update_center:
-            self.update_center(teacher)
+            source = teacher if center_tokens is None else center_tokens
+            self.update_center(source if center_sample is None else self.per_sample_mean(source, center_sample))
         return loss
+
+    @staticmethod
+    @torch.no_grad()
+    def per_sample_mean(tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """(S, K) mean of ``tokens`` (N, K) over the rows of each sample that has rows (``sample``: (N,) long)."""
+        if sample.shape != tokens.shape[:1]:
+            raise ValueError(f"center_sample must be ({tokens.shape[0]},), got {tuple(sample.shape)}.")
+        if tokens.shape[0] == 0:
+            return tokens.detach().float()
+        t = tokens.detach().float()
+        counts = torch.bincount(sample)
+        sums = t.new_zeros(counts.shape[0], t.shape[1]).index_add_(0, sample, t)
+        keep = counts > 0
+        return sums[keep] / counts[keep, None]
 
 
 class PanFMLoss(nn.Module):
@@ -176,7 +203,9 @@ class PanFMLoss(nn.Module):
         """
         Args:
             student: ``cls_logits`` (B, out_dim) and ``patch_logits`` (M, patch_out_dim) of the masked tokens.
-            teacher: the same keys, same shapes and token order.
+            teacher: the same keys, same shapes and token order; optionally ``patch_center_logits`` (N,
+                patch_out_dim), the teacher's patch logits of every token, and ``patch_center_sample`` (N,), their
+                samples, from which the patch centre is updated (iBOT; see :class:`IBOTPatchLoss`).
             teacher_temp: this step's teacher temperature.
 
         Returns:
@@ -187,7 +216,10 @@ class PanFMLoss(nn.Module):
             patch = cls.new_zeros(())
             loss = cls
         else:
-            patch = self.patch_loss(student["patch_logits"], teacher["patch_logits"], teacher_temp)
+            patch = self.patch_loss(
+                student["patch_logits"], teacher["patch_logits"], teacher_temp,
+                center_tokens=teacher.get("patch_center_logits"), center_sample=teacher.get("patch_center_sample"),
+            )  # fmt: skip
             loss = cls + self.patch_weight * patch
         return {"loss": loss, "cls": cls, "patch": patch}
 

@@ -3,7 +3,9 @@
 Pan-FM (Wu et al., arXiv:2605.07055) masks whole organs and, with SGM, favours the organs the teacher's CLS
 attends to most, so the student cannot lean on the dominant organs (adipose, heart). The sampling rule is our
 proposal (``notes/METHODS.md`` section 3, after AttMask and DropMAE): with teacher attention shares ``a_o``
-over the present organs, ``p_o = (1 - floor) a_o + floor / |present|``; each subject masks
+over the present organs, ``p_o = (1 - floor) a_o + floor / |present|``, where ``a_o`` is the organ's *mean*
+attention per token, normalised over the present organs (:func:`organ_attention_share`: a sum over the organ's
+tokens would measure its size, not the model's reliance on it); each subject masks
 ``m = round(r |present|)`` organs, ``r ~ U(ratio_range)``, at most ``|present| - 1`` (one organ always stays
 visible; a subject with a single organ is never masked at organ level), drawn without replacement from ``p``.
 
@@ -16,7 +18,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["SUPPORTED_ORGAN_MASKING", "organ_masking", "random_organ_mask", "sample_organ_mask", "sgm_probabilities"]
+__all__ = [
+    "SUPPORTED_ORGAN_MASKING",
+    "organ_attention_share",
+    "organ_masking",
+    "random_organ_mask",
+    "sample_organ_mask",
+    "sgm_probabilities",
+]
 
 SUPPORTED_ORGAN_MASKING = ("random", "sgm", "mix")
 
@@ -36,12 +45,48 @@ def _check_ratio_range(ratio_range: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
+def organ_attention_share(
+    token_attention: torch.Tensor, token_organ: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """Token-normalised attention share per organ: each present organ's mean attention per token, normalised over
+    the present organs. Uniform attention per token gives every present organ ``1 / |present|`` whatever its token
+    count; an organ gets a larger share only if the model attends to its tokens more.
+
+    Args:
+        token_attention: (B, L) non-negative attention per token (e.g. the CLS row, mean over heads).
+        token_organ: (B, L) long, organ index of each token, -1 for padding (ignored).
+        present: (B, O) bool.
+
+    Returns:
+        (B, O) float32, summing to 1 over the present organs (uniform where they get no attention), 0 on missing.
+    """
+    if token_attention.shape != token_organ.shape or token_attention.ndim != 2:
+        raise ValueError(
+            f"token_attention {tuple(token_attention.shape)} and token_organ {tuple(token_organ.shape)} must be the "
+            "same (B, L) shape."
+        )
+    if present.ndim != 2 or present.shape[0] != token_attention.shape[0]:
+        raise ValueError(f"present must be (B, O) with B = {token_attention.shape[0]}, got {tuple(present.shape)}.")
+    b, o = present.shape
+    if int(token_organ.max()) >= o:
+        raise ValueError(f"token_organ holds organ index {int(token_organ.max())}, but present has {o} organs.")
+    a = token_attention.float().clamp_min(0)
+    idx = token_organ.long() + 1  # column 0 collects the padding
+    sums = a.new_zeros(b, o + 1).scatter_add_(1, idx, a)[:, 1:]
+    counts = a.new_zeros(b, o + 1).scatter_add_(1, idx, torch.ones_like(a))[:, 1:]
+    pf = present.float()
+    mean = sums / counts.clamp_min(1) * pf
+    total = mean.sum(1, keepdim=True)
+    return torch.where(total > 0, mean / total.clamp_min(1e-30), pf / pf.sum(1, keepdim=True).clamp_min(1))
+
+
 def sgm_probabilities(attention: torch.Tensor, present: torch.Tensor, floor: float = 0.2) -> torch.Tensor:
     """Masking probabilities from the teacher's per-organ attention.
 
     Args:
-        attention: (B, O) non-negative attention share per organ (renormalised here over the present organs;
-            a row with no attention on any present organ becomes uniform).
+        attention: (B, O) non-negative, token-normalised attention share per organ
+            (:func:`organ_attention_share`; renormalised here over the present organs, a row with no attention on
+            any present organ becomes uniform).
         present: (B, O) bool, every row with at least one True.
         floor: lambda in [0, 1], the uniform share: 0 follows the attention alone, 1 is uniform.
 
@@ -118,7 +163,7 @@ def organ_masking(
     Args:
         mode: ``"random"`` uniform organ masking; ``"sgm"`` saliency-guided for every subject; ``"mix"`` SGM for
             each subject with probability ``sgm_fraction`` (drawn from ``generator``), uniform for the others.
-        attention: (B, O) teacher attention share per organ; needed by ``"sgm"`` and ``"mix"``.
+        attention: (B, O) teacher's token-normalised attention share per organ; needed by ``"sgm"`` and ``"mix"``.
         present: (B, O) bool.
         sgm_fraction: expected fraction of subjects masked by SGM in ``"mix"`` mode.
         floor: lambda of :func:`sgm_probabilities`.

@@ -20,6 +20,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medfm.masking.saliency import organ_attention_share
 from medfm.networks.blocks import PatchEmbed, TransformerBlock, init_transformer_weights, sincos_pos_embed, token_grid
 from medfm.networks.blocks.ema import EMATeacherPair
 
@@ -37,8 +38,9 @@ class PanFMOutput(NamedTuple):
     token_organ: (B, Lmax) long, organ index of each token, -1 for padding.
     valid: (B, Lmax) bool, True = real token (not padding).
     masked: (B, Lmax) bool, True = token of a masked organ (fed the mask token).
-    organ_attention: (B, O) float32 share of the last block's CLS attention per organ (sums to 1 over the
-        present organs, 0 for missing ones), or None when not asked for.
+    organ_attention: (B, O) float32 token-normalised share of the last block's CLS attention per organ: each
+        organ's mean attention per token, normalised to sum to 1 over the present organs (0 for missing ones;
+        :func:`medfm.masking.organ_attention_share`), or None when not asked for.
     """
 
     cls: torch.Tensor
@@ -223,8 +225,9 @@ class PanFMEncoder(nn.Module):
     def _cls_attention(
         self, x: torch.Tensor, key_mask: torch.Tensor | None, token_organ: torch.Tensor, present: torch.Tensor
     ) -> torch.Tensor:
-        """CLS -> token attention of the last block on its input ``x`` (B, 1 + Lmax, C): mean over heads, summed
-        per organ, normalised over the present organs. Detached (a saliency, not a training signal)."""
+        """CLS -> token attention of the last block on its input ``x`` (B, 1 + Lmax, C): mean over heads, then the
+        mean per token of each organ, normalised over the present organs (:func:`organ_attention_share`; a sum per
+        organ would grow with the organ's token count). Detached (a saliency, not a training signal)."""
         attn = self.blocks[-1].attn
         c, h = self.hidden_size, attn.num_heads
         xn = self.blocks[-1].norm1(x)
@@ -238,9 +241,7 @@ class PanFMEncoder(nn.Module):
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
         a = logits.softmax(-1).mean(1)[:, 1:]  # (B, Lmax); padding gets 0
-        per_organ = a.new_zeros(b, len(self.organs) + 1).scatter_add_(1, token_organ + 1, a)[:, 1:]
-        per_organ = per_organ * present
-        return per_organ / per_organ.sum(1, keepdim=True).clamp_min(1e-12)
+        return organ_attention_share(a, token_organ, present)
 
     def forward_intermediates(
         self,

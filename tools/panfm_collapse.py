@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Where Pan-FM's demo pre-training collapses: per-step diagnostics of the self-distillation targets.
+
+    python tools/panfm_collapse.py [--data DIR] [--subjects 96] [--steps 144] [--seed 0] [--every 12]
+                                   [--invert-half] [--freeze-last-layer N] [--koleo W] [--set KEY=VALUE ...]
+
+Pre-trains ``train.json`` + ``demo.json`` in-process (same network, loss, optimizer, sampler, schedules and
+:class:`medfm.engines.PanFMIteration` as the bundle; ``--set`` overrides config ids, e.g.
+``--set momentum_start=0.9``) on the synthetic cohort (``--data``, generated with ``--subjects`` and seed 0 when
+absent) and prints, every ``--every`` steps, with ``T`` the step's teacher temperature and ``c`` the CLS centre:
+
+- ``cls``, ``patch``: the loss terms (log out_dim = the cross-entropy of two uniform distributions);
+- ``H_t``: entropy of the teacher's CLS target ``softmax((t - c) / T)``; ``H_t_raw``: the same without the centre;
+  ``H_s``: entropy of the student's softmax (temperature 0.1);
+- ``MI_t``, ``MI_s``: how much the teacher target (student softmax) depends on the subject within the batch,
+  ``H(mean_b q_b) - mean_b H(q_b)`` (0 = the same distribution for every subject);
+- ``proto_cos``: mean cosine between distinct prototypes of the student's CLS head;
+- ``d_student``: norm of the student's parameter change at that step.
+
+Before training it prints the mean cosine similarity between subjects of the teacher's CLS feature and of its
+head's bottleneck, on the subjects that have all organs. ``--invert-half`` replaces every second subject's images
+``x`` by ``1 - x`` (a large difference in content) to tell a too-small input difference from a broken mechanism.
+Two variants that the bundle does not ship can be tried: ``--freeze-last-layer N`` drops the gradients of the
+student heads' prototypes for the first N steps (DINO and iBOT freeze them during the first epoch), and
+``--koleo W`` adds ``W`` times DINOv2's KoLeo term (``-mean_b log min_{b' != b} ||x_b - x_b'||`` over the
+L2-normalised student CLS features of the batch) to the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "panfm_panorgan" / "configs"
+
+
+def entropy(q: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of ``q`` (N, K) (probabilities), in nats."""
+    return -(q * q.clamp_min(1e-30).log()).sum(-1)
+
+
+def subject_information(q: torch.Tensor) -> float:
+    """``H(mean of the rows) - mean of the row entropies`` of ``q`` (N, K): 0 when every row is the same."""
+    return float(entropy(q.mean(0)) - entropy(q).mean())
+
+
+def mean_offdiag_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity between distinct rows of ``x`` (N, D), N >= 2."""
+    z = F.normalize(x.float(), dim=-1)
+    g = z @ z.T
+    n = g.shape[0]
+    return float((g.sum() - g.diagonal().sum()) / (n * n - n))
+
+
+def koleo(x: torch.Tensor) -> torch.Tensor:
+    """KoLeo term of DINOv2 over the rows of ``x`` (B, D), B >= 2: ``-mean_b log(min distance to another row)``
+    after L2 normalisation."""
+    z = F.normalize(x.float(), dim=-1)
+    d = torch.cdist(z, z) + torch.eye(z.shape[0], device=z.device) * 1e9
+    return -torch.log(d.min(1).values + 1e-8).mean()
+
+
+def _add_variants(net, loss, optimizer, state, freeze_steps: int, koleo_weight: float) -> None:
+    """Wrap the optimizer step (prototype gradients dropped while ``state.iteration <= freeze_steps``) and the
+    loss (plus ``koleo_weight`` x KoLeo of the student CLS features, read by a hook on the student's head)."""
+    heads = [h for h in (net.student.head, net.student.patch_head) if h is not None]
+    step = optimizer.step
+
+    def frozen_step(*a, **k):
+        if state.iteration <= freeze_steps:
+            for h in heads:
+                h.last_v.grad = None
+        return step(*a, **k)
+
+    optimizer.step = frozen_step
+    if koleo_weight > 0:
+        seen: dict[str, torch.Tensor] = {}
+        net.student.head.register_forward_hook(lambda m, inp, out: seen.__setitem__("cls", inp[0]))
+        terms = loss.forward_terms
+
+        def with_koleo(student, teacher, teacher_temp):
+            out = terms(student, teacher, teacher_temp)
+            out["loss"] = out["loss"] + koleo_weight * koleo(seen["cls"])
+            return out
+
+        loss.forward_terms = with_koleo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="cohort folder (default: a temporary one)")
+    p.add_argument("--subjects", type=int, default=96, help="cohort size when it is generated (default 96)")
+    p.add_argument("--steps", type=int, default=144, help="pre-training steps (default 144)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and masks")
+    p.add_argument("--every", type=int, default=12, help="print every this many steps (and steps 1-3)")
+    p.add_argument("--invert-half", action="store_true", help="x -> 1 - x for every second subject's images")
+    p.add_argument("--freeze-last-layer", type=int, default=0, help="steps with frozen prototypes (default 0)")
+    p.add_argument("--koleo", type=float, default=0.0, help="weight of a KoLeo term on the student CLS (default 0)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (Python literals)")
+    args = p.parse_args(argv)
+    import tempfile
+
+    from monai.bundle import ConfigParser
+    from monai.data import Dataset
+    from monai.optimizers import WarmupCosineSchedule
+    from monai.utils import set_determinism
+    from torch.utils.data import default_collate
+
+    from medfm.data import generate_synthetic_panfm, read_subject_table
+
+    tmp = tempfile.TemporaryDirectory(prefix="panfm_collapse_")
+    data = args.data or os.path.join(tmp.name, "data")
+    if not os.path.isfile(os.path.join(data, "subjects.csv")):
+        generate_synthetic_panfm(data, num_subjects=args.subjects, seed=0)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    parser["dataset_dir"], parser["output_dir"], parser["seed"] = data, tmp.name, args.seed
+    parser["train#datalist"] = "$medfm.data.read_subject_table(@dataset_dir)"
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+        parser[key] = ast.literal_eval(value)
+    set_determinism(seed=args.seed)
+    net = parser.get_parsed_content("network_def")
+    loss = parser.get_parsed_content("loss_def")
+    optimizer = parser.get_parsed_content("optimizer")
+    iteration = parser.get_parsed_content("train#iteration")
+    sampler = parser.get_parsed_content("train#batch_sampler")
+    organs = list(parser.get_parsed_content("organs"))
+    dataset = Dataset(read_subject_table(data), parser.get_parsed_content("train#preprocessing"))
+    items = [dataset[i] for i in range(len(dataset))]
+    if args.invert_half:
+        for item in items[1::2]:
+            for o in organs:
+                item["image_" + o] = 1 - item["image_" + o]
+    epochs = max(1, -(-args.steps // len(sampler)))
+    iteration.total_steps = epochs * len(sampler)
+    scheduler = WarmupCosineSchedule(optimizer, parser.get_parsed_content("warmup_steps"), iteration.total_steps)
+    state = types.SimpleNamespace(iteration=0, max_epochs=epochs, epoch_length=len(sampler), device=torch.device("cpu"))
+    engine = types.SimpleNamespace(network=net, optimizer=optimizer, loss_function=loss, non_blocking=False,
+                                   prepare_batch=parser.get_parsed_content("train#prepare_batch"), to_kwargs={},
+                                   optim_set_to_none=True, fire_event=lambda event: None, state=state)  # fmt: skip
+
+    _add_variants(net, loss, optimizer, state, args.freeze_last_layer, args.koleo)
+    full = [it for it in items if bool(torch.as_tensor(it["present"]).all())][:16]
+    if len(full) >= 2:
+        batch = default_collate(full)
+        with torch.no_grad():
+            out = net.teacher.encoder({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
+            print(f"init, {len(full)} subjects with every organ: mean cosine between subjects of the teacher's CLS "
+                  f"{mean_offdiag_cosine(out.cls):.4f}, of its head bottleneck "
+                  f"{mean_offdiag_cosine(net.teacher.head.mlp(out.cls)):.4f}")  # fmt: skip
+    print(f"lr {optimizer.param_groups[0]['lr']:.2e}, {iteration.total_steps} steps, log out_dim "
+          f"{torch.log(torch.tensor(float(loss.cls_loss.center.shape[1]))):.3f}")  # fmt: skip
+    print("step    cls  patch      T    H_t  H_t_raw    H_s   MI_t   MI_s  proto_cos  d_student")
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            state.iteration += 1
+            before = [q.detach().clone() for q in net.student.parameters()]
+            out = iteration(engine, default_collate([items[i] for i in idx]))
+            scheduler.step()
+            n = state.iteration
+            if n <= 3 or n % args.every == 0 or n == args.steps:
+                t, s = out["pred"]["teacher_cls"].float(), out["pred"]["student_cls"].float()
+                temp = out["terms"]["teacher_temp"]
+                centre = loss.cls_loss.center
+                q_t, q_s = F.softmax((t - centre) / temp, -1), F.softmax(s / loss.cls_loss.student_temp, -1)
+                moved = sum(float((a.detach() - b).norm() ** 2) for a, b in zip(net.student.parameters(), before))
+                print(f"{n:4d} {out['terms']['cls']:6.3f} {out['terms']['patch']:6.3f} {temp:6.3f} "
+                      f"{float(entropy(q_t).mean()):6.2f} {float(entropy(F.softmax(t / temp, -1)).mean()):8.2f} "
+                      f"{float(entropy(q_s).mean()):6.2f} {subject_information(q_t):6.3f} "
+                      f"{subject_information(q_s):6.3f} "
+                      f"{mean_offdiag_cosine(net.student.head.last_weight().detach()):10.3f} {moved ** 0.5:10.4f}",
+                      flush=True)  # fmt: skip
+            if n >= args.steps:
+                tmp.cleanup()
+                return 0
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
