@@ -126,6 +126,22 @@ def expert_balance(top1: np.ndarray, num_experts: int) -> float:
     return float(np.bincount(top1, minlength=num_experts).min() / len(top1))
 
 
+def training_balance(curve: Sequence[dict], num_experts: int, last: int = 10) -> dict:
+    """Per-step balance of the teacher's routing and of the routing loss's Sinkhorn targets in training, from the
+    logged terms (``expert_<e>``, ``target_<e>``, ``target_mass_<e>`` of :class:`medfm.engines.MIDoLIteration`):
+    the smallest expert's share of the batch's global crops by teacher top-1 (``teacher``), by the targets'
+    largest entry (``target``) and by the targets' mass (``target_mass``), each averaged over the first and the
+    ``last`` steps (``<name>_first``, ``<name>_last``); 1/E when balanced."""
+    if not curve:
+        raise ValueError("no training steps were logged.")
+    out = {}
+    for name, prefix in (("teacher", "expert_"), ("target", "target_"), ("target_mass", "target_mass_")):
+        mins = [min(t[f"{prefix}{e}"] for e in range(num_experts)) for t in curve]
+        out[f"{name}_first"] = float(np.mean(mins[:last]))
+        out[f"{name}_last"] = float(np.mean(mins[-last:]))
+    return out
+
+
 def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """Mean and the two-sided Student-t confidence interval of the mean of ``values`` (over seeds)."""
     a = np.asarray(values, dtype=float)
@@ -205,10 +221,15 @@ def _run(variant: str, seed: int, steps: int, data_dir: str, out: str, length: d
     pre = _workflow(VARIANTS[variant], dataset_dir=data_dir, output_dir=f"{out}/pretrain", seed=seed, resume=False,
                     batch_size=batch_size, **count)  # fmt: skip
     pre.initialize()
+    from ignite.engine import Events
+
+    trainer, curve = pre.parser.get_parsed_content("train#trainer"), []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: curve.append(dict(e.state.output["terms"])))
     pre.run()
     result = _measure(f"{out}/pretrain/models/model.pt", data_dir, pre)
     result["route_weight"] = float(pre.parser.get_parsed_content("route_weight"))
-    result["steps_done"] = int(pre.parser.get_parsed_content("train#trainer").state.iteration)
+    result["steps_done"] = int(trainer.state.iteration)
+    result["training"] = training_balance(curve, int(result["num_experts"]))
     pre.finalize()
     return result
 
@@ -246,6 +267,14 @@ def _table(results: dict[str, list[dict]]) -> str:
     lines += ["", "Teacher routing purity per modality:", "", header[0].format("modality"), header[1]]
     lines += [row(m, lambda r, m=m: r["teacher"]["purity"][m]) for m in modalities]
     lines.append(row("mean", lambda r: r["teacher"]["mean_purity"]))
+    lines += ["", "In training (the smallest expert's share of a batch's global crops, mean over the first / last 10 "
+              "steps; teacher: top-1 of the teacher's router; target: largest entry of the routing loss's Sinkhorn "
+              "target; target mass: its share of the targets' mass; 1/E when balanced):", "",
+              header[0].format("training balance"), header[1]]
+    for name in ("teacher", "target", "target_mass"):
+        for when in ("first", "last"):
+            key = f"{name}_{when}"
+            lines.append(row(f"{name.replace('_', ' ')}, {when} 10 steps", lambda r, k=key: r["training"][k]))
     lines += ["", "Experts used (of the head's experts):", "", header[0].format("experts"), header[1]]
     for gate in ("teacher", "student"):
         lines.append(row(f"{gate}: top-1 of any image", lambda r, g=gate: r[g]["experts_used"], ".2f"))

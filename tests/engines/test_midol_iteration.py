@@ -11,6 +11,8 @@ from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from torch import nn
 
+from ..losses.test_routing import _naive_floored_sinkhorn
+
 KEYS = ("global_0", "global_1", "local_0", "local_1")
 
 
@@ -64,6 +66,8 @@ def test_two_iterations_through_supervised_trainer():
         assert all(isinstance(v, float) and math.isfinite(v) for v in terms.values())
         assert sum(terms[f"expert_{e}"] for e in range(3)) == pytest.approx(1.0)
         assert terms["loss"] == pytest.approx(terms["cst"] + terms["route"], rel=1e-5)
+        assert sum(terms[f"target_{e}"] for e in range(3)) == pytest.approx(1.0)
+        assert sum(terms[f"target_mass_{e}"] for e in range(3)) == pytest.approx(1.0)
     # cosine over 2 steps: step 1 is half way (closed form end - (end - start) * (1 + cos(pi / 2)) / 2)
     assert logged[0]["momentum"] == pytest.approx(0.996) and logged[1]["momentum"] == pytest.approx(0.998)
     assert logged[0]["weight_decay"] == pytest.approx(0.04) and logged[1]["weight_decay"] == pytest.approx(0.22)
@@ -124,3 +128,21 @@ def test_bf16_step_runs():
     trainer, _ = _trainer(model, data=_data(2), bf16=True)
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_target_shares_are_the_sinkhorn_targets_top_expert_and_mass():
+    # 2 global crops of 4 images, 3 experts; the targets by the floored float64 loops of the reference
+    g = torch.Generator().manual_seed(3)
+    router = [torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)]
+    router[1][:, 2] += 5.0  # every image of crop 1 prefers expert 2
+    shares = MIDoLIteration.target_shares(MIDoLLoss(out_dim=4), router, 0.04)
+    q = [_naive_floored_sinkhorn(r.numpy(), 0.04, 0.05, 3) for r in router]
+    top = [0, 0, 0]
+    for crop in q:
+        for row in crop:
+            top[int(row.argmax())] += 1
+    mass = sum(crop.sum(0) for crop in q)
+    for e in range(3):
+        assert shares[f"target_{e}"] == pytest.approx(top[e] / 8)
+        assert shares[f"target_mass_{e}"] == pytest.approx(mass[e] / mass.sum(), abs=1e-5)
+    assert MIDoLIteration.target_shares(nn.MSELoss(), router, 0.04) == {}

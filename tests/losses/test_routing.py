@@ -102,6 +102,24 @@ def test_sinkhorn_partial_collapse_matches_floored_loops():
     assert (q.sum(0)[2:] > 4.0).all()  # the unused experts receive a real share of the batch
 
 
+def test_sinkhorn_at_the_shipped_settings_balances_mass_not_top_experts():
+    # 16 images, 5 experts: 6 prefer expert 0, 6 expert 1, 4 expert 2 by 0.3 (noise 0.05, as a freshly initialised
+    # gate on well-separated features); experts 3 and 4 are nobody's favourite. At r / (0.04 * 0.05) their entries
+    # are floored or near it for every image, so 3 iterations give them their 16 / 5 of the mass as a thin, even
+    # share of every row, and no image's largest target entry moves: the routing loss (whose minimiser puts the
+    # student on each row's largest entry) keeps experts 3 and 4 unused.
+    g = torch.Generator().manual_seed(0)
+    favourite = torch.tensor([0] * 6 + [1] * 6 + [2] * 4)
+    scores = 0.05 * torch.randn(16, 5, generator=g)
+    scores[torch.arange(16), favourite] += 0.3
+    q = sinkhorn_knopp(scores, temperature=0.04, epsilon=0.05, iterations=3)
+    expected = _naive_floored_sinkhorn(scores.numpy(), 0.04, 0.05, 3)
+    np.testing.assert_allclose(q.numpy(), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(expected.sum(0), np.full(5, 16 / 5), atol=0.4)  # the mass is about equipartitioned
+    assert (expected.argmax(1) == favourite.numpy()).all()  # ... the top experts are not: counts 6, 6, 4, 0, 0
+    assert expected[:, 3:].max() < 0.35
+
+
 def test_sinkhorn_easy_case_keeps_a_balanced_hard_assignment():
     # 30 images, 5 experts, 6 images prefer each expert by 1.0: already equipartitioned, stays one-hot
     scores = torch.zeros(30, 5)

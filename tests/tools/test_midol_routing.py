@@ -118,3 +118,20 @@ def test_write_docs_needs_the_markers(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "DOCS", docs)
     with pytest.raises(SystemExit, match="routing:start"):
         module.main(["--write-docs", "--seeds", "0", "--steps", "1", "--out-dir", str(tmp_path)])
+
+
+def test_training_balance_from_logged_terms():
+    # 3 experts, 12 logged steps: the smallest share per step, averaged over the first and the last 10 steps
+    curve = []
+    for step in range(12):
+        low = step / 100
+        curve.append({**{f"expert_{e}": v for e, v in enumerate([low, 0.5, 0.5 - low])},
+                      **{f"target_{e}": v for e, v in enumerate([0.0, 0.5, 0.5])},
+                      **{f"target_mass_{e}": 1 / 3 for e in range(3)}})  # fmt: skip
+    out = _load().training_balance(curve, 3)
+    assert out["teacher_first"] == pytest.approx(np.mean(np.arange(10) / 100))
+    assert out["teacher_last"] == pytest.approx(np.mean(np.arange(2, 12) / 100))
+    assert out["target_first"] == out["target_last"] == 0.0
+    assert out["target_mass_last"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        _load().training_balance([], 3)

@@ -97,7 +97,8 @@ class MIDoLIteration:
     ``max_epochs * epoch_length``. The output holds ``image`` (the crops), ``pred`` (teacher router logits of the
     global crops, (G*B, E)), ``loss`` and ``terms`` for :func:`medfm.engines.loss_terms`: ``loss``, ``cst``,
     ``route``, ``teacher_temp``, ``momentum``, ``weight_decay``, ``lr`` and ``expert_<e>`` (share of the global
-    crops whose teacher top-1 expert is ``e``, over this rank's batch).
+    crops whose teacher top-1 expert is ``e``, over this rank's batch), ``target_<e>`` and ``target_mass_<e>``
+    (what the routing loss's Sinkhorn targets ask of expert ``e``, :meth:`target_shares`).
 
     Args:
         num_global: global crops G (the first G crops).
@@ -165,6 +166,27 @@ class MIDoLIteration:
         return int(engine.state.iteration) - 1 < steps
 
     @staticmethod
+    @torch.no_grad()
+    def target_shares(
+        loss_function: Any, router_logits: Sequence[torch.Tensor], teacher_temp: float
+    ) -> dict[str, float]:
+        """What the routing loss asks of the student, per expert ``e`` over this rank's global crops of the step:
+        ``target_<e>``, the share of crops whose Sinkhorn target (the loss's ``routing.targets``) has ``e`` as its
+        largest entry, and ``target_mass_<e>``, the share of the targets' total mass on ``e``. Both are ``1 / E``
+        when the targets equipartition the crops; ``target_mass`` can be balanced while ``target`` is not (an
+        expert that is no crop's favourite receives a thin, even share of every row). Empty when the loss has no
+        ``routing`` (not :class:`medfm.losses.MIDoLLoss`)."""
+        routing = getattr(loss_function, "routing", None)
+        if routing is None:
+            return {}
+        q = torch.cat(routing.targets(router_logits, teacher_temp))
+        top = torch.bincount(q.argmax(1), minlength=q.shape[1]).float() / q.shape[0]
+        mass = q.sum(0) / q.sum()
+        out = {f"target_{e}": float(v) for e, v in enumerate(top.tolist())}
+        out.update({f"target_mass_{e}": float(v) for e, v in enumerate(mass.tolist())})
+        return out
+
+    @staticmethod
     def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
         """Set ``value`` on the groups that decay (marked ``wd_schedule`` by their weight decay at first use)."""
         for group in optimizer.param_groups:
@@ -210,5 +232,6 @@ class MIDoLIteration:
         logged = {k: float(v.detach()) for k, v in terms.items()}
         logged.update(sched, lr=float(engine.optimizer.param_groups[0]["lr"]))
         logged.update({f"expert_{e}": s for e, s in enumerate(share.tolist())})
+        logged.update(self.target_shares(engine.loss_function, teacher["router_logits"], sched["teacher_temp"]))
         return {Keys.IMAGE: crops, Keys.LABEL: None, Keys.PRED: router, Keys.LOSS: terms["loss"].detach(),
                 "terms": logged}  # fmt: skip
