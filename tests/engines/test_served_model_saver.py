@@ -68,3 +68,18 @@ def test_with_validation_data_a_better_epoch_replaces_the_served_weights(tmp_pat
     best = min(range(1, 5), key=lambda i: seen[i][0])
     assert seen[best][0] < seen[0][0]
     torch.testing.assert_close(saved["weight"], seen[best][1]["weight"])
+
+
+def test_an_undefined_score_writes_nothing_and_does_not_block_a_later_one(tmp_path):
+    """NaN (e.g. Dice on validation cases without a lesion) is no score: nothing is written for it, and a later
+    defined score is still saved (NaN compares False with everything)."""
+    from types import SimpleNamespace
+
+    from medfm.engines import BestModelSaver
+
+    net = nn.Linear(2, 1, bias=False)
+    saver = BestModelSaver(str(tmp_path), net, "dice")
+    saver(SimpleNamespace(state=SimpleNamespace(metrics={"dice": float("nan")})))
+    assert not (tmp_path / "model.pt").exists() and saver.best is None
+    saver(SimpleNamespace(state=SimpleNamespace(metrics={"dice": 0.25})))
+    assert saver.best == 0.25 and (tmp_path / "model.pt").exists()

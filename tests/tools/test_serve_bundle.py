@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import os
 
 import pytest
@@ -108,6 +110,23 @@ def test_bad_requests_are_refused_clearly(served, tmp_path):
         build_served_bundle(B, tmp_path / "missing.pt", tmp_path / "m", demo=True)
 
 
+def _replaced(served: float, epoch: float) -> bool:
+    """Whether models/model.pt must be replaced: the served weights only get better (replaced exactly when the epoch
+    beat them on validation); an undefined score (NaN: no validation case with a lesion) is no validation, and then
+    the final weights are served."""
+    if math.isnan(epoch):
+        return True
+    return math.isnan(served) or epoch > served
+
+
+def _served_and_epoch_scores(log: str) -> tuple[float, float]:
+    """Validation Dice of the served weights (the validation before training) and of the first epoch, from the
+    evaluator's two "Epoch[1] Metrics" lines in a run's log."""
+    scores = re.findall(r"Epoch\[1\] Metrics -- val_mean_dice: ([-\w.]+)", log)
+    assert len(scores) == 2, log[-3000:]
+    return float(scores[0]), float(scores[1])
+
+
 @pytest.mark.slow
 def test_served_train_config_runs_without_monailabel(served, tmp_path):
     """``monai.bundle run`` of the served train.json on a studies folder (what MONAI Label does in-process, less
@@ -124,7 +143,9 @@ def test_served_train_config_runs_without_monailabel(served, tmp_path):
     split = json.loads((out / "runs" / "serve_train" / "split.json").read_text())
     assert len(split["train"]) == 1 and len(split["val"]) == 1
     saved = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert saved.keys() == state.keys() and any(not torch.equal(saved[k], state[k]) for k in state)
+    assert saved.keys() == state.keys()
+    served, epoch = _served_and_epoch_scores(res.stdout + res.stderr)
+    assert any(not torch.equal(saved[k], state[k]) for k in state) == _replaced(served, epoch), (served, epoch)
 
 
 @pytest.mark.slow
@@ -158,8 +179,10 @@ def test_served_multi_gpu_training_as_monailabel_launches_it(served, tmp_path):
     # a rank that did not step or validate would leave the other waiting in an all-reduce: no exit
     log = torchrun_two_processes(files, [], str(tmp_path), run_id="run", engine_runs=None)
     assert "Epoch: 1/1, Iter: 1/1" in log, log[-3000:]
-    assert log.count("Epoch[1] Metrics -- val_mean_dice") == 1, log[-3000:]  # rank 0's StatsHandler
-    assert model.read_bytes() != before
+    # rank 0's StatsHandler only: the served weights' validation before training, then epoch 1's
+    assert log.count("Epoch[1] Metrics -- val_mean_dice") == 2, log[-3000:]
+    served, epoch = _served_and_epoch_scores(log)
+    assert (model.read_bytes() != before) == _replaced(served, epoch), (served, epoch)
 
 
 # an input of the demo network's size for each served segmentation network

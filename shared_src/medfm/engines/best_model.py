@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch.distributed as dist
@@ -50,6 +51,9 @@ class BestModelSaver:
         if self.metric_name not in engine.state.metrics:
             raise KeyError(f"metric {self.metric_name!r} not computed; available: {sorted(engine.state.metrics)}.")
         value = float(engine.state.metrics[self.metric_name])
+        if math.isnan(value):  # undefined (e.g. Dice without a positive case): no score, nothing written
+            logger.warning("%s is undefined (NaN) this evaluation; the saved model is kept", self.metric_name)
+            return
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best = value
             model = getattr(self.model, "module", self.model)
@@ -66,7 +70,8 @@ class ServedModelSaver:
     improves (:class:`BestModelSaver`). The served weights only get better: before the first training step
     (after every STARTED handler, so after MONAI Label's checkpoint loader has loaded the served weights) the
     evaluator runs once and its metric seeds the best score, so a re-training that never beats the weights
-    being served leaves ``models/model.pt`` as it was. When training completes and no validation ran (MONAI Label's
+    being served leaves ``models/model.pt`` as it was. An undefined score (NaN, e.g. Dice on validation cases without
+a lesion) counts as no validation. When training completes and no validation gave a score (MONAI Label's
     default 20% validation split leaves none with one or two labels), it writes the final weights, so the
     file always reflects the latest training. MONAI Label's ``/infer`` reloads the file when it changes.
 
@@ -120,14 +125,16 @@ class ServedModelSaver:
         if not self._has_data():
             return
         self.evaluator.run()
-        self.baseline = self.best.best = float(self.evaluator.state.metrics[self.best.metric_name])
+        self.baseline = float(self.evaluator.state.metrics[self.best.metric_name])
         logger.info("served weights before training: %s = %.4f", self.best.metric_name, self.baseline)
+        if not math.isnan(self.baseline):
+            self.best.best = self.baseline
 
     def validate(self, engine: Engine) -> None:
         if not self._has_data():
             return
         self.evaluator.run(engine.state.epoch)
-        self.validated = True
+        self.validated |= not math.isnan(float(self.evaluator.state.metrics[self.best.metric_name]))
         if self._writes():
             self.best(self.evaluator)
 
