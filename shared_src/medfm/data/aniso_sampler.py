@@ -11,7 +11,6 @@ draws each sample's scale, and so its level, per epoch and hands the draw to the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -74,14 +73,8 @@ class AnisoBatchSampler(GroupBatchSampler):
                 raise ValueError(f"scale_augment needs the spacing and shape of each of the {n} items.")
             self.spacing = [[float(v) for v in sp] for sp in spacing]
             self.shape = [[int(v) for v in sh] for sh in shape]
-            self.total_batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-            if self.drop_last:
-                self.num_batches = self.total_batches // self.num_replicas
-            else:
-                self.num_batches = math.ceil(self.total_batches / self.num_replicas)
-            if self.num_batches == 0:
-                raise ValueError(f"no batch for rank {self.rank}: {n} items in batches of {self.batch_size} over "
-                                 f"{self.num_replicas} ranks with drop_last=True.")  # fmt: skip
+            # the levels change with every epoch's draws: the batch count is that of one group of all items
+            self._set_batch_counts({"all items": n})
 
     def epoch_groups(self) -> dict[Hashable, list[Any]]:
         """Levels as stored, or with ``scale_augment`` the levels of this epoch's draws (``(index, draw)`` items)."""

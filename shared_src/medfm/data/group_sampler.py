@@ -79,18 +79,21 @@ class GroupBatchSampler(Sampler[list[Any]]):
         self.groups: dict[Hashable, list[int]] = {}
         for i, key in enumerate(groups):
             self.groups.setdefault(key, []).append(i)
-        per_group = (len(g) // self.batch_size if self.drop_last else math.ceil(len(g) / self.batch_size)
-                     for g in self.groups.values())  # fmt: skip
+        self._set_batch_counts({k: len(g) for k, g in sorted(self.groups.items())})
+
+    def _set_batch_counts(self, group_sizes: dict[Hashable, int]) -> None:
+        """``total_batches`` (all ranks) and ``num_batches`` (per rank) for groups of these sizes."""
+        per_group = (n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+                     for n in group_sizes.values())  # fmt: skip
         self.total_batches = sum(per_group)
         if self.drop_last:
             self.num_batches = self.total_batches // self.num_replicas
         else:
             self.num_batches = math.ceil(self.total_batches / self.num_replicas)
         if self.num_batches == 0:
-            sizes = {k: len(g) for k, g in sorted(self.groups.items())}
             raise ValueError(
                 f"no batch for rank {self.rank}: {self.total_batches} full batches of {self.batch_size} from group "
-                f"sizes {sizes} over {self.num_replicas} ranks with drop_last=True; use a smaller batch_size or "
+                f"sizes {group_sizes} over {self.num_replicas} ranks with drop_last=True; use a smaller batch_size or "
                 "drop_last=False."
             )
 
