@@ -116,7 +116,7 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, 
     else:
         load = probe.parser.get_parsed_content("preprocessing")
         test = Dataset(read_subject_table(test_dir, label_names=labels), load)
-    rows = missing_organ_robustness(net, [test[i] for i in range(len(test))], organs, labels, f"{out}/robustness",
+    rows = missing_organ_robustness(net, test, organs, labels, f"{out}/robustness",
                                     seed=seed)  # fmt: skip
     probe.finalize()
     return {"share": dict(zip(organs, share)), "entropy": entropy, "auroc": {r["condition"]: r["macro"] for r in rows}}

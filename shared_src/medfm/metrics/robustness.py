@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader, list_data_collate
 from torch import nn
 
 from medfm.transforms.panfm import DropOrgansd
@@ -30,6 +30,11 @@ def missing_organ_conditions(organs: Sequence[str], rates: Sequence[float]) -> l
     return conds
 
 
+def _as_list(batch: list[Any]) -> list[Any]:
+    """Collate function that keeps a batch as its list of subjects (each condition drops organs per subject)."""
+    return batch
+
+
 @torch.no_grad()
 def missing_organ_robustness(
     network: nn.Module,
@@ -42,42 +47,53 @@ def missing_organ_robustness(
     seed: int = 0,
     batch_size: int = 8,
     image_prefix: str = "image_",
+    num_workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Evaluate ``network`` (``network(images, present) -> logits``) under each missing-organ condition.
 
-    ``loaded``: subjects after :class:`medfm.transforms.LoadOrgansd` (with ``labels``), e.g. a ``CacheDataset``.
-    Leaving an organ out removes it from every subject; a subject that had only that organ has nothing left
-    and is not scored in that condition (counted in ``subjects``). Random drops are seeded per subject
-    (:class:`DropOrgansd`), so every model sees the same drops. Writes ``robustness_auroc.csv`` (AUROC per label
-    and macro per condition) and ``robustness_subjects.csv`` (subjects and mean organs per condition).
+    ``loaded``: subjects after :class:`medfm.transforms.LoadOrgansd` (with ``labels``), e.g. a ``Dataset``.
+    The subjects are streamed: one batch of ``batch_size`` subjects is loaded (by ``num_workers`` loader
+    processes), every condition is applied to it and scored, and only the predicted probabilities are kept, so
+    memory does not grow with the test set. Leaving an organ out removes it from every subject; a subject that
+    had only that organ has nothing left and is not scored in that condition (counted in ``subjects``). Random
+    drops are seeded per subject id (:class:`DropOrgansd`), so every model and every batch order sees the same
+    drops. Writes ``robustness_auroc.csv`` (AUROC per label and macro per condition) and
+    ``robustness_subjects.csv`` (subjects and mean organs per condition).
 
     Returns:
         one dict per condition: ``condition``, ``auroc`` (per label), ``macro``, ``subjects``, ``mean_organs``.
     """
     network.eval()
     keys = [image_prefix + o for o in organs]
-    subjects = [loaded[i] for i in range(len(loaded))]  # load (a Dataset transforms on access) once, not per condition
-    results, rows = [], []
-    for name, kw in missing_organ_conditions(organs, rates):
-        drop = DropOrgansd(organs, seed=seed, dropped_key=None, image_prefix=image_prefix, **kw)
-        items = [drop(dict(d)) for d in subjects]
-        items = [{k: d[k] for k in (*keys, "present", "labels")} for d in items if bool(d["present"].any())]
-        if not items:
-            logger.warning("condition %r leaves no subject with an organ; skipped", name)
-            continue
-        probs, labels = [], []
-        for batch in DataLoader(Dataset(items), batch_size=batch_size, shuffle=False, num_workers=0):
+    conditions = missing_organ_conditions(organs, rates)
+    drops = [DropOrgansd(organs, seed=seed, dropped_key=None, image_prefix=image_prefix, **kw) for _, kw in conditions]
+    probs: list[list[torch.Tensor]] = [[] for _ in conditions]
+    labels: list[list[torch.Tensor]] = [[] for _ in conditions]
+    counts: list[list[float]] = [[] for _ in conditions]
+    loader = DataLoader(loaded, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list)
+    for subjects in loader:
+        for c, drop in enumerate(drops):
+            items = [drop(dict(d)) for d in subjects]
+            items = [{k: d[k] for k in (*keys, "present", "labels")} for d in items if bool(d["present"].any())]
+            if not items:
+                continue
+            batch = list_data_collate(items)
             present = batch["present"].to(device)
             images = {o: batch[image_prefix + o].to(device) for o in organs}
-            probs.append(torch.sigmoid(network(images, present).float()).cpu())
-            labels.append(batch["labels"].float())
-        per, macro = multilabel_auroc(torch.cat(probs), torch.cat(labels))
-        mean_organs = float(np.mean([float(d["present"].sum()) for d in items]))
-        results.append({"condition": name, "auroc": per.tolist(), "macro": macro, "subjects": len(items),
-                        "mean_organs": mean_organs})  # fmt: skip
+            probs[c].append(torch.sigmoid(network(images, present).float()).cpu())
+            labels[c].append(batch["labels"].float())
+            counts[c] += [float(d["present"].sum()) for d in items]
+    results, rows = [], []
+    for (name, _), p, y, n in zip(conditions, probs, labels, counts):
+        if not n:
+            logger.warning("condition %r leaves no subject with an organ; skipped", name)
+            continue
+        per, macro = multilabel_auroc(torch.cat(p), torch.cat(y))
+        results.append({"condition": name, "auroc": per.tolist(), "macro": macro, "subjects": len(n),
+                        "mean_organs": float(np.mean(n))})  # fmt: skip
         rows.append((name, per, macro))
-        logger.info("robustness %-24s macro AUROC %.4f (%d subjects, %.2f organs each)", name, macro, len(items),
-                    mean_organs)  # fmt: skip
+        logger.info("robustness %-24s macro AUROC %.4f (%d subjects, %.2f organs each)", name, macro, len(n),
+                    float(np.mean(n)))  # fmt: skip
     write_auroc_table(os.path.join(output_dir, "robustness_auroc.csv"), rows, label_names)
     with open(os.path.join(output_dir, "robustness_subjects.csv"), "w", encoding="utf-8") as f:
         f.write("condition,subjects,mean_organs\n")
