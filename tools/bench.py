@@ -7,6 +7,7 @@ Usage::
                                   [--bf16/--no-bf16] [--data/--no-data]
     python tools/bench.py spad [--size base|tiny] [--batch 2] [--steps N] [--data/--no-data]
     python tools/bench.py panfm [--size base|tiny] [--batch 4] [--pool 16] [--buckets K] [--rates 0 0.2 0.4 0.6]
+    python tools/bench.py panfm-eval [--subjects 32 128] [--batch 8]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 Everything runs in one process; stdout carries exactly one JSON object per case, human notes go to stderr.
@@ -84,6 +85,8 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FRATMAE_TRAIN_CONFIG = REPO_ROOT / "bundles" / "fratmae_petct" / "configs" / "train.json"
 SPAD_TRAIN_CONFIG = REPO_ROOT / "bundles" / "spad_vit" / "configs" / "train.json"
+PANFM_TRAIN_CONFIG = REPO_ROOT / "bundles" / "panfm_panorgan" / "configs" / "train.json"
+_PANFM_SUBJECT_VOXELS = 2_174_976  # voxels of one subject with every organ at train.json's grids
 FUSED_ADAMW = True  # as the bundle configs set it; both models get the same optimizer
 DATA_TARGET = 2.0  # the data pipeline should deliver at least this many times what training consumes
 
@@ -1063,7 +1066,86 @@ def _add_panfm(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_panfm)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad, _add_panfm]
+class _OrganVolumes(torch.utils.data.Dataset):
+    """Subjects with every organ at ``train.json``'s grids (random voxels, made on access as a loader would)."""
+
+    def __init__(self, n: int, shapes: dict[str, Sequence[int]]):
+        self.n, self.shapes = n, shapes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(i)
+        d: dict[str, Any] = {f"image_{o}": torch.rand(1, *s, generator=g) for o, s in self.shapes.items()}
+        return {**d, "present": torch.ones(len(self.shapes), dtype=torch.bool), "subject": f"s{i}",
+                "labels": torch.tensor([float(i % 2), float(i % 3 == 0)])}  # fmt: skip
+
+
+class _OrganMeans(nn.Module):
+    """Logits from each organ's mean intensity: a network of negligible size, so RSS measures the protocol."""
+
+    def __init__(self, organs: Sequence[str]):
+        super().__init__()
+        self.organs = list(organs)
+        self.linear = nn.Linear(len(self.organs), 2)
+
+    def forward(self, images: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.stack([images[o].flatten(1).mean(1) for o in self.organs], 1) * present)
+
+
+def _panfm_eval_child(mode: str, n: int, batch: int) -> None:
+    """One measurement in this (fresh) process: peak RSS of the robustness protocol over ``n`` subjects."""
+    import resource
+
+    from monai.bundle import ConfigParser
+
+    from medfm.metrics import missing_organ_robustness
+
+    shapes = ConfigParser.load_config_file(str(PANFM_TRAIN_CONFIG))["organ_shapes"]
+    data: Any = _OrganVolumes(n, shapes)
+    if mode == "materialised":  # what the protocol did before streaming: every subject loaded first
+        data = [data[i] for i in range(n)]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        missing_organ_robustness(_OrganMeans(list(shapes)), data, list(shapes), ["a", "b"], out, batch_size=batch)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mb": round(peak_kib / 1024, 1), "seconds": round(time.perf_counter() - start, 2)}),
+          file=_STDOUT)  # fmt: skip
+
+
+def _run_panfm_eval(args: argparse.Namespace) -> int:
+    if args.child:
+        _panfm_eval_child(args.child, args.subjects[0], args.batch)
+        return 0
+    import subprocess
+
+    for mode in ("streamed", "materialised"):
+        for n in args.subjects:
+            cmd = [sys.executable, __file__, "panfm-eval", "--child", mode, "--subjects", str(n), "--batch",
+                   str(args.batch)]  # fmt: skip
+            env = dict(os.environ)
+            if args.mmap_threshold:  # glibc: allocations above this size are mmapped and returned when freed
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            _emit({"case": "panfm_eval", "mode": mode, "subjects": n, "batch": args.batch,
+                   "malloc_mmap_threshold": args.mmap_threshold or "glibc default",
+                   "mb_per_subject": round(_PANFM_SUBJECT_VOXELS * 4 / 2**20, 2), **json.loads(res.stdout)})  # fmt: skip
+    return 0
+
+
+def _add_panfm_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("panfm-eval", help="peak memory of Pan-FM's robustness protocol at test-set sizes")
+    p.add_argument("--subjects", type=int, nargs="+", default=[32, 128], help="test-set sizes (default 32 128)")
+    p.add_argument("--batch", type=int, default=8, help="subjects per batch (default 8)")
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the measured processes (default: unset)")
+    p.add_argument("--child", choices=["streamed", "materialised"], default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_panfm_eval)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad, _add_panfm,
+                                                                    _add_panfm_eval]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
