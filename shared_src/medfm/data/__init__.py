@@ -12,6 +12,7 @@ from .autopet import (
 )
 from .autopet_metadata import autopet_clinical_metadata, tracer_from_case_id
 from .cache import transform_state_hash
+from .crop_cache import CropCacheDataset
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import (
     ORGANS,
@@ -87,6 +88,7 @@ __all__ = [
     "read_subject_table",
     "split_datalist",
     "transform_state_hash",
+    "CropCacheDataset",
     "with_spad_headers",
     "with_class_label",
 ]
