@@ -8,6 +8,7 @@ Usage::
     python tools/bench.py spad [--size base|tiny] [--batch 2] [--steps N] [--data/--no-data]
     python tools/bench.py panfm [--size base|tiny] [--batch 4] [--pool 16] [--buckets K] [--rates 0 0.2 0.4 0.6]
     python tools/bench.py panfm-eval [--subjects 32 128] [--batch 8]
+    python tools/bench.py crop-cache [--shape 400 400 326] [--roi 160 32 192] [--samples 20]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 Everything runs in one process; stdout carries exactly one JSON object per case, human notes go to stderr.
@@ -1144,8 +1145,76 @@ def _add_panfm_eval(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_panfm_eval)
 
 
+def _synthetic_petct_transform(shape: Sequence[int]) -> Any:
+    """A MONAI ``Transform`` (cacheable by ``PersistentDataset``): :class:`_SyntheticPETCTd` of ``shape``."""
+    from monai.transforms import Transform
+
+    return type("SyntheticPETCTd", (_SyntheticPETCTd, Transform), {})(shape)
+
+
+class _SyntheticPETCTd:
+    """Deterministic stand-in for FratMAE's loading (no file I/O): a whole-body-sized PET/CT case from its seed,
+    intensities already in [0, 1] (as after the bundle's clipped scaling), zeros outside a body ellipse, 4 lesions."""
+
+    def __init__(self, shape: Sequence[int]):
+        self.shape = tuple(int(n) for n in shape)
+
+    def __call__(self, d: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        from monai.data import MetaTensor
+
+        rng = np.random.default_rng(int(d["seed"]))
+        x, y = np.ogrid[: self.shape[0], : self.shape[1]]
+        body = (((x - self.shape[0] / 2) / (0.4 * self.shape[0])) ** 2 + ((y - self.shape[1] / 2) / (0.3 * self.shape[1])) ** 2) < 1
+        body = np.broadcast_to(body[..., None], self.shape)
+        ct = np.where(body, np.clip(rng.normal(0.5, 0.08, self.shape), 0, 1), 0).astype(np.float32)
+        pet = np.where(body, np.clip(rng.gamma(2.0, 0.03, self.shape), 0, 1), 0).astype(np.float32)
+        label = np.zeros(self.shape, np.uint8)
+        for _ in range(4):
+            c = [int(rng.integers(n // 4, 3 * n // 4)) for n in self.shape]
+            label[tuple(slice(max(i - 6, 0), i + 6) for i in c)] = 1
+        affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0], dtype=torch.float64))
+        return {"case": d["case"], "image": MetaTensor(np.stack([pet, ct]), affine=affine),
+                "label": MetaTensor(label[None], affine=affine)}  # fmt: skip
+
+
+def _run_crop_cache(args: argparse.Namespace) -> int:
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose, RandCropByPosNegLabeld
+
+    from medfm.data import CropCacheDataset, transform_state_hash
+
+    for name, cls in (("PersistentDataset", PersistentDataset), ("CropCacheDataset", CropCacheDataset)):
+        with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
+            crop = RandCropByPosNegLabeld(["image", "label"], label_key="label", spatial_size=args.roi, pos=1, neg=1,
+                                          num_samples=1, image_key="image", image_threshold=0)  # fmt: skip
+            ds = cls([{"case": "c0", "seed": 0}], Compose([_synthetic_petct_transform(args.shape), crop]), tmp,
+                     hash_transform=transform_state_hash)  # fmt: skip
+            ds.transform.set_random_state(0)
+            t0 = time.perf_counter()
+            ds[0]
+            first = time.perf_counter() - t0
+            size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp) for f in fs)
+            t0 = time.perf_counter()
+            for _ in range(args.samples):
+                ds[0]
+            per = (time.perf_counter() - t0) / args.samples
+            _emit({"case": "crop_cache", "dataset": name, "shape": list(args.shape), "roi": list(args.roi),
+                   "first_pass_s": _r(first, 2), "cache_mb_per_case": _r(size / 2**20, 1),
+                   "samples_per_s": _r(1 / per, 3)})  # fmt: skip
+    return 0
+
+
+def _add_crop_cache(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("crop-cache", help="segmentation crops from PersistentDataset vs CropCacheDataset")
+    p.add_argument("--shape", type=int, nargs=3, default=[400, 400, 326], help="case grid (default AutoPET's PET)")
+    p.add_argument("--roi", type=int, nargs=3, default=[160, 32, 192], help="crop size (default the coronal stack)")
+    p.add_argument("--samples", type=int, default=20, help="timed samples after the cache is filled (default 20)")
+    p.set_defaults(func=_run_crop_cache)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad, _add_panfm,
-                                                                    _add_panfm_eval]  # fmt: skip
+                                                                    _add_panfm_eval, _add_crop_cache]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
