@@ -8,7 +8,9 @@ contrast 0.4, saturation 0.2, hue 0.1, in random order, p 0.8), greyscale (p 0.2
 0.1-2 px; p 1.0 and 0.1 for the two global crops, 0.5 for local crops), solarisation (p 0.2, second global
 crop only), then ImageNet normalisation.
 
-Taken from MONAI: the crop (``Crop``) and bicubic anti-aliased ``Resize``, ``RandFlip``, brightness
+The crop is a slice and the resize PyTorch's bicubic interpolation with ``antialias=True`` (the filter of
+torchvision's ``RandomResizedCrop`` on tensors, PIL's bicubic area-aware resampling; about 4x cheaper than a Gaussian
+pre-filter and a bicubic resize). Taken from MONAI: ``RandFlip``, brightness
 (``RandScaleIntensity``: ``x * (1 + f)``, ``f ~ U(-0.4, 0.4)``), contrast (``RandScaleIntensityFixedMean``:
 ``(x - mean) * (1 + f) + mean``; the mean is over all channels where torchvision takes the luma mean),
 ``GaussianSmooth`` and ``NormalizeIntensity``. Written here, as MONAI lacks them: the RandomResizedCrop box rule
@@ -25,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import (
-    Crop,
     GaussianSmooth,
     MapTransform,
     NormalizeIntensity,
@@ -148,8 +150,7 @@ class _DinoView(Randomizable):
 
     def __init__(self, size: int, scale: Sequence[float], blur_prob: float, solarize_prob: float, cfg: dict) -> None:
         self.scale, self.blur_prob, self.solarize_prob, self.cfg = tuple(scale), blur_prob, solarize_prob, cfg
-        self.crop = Crop()
-        self.resize = Resize((size, size), mode="bicubic", anti_aliasing=True)
+        self.size = int(size)
         self.flip = RandFlip(prob=cfg["flip_prob"], spatial_axis=cfg["flip_axis"])
         self.brightness = RandScaleIntensity(factors=cfg["brightness"], prob=1.0)
         self.contrast = RandScaleIntensityFixedMean(prob=1.0, factors=cfg["contrast"], fixed_mean=True)
@@ -167,10 +168,10 @@ class _DinoView(Randomizable):
     def _jitter(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         for op in self.R.permutation(4):  # torchvision's ColorJitter applies its four ops in random order
-            if op == 0 and cfg["brightness"] > 0:
-                x = self.brightness(x).clamp(0, 1)
+            if op == 0 and cfg["brightness"] > 0:  # plain tensors: MetaTensor dispatch costs more than these ops
+                x = convert_to_tensor(self.brightness(x), track_meta=False).clamp(0, 1)
             elif op == 1 and cfg["contrast"] > 0:
-                x = self.contrast(x).clamp(0, 1)
+                x = convert_to_tensor(self.contrast(x), track_meta=False).clamp(0, 1)
             elif op == 2 and cfg["saturation"] > 0:
                 x = adjust_saturation(x, self.R.uniform(1 - cfg["saturation"], 1 + cfg["saturation"]))
             elif op == 3 and cfg["hue"] > 0:
@@ -180,8 +181,8 @@ class _DinoView(Randomizable):
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         top, left, h, w = dino_crop_box(self.R, img.shape[1], img.shape[2], self.scale)
-        x = self.crop(img, (slice(top, top + h), slice(left, left + w)))
-        x = convert_to_tensor(self.resize(x), track_meta=False).clamp(0, 1)
+        x = img[None, :, top : top + h, left : left + w]
+        x = F.interpolate(x, (self.size, self.size), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
         x = convert_to_tensor(self.flip(x), track_meta=False)
         if self.R.rand() < cfg["jitter_prob"]:
             x = convert_to_tensor(self._jitter(x), track_meta=False)
