@@ -9,8 +9,9 @@ contrast 0.4, saturation 0.2, hue 0.1, in random order, p 0.8), greyscale (p 0.2
 crop only), then ImageNet normalisation.
 
 The crop is a slice and the resize PyTorch's bicubic interpolation with ``antialias=True`` (the filter of
-torchvision's ``RandomResizedCrop`` on tensors, PIL's bicubic area-aware resampling; about 4x cheaper than a Gaussian
-pre-filter and a bicubic resize). Taken from MONAI: ``RandFlip``, brightness
+torchvision's ``RandomResizedCrop`` on tensors, like PIL's area-aware bicubic resampling), in place of MONAI's
+Gaussian pre-filter and bicubic ``Resize``; the views stay plain tensors between MONAI's transforms. Together these
+took the four views of a 512-px image from 0.28 s to 0.10 s on one thread. Taken from MONAI: ``RandFlip``, brightness
 (``RandScaleIntensity``: ``x * (1 + f)``, ``f ~ U(-0.4, 0.4)``), contrast (``RandScaleIntensityFixedMean``:
 ``(x - mean) * (1 + f) + mean``; the mean is over all channels where torchvision takes the luma mean),
 ``GaussianSmooth`` and ``NormalizeIntensity``. Written here, as MONAI lacks them: the RandomResizedCrop box rule
