@@ -4,6 +4,7 @@ from .files import atomic_path
 from .optim import weight_decay_groups
 from .release import download_bundle, package_bundle, safe_extract, sha256_file
 from .serve import SERVED, ServedTask, build_served_bundle, merged_config
+from .speed import speed_switches
 
 __all__ = [
     "SERVED",
@@ -19,5 +20,6 @@ __all__ = [
     "package_bundle",
     "safe_extract",
     "sha256_file",
+    "speed_switches",
     "weight_decay_groups",
 ]

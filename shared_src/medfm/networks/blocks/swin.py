@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .transformer_block import Mlp
 from .vit_encoder import init_trunc_normal_weights
@@ -234,6 +235,7 @@ class SwinStage(nn.Module):
             for j in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else nn.Identity()
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, H, W, C) -> ((B, H, W, C), (B, H/2, W/2, 2C) or the same map for the last stage)."""
@@ -243,7 +245,10 @@ class SwinStage(nn.Module):
         if self.shift:
             mask = shifted_window_mask(h + (-h) % ws, w + (-w) % ws, ws, self.shift, x.device)
         for blk in self.blocks:
-            x = blk(x, mask)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
         return x, self.downsample(x)
 
 
@@ -312,6 +317,11 @@ class SwinBackbone(nn.Module):
             )
         self.norm = nn.LayerNorm(self.num_features)
         self.apply(init_trunc_normal_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (the relative position bias tables, as in Swin)."""

@@ -119,6 +119,10 @@ class SpadViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_trunc_normal_weights)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
+        self.grad_checkpointing = enable
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (tokens, position embedding, q/v biases)."""
         names = {"cls_token", "pos_embed"}

@@ -1,0 +1,67 @@
+"""The pre-training configs' ``compile`` and ``grad_checkpointing`` switches: the same training as eager.
+
+Each bundle's ``train.json`` + ``demo.json`` runs two iterations in-process, once plain and once with activation
+checkpointing (bit-equal weights expected: drop-path draws are replayed) and once with checkpointing and
+``torch.compile`` (backend ``eager``: TorchDynamo's graph capture, without AOTAutograd and inductor's C++ build, which
+were checked by hand; equal within float
+tolerance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medfm.utils import speed_switches
+
+from .helpers import workflow
+
+BUNDLES = ["fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal"]
+
+
+def _tokenizer(tmp) -> str:
+    """A randomly initialised SPAD-VT checkpoint: SPAD-ViT's MIM pre-training starts from a trained tokenizer."""
+    from monai.bundle import ConfigParser
+
+    from .helpers import configs
+
+    parser = ConfigParser()
+    parser.read_config(configs("spad_vit", "train.json", "demo.json"))
+    path = str(tmp / "tokenizer.pt")
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("tokenizer_def").state_dict(), path)
+    return path
+
+
+def _train_two_steps(bundle: str, tmp, name: str, **switches) -> dict[str, torch.Tensor]:
+    extra = {"tokenizer_ckpt": _tokenizer(tmp)} if bundle == "spad_vit" else {}
+    wf = workflow(bundle, ["train.json", "demo.json"], dataset_dir=str(tmp / "data"), output_dir=str(tmp / name),
+                  cache_dir=str(tmp / "cache"), num_workers=0, **extra, **switches)  # fmt: skip
+    wf.initialize()
+    trainer = wf.trainer
+    trainer.state.max_epochs, trainer.state.epoch_length = 1, 2
+    trainer.run()
+    net = wf.parser.get_parsed_content("network")
+    wf.finalize()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_switches_train_as_eager(bundle, tmp_path):
+    eager = _train_two_steps(bundle, tmp_path, "eager")
+    ckpt = _train_two_steps(bundle, tmp_path, "ckpt", grad_checkpointing=True)
+    both = _train_two_steps(bundle, tmp_path, "both", grad_checkpointing=True, compile="eager")
+    assert eager.keys() == ckpt.keys() == both.keys()
+    moved = [k for k in eager if eager[k].is_floating_point()]
+    for k in moved:
+        assert torch.equal(eager[k], ckpt[k]), f"{bundle}: {k} differs with activation checkpointing"
+        assert torch.allclose(eager[k], both[k], rtol=1e-4, atol=1e-5), f"{bundle}: {k} differs when compiled"
+
+
+def test_speed_switches_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="set_grad_checkpointing"):
+        speed_switches(torch.nn.Linear(2, 2), grad_checkpointing=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        speed_switches(torch.nn.Linear(2, 2), compile=3)
+    net = speed_switches(torch.nn.Linear(2, 2), compile="eager")
+    assert list(net.state_dict()) == ["weight", "bias"]  # compiled in place: the checkpoint keys do not change
