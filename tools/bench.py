@@ -91,7 +91,9 @@ MIDOL_TRAIN_CONFIG = REPO_ROOT / "bundles" / "midol_multimodal" / "configs" / "t
 PANFM_TRAIN_CONFIG = REPO_ROOT / "bundles" / "panfm_panorgan" / "configs" / "train.json"
 _PANFM_SUBJECT_VOXELS = 2_174_976  # voxels of one subject with every organ at train.json's grids
 FUSED_ADAMW = True  # as the bundle configs set it; both models get the same optimizer
-DATA_TARGET = 2.0  # the data pipeline should deliver at least this many times what training consumes
+DATA_TARGET = 2.0
+H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM, dense bf16 tensor-core peak (datasheet)
+GPU_MFU_ASSUMED = 0.4  # what a GPU step is assumed to reach when estimating how fast it consumes samples  # the data pipeline should deliver at least this many times what training consumes
 
 _STDOUT = sys.stdout  # JSON lines only; everything else (ours and libraries') goes to stderr
 
@@ -1079,10 +1081,13 @@ def _run_midol(args: argparse.Namespace) -> int:
     if args.data:
         views = MIDOL_VIEW_COST["num_global"] * 3 + MIDOL_VIEW_COST["num_local"] * 3 + MIDOL_VIEW_COST["num_global"]
         train_rate = b / ou["step_s"] * 3 / views  # images per second one M-IDoL step consumes (estimate)
+        flops_per_image = ou["flops_per_step"] / b * views / 3
+        gpu_rate = GPU_MFU_ASSUMED * H100_BF16_DENSE_FLOPS / flops_per_image
         del trainees, runners
         gc.collect()
         for r in _run_midol_data(args, cfg, train_rate):
-            _emit(r)
+            _emit(r | {"flops_per_image": int(flops_per_image), "h100_samples_per_s_at_40pct": _r(gpu_rate, 1),
+                       "workers_to_feed_h100": _r(gpu_rate / (r["samples_per_s"] / max(1, r["workers"])), 1)})
     _note(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
