@@ -10,6 +10,7 @@ Usage::
     python tools/bench.py panfm-eval [--subjects 32 128] [--batch 8]
     python tools/bench.py midol [--size base|tiny] [--batch 2] [--steps N] [--data/--no-data] [--workers 0 2]
     python tools/bench.py crop-cache [--shape 400 400 326] [--roi 160 32 192] [--samples 20]
+    python tools/bench.py data [--cases 3] [--shape 400 400 326] [--workers 0 2 4] [--epochs 2]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 Everything runs in one process; stdout carries exactly one JSON object per case, human notes go to stderr.
@@ -72,6 +73,7 @@ import copy
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -1005,8 +1007,8 @@ MIDOL_SIZES = {
     # the reference: Swin-B at 224 px (patch 4, window 7, 128, 2-2-18-2, 4-8-16-32)
     "base": MidolSize(image=224, patch=4, window=7, embed=128, depths=(2, 2, 18, 2), heads=(4, 8, 16, 32),
                       matmul_sizes=(2048, 3072, 4096), extra_rounds_after_s=90.0, data_images=2, data_size=512),
-    "tiny": MidolSize(image=64, patch=2, window=4, embed=16, depths=(1, 1, 1, 1), heads=(1, 2, 2, 4), matmul_sizes=(512, 1024),
-                      extra_rounds_after_s=5.0, data_images=1, data_size=128),
+    "tiny": MidolSize(image=64, patch=2, window=4, embed=16, depths=(1, 1, 1, 1), heads=(1, 2, 2, 4),
+                      matmul_sizes=(256, 512), extra_rounds_after_s=0.0, data_images=1, data_size=128),
 }  # fmt: skip
 # Forward-pass equivalents per image of one M-IDoL step, relative to the forward + backward (3) of one view:
 # the student runs 2 global + num_local local views forward and backward, the teacher 2 global views forward.
@@ -1058,7 +1060,8 @@ def _run_midol(args: argparse.Namespace) -> int:
     flops = {}
     for t in trainees:
         flops[t.name] = t.count_flops()
-        _note(f"{t.name}: {_params(t.module) / 1e6:.1f} M parameters, {flops[t.name]['flops_per_step'] / 1e9:.2f} GFLOP")
+        gflop = flops[t.name]["flops_per_step"] / 1e9
+        _note(f"{t.name}: {_params(t.module) / 1e6:.1f} M parameters, {gflop:.2f} GFLOP")
     runners = {t.name: t.step for t in trainees}
     samples, all_samples, rounds, clean = _time_rounds(
         runners, {n: max(0, args.warmup - 1) for n in runners}, args.steps, cfg.extra_rounds_after_s
@@ -1086,7 +1089,7 @@ def _run_midol(args: argparse.Namespace) -> int:
         del trainees, runners
         gc.collect()
         for r in _run_midol_data(args, cfg, train_rate):
-            _emit(r | {"flops_per_image": int(flops_per_image), "h100_samples_per_s_at_40pct": _r(gpu_rate, 1),
+            _emit(r | {"flops_per_image": int(flops_per_image), "h100_samples_per_s_at_40pct": _r(gpu_rate),
                        "workers_to_feed_h100": _r(gpu_rate / (r["samples_per_s"] / max(1, r["workers"])), 1)})
     _note(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -1124,7 +1127,8 @@ def _run_midol_data(args: argparse.Namespace, cfg: MidolSize, train_rate: float)
             records.append({"case": "midol_data", "size": args.size, "workers": workers, "images": len(ds),
                             "image_px": cfg.data_size, "views": 2 + MIDOL_VIEW_COST["num_local"],
                             "view_px": cfg.image, "samples_per_s": _r(rate), "train_samples_per_s": _r(train_rate),
-                            "ratio_vs_train": _r(rate / train_rate), "meets_target": rate / train_rate >= DATA_TARGET})  # fmt: skip
+                            "ratio_vs_train": _r(rate / train_rate),
+                            "meets_target": rate / train_rate >= DATA_TARGET})  # fmt: skip
             _note(f"midol data, {workers} workers: {rate:.2f} images/s")
     return records
 
@@ -1295,7 +1299,8 @@ def _run_panfm_eval(args: argparse.Namespace) -> int:
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             _emit({"case": "panfm_eval", "mode": mode, "subjects": n, "batch": args.batch,
                    "malloc_mmap_threshold": args.mmap_threshold or "glibc default",
-                   "mb_per_subject": round(_PANFM_SUBJECT_VOXELS * 4 / 2**20, 2), **json.loads(res.stdout)})  # fmt: skip
+                   "mb_per_subject": round(_PANFM_SUBJECT_VOXELS * 4 / 2**20, 2),
+                   **json.loads(res.stdout)})  # fmt: skip
     return 0
 
 
@@ -1329,7 +1334,8 @@ class _SyntheticPETCTd:
 
         rng = np.random.default_rng(int(d["seed"]))
         x, y = np.ogrid[: self.shape[0], : self.shape[1]]
-        body = (((x - self.shape[0] / 2) / (0.4 * self.shape[0])) ** 2 + ((y - self.shape[1] / 2) / (0.3 * self.shape[1])) ** 2) < 1
+        rx, ry = (x - self.shape[0] / 2) / (0.4 * self.shape[0]), (y - self.shape[1] / 2) / (0.3 * self.shape[1])
+        body = rx**2 + ry**2 < 1
         body = np.broadcast_to(body[..., None], self.shape)
         ct = np.where(body, np.clip(rng.normal(0.5, 0.08, self.shape), 0, 1), 0).astype(np.float32)
         pet = np.where(body, np.clip(rng.gamma(2.0, 0.03, self.shape), 0, 1), 0).astype(np.float32)
@@ -1364,9 +1370,104 @@ def _run_crop_cache(args: argparse.Namespace) -> int:
                 ds[0]
             per = (time.perf_counter() - t0) / args.samples
             _emit({"case": "crop_cache", "dataset": name, "shape": list(args.shape), "roi": list(args.roi),
-                   "first_pass_s": _r(first, 2), "cache_mb_per_case": _r(size / 2**20, 1),
-                   "samples_per_s": _r(1 / per, 3)})  # fmt: skip
+                   "first_pass_s": _r(first), "cache_mb_per_case": _r(size / 2**20),
+                   "samples_per_s": _r(1 / per)})  # fmt: skip
     return 0
+
+
+def _loader_rate(ds: Any, workers: int, epochs: int) -> float:
+    """Samples per second through a ``DataLoader`` (batch 1) over ``epochs`` epochs; with workers, an untimed first
+    epoch starts them."""
+    from monai.data import DataLoader
+
+    loader = DataLoader(ds, batch_size=1, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
+    if workers:
+        for _ in loader:
+            pass
+    t0, n = time.perf_counter(), 0
+    for _ in range(epochs):
+        for _ in loader:
+            n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _seg_flops_per_sample(parser: Any) -> int:
+    """FLOPs of one forward and backward of ``finetune_seg.json``'s network on one crop of ``roi_size``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = parser.get_parsed_content("network_def").train()
+    x = torch.rand(1, 2, *parser.get_parsed_content("roi_size"))
+    with FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_flop_mapping()) as counter:
+        out = net(x)
+        (out[0] if isinstance(out, (list, tuple)) else out).float().mean().backward()
+    return int(counter.get_total_flops())
+
+
+def _run_data_scale(args: argparse.Namespace) -> int:
+    """FratMAE's data paths on whole-body cases of real size (module doc of the ``data`` subcommand)."""
+    from monai.bundle import ConfigParser
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose
+
+    from medfm.data import CropCacheDataset, generate_synthetic_petct, transform_state_hash
+
+    seg = ConfigParser(globals={"medfm": "medfm"})
+    seg.read_config(str(FRATMAE_TRAIN_CONFIG.parent / "finetune_seg.json"))
+    pre = ConfigParser(globals={"medfm": "medfm"})
+    pre.read_config(str(FRATMAE_TRAIN_CONFIG))
+    pipelines = {
+        "segmentation": (Compose(seg.get_parsed_content("load_transforms")
+                                 + seg.get_parsed_content("train#random_transforms")),
+                         [PersistentDataset, CropCacheDataset]),
+        "pretraining": (Compose(pre.get_parsed_content("train#deterministic_transforms")
+                                + pre.get_parsed_content("train#random_transforms")), [PersistentDataset]),
+    }  # fmt: skip
+    seg_flops = _seg_flops_per_sample(seg)
+    gpu_seg = GPU_MFU_ASSUMED * H100_BF16_DENSE_FLOPS / seg_flops
+    _note(f"segmentation network: {seg_flops / 1e9:.0f} GFLOP per crop (forward + backward)")
+    with tempfile.TemporaryDirectory(prefix="medfm_bench_data_") as tmp:
+        items = []
+        for i in range(args.cases):  # one folder per case, written only when the run reaches it
+            root = os.path.join(tmp, f"case{i}")
+            t0 = time.perf_counter()
+            (case,) = generate_synthetic_petct(root, num_cases=1, shape=args.shape, spacing=args.spacing, seed=i)
+            _note(f"case {i}: written in {time.perf_counter() - t0:.1f} s")
+            items.append({"case": f"{case}_{i}", "ct": f"{root}/imagesTr/{case}_0000.nii.gz",
+                          "pet": f"{root}/imagesTr/{case}_0001.nii.gz", "label": f"{root}/labelsTr/{case}.nii.gz",
+                          "prompt": "", "tracer": "fdg", "diagnosis": "", "age": 60, "sex": "F",
+                          "stage": 0})  # fmt: skip
+        raw = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp) for f in fs) / args.cases
+        for name, (transform, classes) in pipelines.items():
+            for cls in classes:
+                cache = os.path.join(tmp, f"cache_{name}_{cls.__name__}")
+                ds = cls(items, transform, cache, hash_transform=transform_state_hash)
+                t0 = time.perf_counter()
+                for i in range(len(ds)):
+                    ds[i]
+                first = (time.perf_counter() - t0) / len(ds)
+                size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs) / len(ds)
+                for workers in args.workers:
+                    rate = _loader_rate(ds, workers, args.epochs)
+                    rec = {"case": "data", "pipeline": name, "dataset": cls.__name__, "shape": list(args.shape),
+                           "cases": len(ds), "workers": workers, "first_pass_s_per_case": _r(first),
+                           "raw_mb_per_case": _r(raw / 2**20), "cache_mb_per_case": _r(size / 2**20),
+                           "samples_per_s": _r(rate)}  # fmt: skip
+                    if name == "segmentation":
+                        rec |= {"gflop_per_sample": _r(seg_flops / 1e9, 4), "h100_samples_per_s_at_40pct": _r(gpu_seg),
+                                "ratio_vs_h100": _r(rate / gpu_seg)}  # fmt: skip
+                    _emit(rec)
+                shutil.rmtree(cache, ignore_errors=True)
+    return 0
+
+
+def _add_data_scale(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="FratMAE's data paths on whole-body cases of real size")
+    p.add_argument("--cases", type=int, default=3, help="synthetic cases (default 3)")
+    p.add_argument("--shape", type=int, nargs=3, default=[400, 400, 326], help="grid (default AutoPET's PET grid)")
+    p.add_argument("--spacing", type=float, nargs=3, default=[2.04, 2.04, 3.0], help="voxel size in mm")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="loader processes (default 0 2 4)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per setting (default 2)")
+    p.set_defaults(func=_run_data_scale)
 
 
 def _add_crop_cache(subparsers: argparse._SubParsersAction) -> None:
@@ -1378,7 +1479,8 @@ def _add_crop_cache(subparsers: argparse._SubParsersAction) -> None:
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad, _add_panfm,
-                                                                    _add_panfm_eval, _add_crop_cache, _add_midol]  # fmt: skip
+                                                                    _add_panfm_eval, _add_crop_cache, _add_midol,
+                                                                    _add_data_scale]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
