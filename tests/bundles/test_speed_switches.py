@@ -2,9 +2,9 @@
 
 Each bundle's ``train.json`` + ``demo.json`` runs two iterations in-process, once plain and once with activation
 checkpointing (bit-equal weights expected: drop-path draws are replayed) and once with checkpointing and
-``torch.compile`` (backend ``eager``: TorchDynamo's graph capture, without AOTAutograd and inductor's C++ build, which
-were checked by hand; equal within float
-tolerance).
+``torch.compile`` (backend ``eager``: TorchDynamo's graph capture; equal within float tolerance). AOTAutograd
+(``aot_eager``) passed the same test for all four bundles by hand, and inductor (the default, minutes of C++ build
+on CPU) for Pan-FM's demo: largest weight difference to eager 1.1e-5 after two iterations.
 """
 
 from __future__ import annotations
