@@ -178,3 +178,18 @@ def test_release_runs_where_medfm_is_not_installed(releases):
         assert r["medfm"] == str(releases["bundles"][b]["dir"] / "medfm" / "__init__.py")
         assert r["matched"] == r["total"] > 0, (b, r)
         assert r["outputs"], f"{b}: inference wrote nothing"
+
+
+def test_verify_bundles_release_passes_on_every_zip(releases):
+    if not os.path.isfile(SCHEMA):
+        pytest.skip(f"metadata schema not found at {SCHEMA}")
+    zips = [str(r["zip"]) for r in releases["bundles"].values()]
+    res = subprocess.run([sys.executable, f"{REPO}/tools/verify_bundles.py", "--schema", SCHEMA, "--release", *zips],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    for b in BUNDLES:
+        mine = [ln for ln in lines if f" {b}_v" in ln]
+        for check in ("large files", "requirements", "model.pt fits inference.json", "ckpt_export (scripted)",
+                      "required files", "version in changelog", "verify_metadata"):  # fmt: skip
+            assert any(check in ln for ln in mine), (b, check)
