@@ -124,7 +124,7 @@ def test_release_layout_metadata_and_large_files(releases):
 
 _ISOLATED = textwrap.dedent(
     """
-    import json, os, sys
+    import json, logging, os, sys
     try:
         import medfm
         sys.exit(f"medfm is importable before any bundle is on the path: {medfm.__file__}")
@@ -150,6 +150,17 @@ _ISOLATED = textwrap.dedent(
             "total": len(own),
             "outputs": sorted(os.listdir(out)),
         }
+        if name == "midol_multimodal":  # one fine-tuning epoch from the released pre-trained weights
+            log = []
+            handler = logging.Handler()
+            handler.emit = lambda record: log.append(record.getMessage())
+            logging.getLogger("medfm").addHandler(handler)
+            cfg = os.path.join(bundle, "configs")
+            run(run_id="run", config_file=[os.path.join(cfg, "finetune_seg.json"), os.path.join(cfg, "demo_seg.json")],
+                dataset_dir=data, output_dir=out + "_ft", epochs=1, val_interval=1,
+                pretrained_checkpoint=os.path.join(bundle, "models", "pretrained.pt"))
+            results[name]["finetune_log"] = [m for m in log if m.startswith("loaded")]
+            results[name]["finetuned"] = os.path.isfile(os.path.join(out + "_ft", "models", "model.pt"))
         sys.path.remove(bundle)
     print("RESULTS " + json.dumps(results))
     """
@@ -158,13 +169,14 @@ _ISOLATED = textwrap.dedent(
 
 def test_release_runs_where_medfm_is_not_installed(releases):
     """One interpreter without site processing (so no editable medfm): each downloaded bundle runs inference.json
-    on a demo image with its own medfm copy, and monai.bundle.load gives the packaged weights."""
+    on a demo image with its own medfm copy, monai.bundle.load gives the packaged weights, and M-IDoL fine-tunes
+    one epoch from the released pre-trained weights."""
     root = releases["root"] / "isolated"
     data = {b: root / "data" / b for b in BUNDLES}
     generate_synthetic_petct(str(data["fratmae_petct"]), num_cases=1, shape=(48, 32, 96), spacing=(10.0, 10.0, 20.0))
     generate_synthetic_spad(str(data["spad_vit"]), num_2d=1, num_3d=1, size_2d=32, size_3d=32)
     generate_synthetic_panfm(str(data["panfm_panorgan"]), num_subjects=2)
-    generate_synthetic_midol(str(data["midol_multimodal"]), per_modality=1, size=32)
+    generate_synthetic_midol(str(data["midol_multimodal"]), per_modality=4, size=32)
     jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b)] for b in BUNDLES]
     script = root / "run_isolated.py"
     script.write_text(_ISOLATED)
@@ -178,6 +190,10 @@ def test_release_runs_where_medfm_is_not_installed(releases):
         assert r["medfm"] == str(releases["bundles"][b]["dir"] / "medfm" / "__init__.py")
         assert r["matched"] == r["total"] > 0, (b, r)
         assert r["outputs"], f"{b}: inference wrote nothing"
+    midol = results["midol_multimodal"]
+    pretrained = releases["bundles"]["midol_multimodal"]["dir"] / "models" / "pretrained.pt"
+    assert midol["finetuned"] and len(midol["finetune_log"]) == 1, midol
+    assert midol["finetune_log"][0].startswith("loaded ") and str(pretrained) in midol["finetune_log"][0]
 
 
 def test_verify_bundles_release_passes_on_every_zip(releases):
