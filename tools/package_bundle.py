@@ -2,7 +2,7 @@
 
     python tools/package_bundle.py bundles/fratmae_petct --weights runs/seg/models/model.pt --out dist \\
         --url-base https://example.org/releases [--pretrained runs/train/models/model.pt] [--torchscript model.ts] \\
-        [--inference-config inference.json --inference-config demo_inference.json]
+        [--inference-config inference.json --inference-config demo_inference.json] [--hub-dir hub/fratmae_petct]
 
 ``--weights`` are the weights of ``inference.json``'s network (the fine-tuned task model; refused, naming the
 matched/total tensor count, when they do not fit it); ``--pretrained`` ships the pre-trained encoders as
@@ -10,14 +10,15 @@ matched/total tensor count, when they do not fit it); ``--pretrained`` ships the
 folder ``<bundle>/`` (configs, docs, LICENSE, models, a copy of the ``medfm`` code, ``large_files.yml``); the
 weights files go to ``<out>/<bundle>_v<version>/models/``. Publish ``<out>`` at ``--url-base`` and the printed
 sha256 with it; ``tools/download_bundle.py`` checks it. Layout and the import mechanism:
-``medfm.utils.release``.
+``medfm.utils.release``. ``--hub-dir`` also writes the Hugging Face Hub repository layout of the zip
+(``medfm.utils.hub``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from medfm.utils import package_bundle
+from medfm.utils import package_bundle, write_hub_layout
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,11 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torchscript", default=None, help="optional TorchScript file to ship as models/model.ts")
     p.add_argument("--inference-config", action="append", default=None,
                    help="config files merged into the released inference.json (repeat; default inference.json)")  # fmt: skip
+    p.add_argument("--hub-dir", default=None, help="also write the Hugging Face Hub repository layout here (new folder)")
     args = p.parse_args(argv)
     configs = tuple(args.inference_config or ("inference.json",))
     path, digest = package_bundle(args.bundle, args.weights, args.out, args.torchscript, args.url_base,
                                   args.pretrained, configs)  # fmt: skip
     print(f"{path}\nsha256 {digest}")
+    if args.hub_dir:
+        print(f"hub layout {write_hub_layout(path, args.hub_dir)}")
 
 
 if __name__ == "__main__":
