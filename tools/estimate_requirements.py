@@ -4,8 +4,9 @@
 
 For ``network_def`` of ``configs/inference.json`` (the task network, paper size) and the fine-tuning config's
 batch size and crop, one training step of one sample is run on PyTorch's ``meta`` device (shapes only, nothing
-is computed or allocated; on the CPU for a network that reads tensor values on the host, Pan-FM), with ``torch.utils.flop_counter.FlopCounterMode`` counting forward + backward FLOPs
-(matmuls and convolutions; attention run by fused kernels may go uncounted) and a saved-tensors hook adding up
+is computed or allocated; on the CPU for a network that reads tensor values on the host, Pan-FM), with
+``torch.utils.flop_counter.FlopCounterMode`` counting forward + backward FLOPs (matmuls and convolutions;
+attention run by fused kernels may go uncounted) and a saved-tensors hook adding up
 the bytes autograd keeps for backward (parameters excluded): the fp32 activation memory per sample. Prints one
 JSON line per bundle with parameters, weights + gradients + AdamW state (16 bytes per parameter), activations
 per sample and per batch, FLOPs per sample, and seconds per 1,000 training samples at ``--tflops`` sustained

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrained", default=None, help="pre-trained encoder weights, shipped as models/pretrained.pt")
     p.add_argument("--torchscript", default=None, help="optional TorchScript file to ship as models/model.ts")
     p.add_argument("--inference-config", action="append", default=None,
-                   help="config files merged into the released inference.json (repeat; default inference.json)")  # fmt: skip
-    p.add_argument("--hub-dir", default=None, help="also write the Hugging Face Hub repository layout here (new folder)")
+                   help="config merged into the released inference.json (repeat; default inference.json)")  # fmt: skip
+    p.add_argument("--hub-dir", default=None, help="also write the Hugging Face Hub repository layout (a new folder)")
     args = p.parse_args(argv)
     configs = tuple(args.inference_config or ("inference.json",))
     path, digest = package_bundle(args.bundle, args.weights, args.out, args.torchscript, args.url_base,

@@ -206,15 +206,17 @@ def check_release(zip_path: Path, schema: Path, full: bool, work: Path) -> list[
     def scripted() -> tuple[bool | None, str]:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                ckpt_export(net_id="network_def", filepath=f"{tmp}/model.ts", ckpt_file=str(bundle / "models" / "model.pt"),
+                ckpt_export(net_id="network_def", filepath=f"{tmp}/model.ts",
+                            ckpt_file=str(bundle / "models" / "model.pt"),
                             meta_file=str(bundle / "configs" / "metadata.json"),
-                            config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle))  # fmt: skip
+                            config_file=str(bundle / "configs" / "inference.json"),
+                            bundle_root=str(bundle))  # fmt: skip
                 return True, "scripted and saved"
             except Exception as e:
                 if "cannot be scripted" in (bundle / "docs" / "README.md").read_text():
                     return None, f"the network cannot be scripted ({type(e).__name__}), as docs/README.md says"
                 first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:200]
-                return False, f"scripting fails ({type(e).__name__}: {first}) and docs/README.md does not say so"
+                return False, f"scripting fails ({type(e).__name__}: {first}); docs/README.md does not say so"
 
     check("large files (download_large_files)", large_files)
     check("requirements", requirements)
@@ -231,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schema", default=str(DEFAULT_SCHEMA), help="local copy of the metadata schema")
     p.add_argument("--full", action="store_true", help="also verify_net_in_out at the paper's network size")
     p.add_argument("--release", nargs="+", default=None, metavar="ZIP",
-                   help="check these release zips instead of the bundle folders (large files fetched from their URLs)")  # fmt: skip
+                   help="check release zips instead of bundle folders (large files fetched from their URLs)")
     args = p.parse_args(argv)
     if args.release:
         failed = 0
         with tempfile.TemporaryDirectory() as work:
             for i, z in enumerate(args.release):
-                for name, ok, detail in check_release(Path(z).resolve(), Path(args.schema), args.full, Path(work) / str(i)):
+                checks = check_release(Path(z).resolve(), Path(args.schema), args.full, Path(work) / str(i))
+                for name, ok, detail in checks:
                     tag = "SKIP" if ok is None else "PASS" if ok else "FAIL"
                     print(f"{tag} {Path(z).name}: {name}{': ' + detail if detail else ''}", flush=True)
                     failed += ok is False

@@ -54,8 +54,8 @@ def releases(tmp_path_factory):
             weights, pretrained = root / f"{b}_model.pt", root / f"{b}_pretrained.pt"
             torch.save(_network(b, DEMO, seed=i).state_dict(), weights)
             torch.save(_network(b, ("train.json", "demo.json"), seed=10 + i).state_dict(), pretrained)
-            zip_path, digest = package_bundle(f"{REPO}/bundles/{b}", weights, dist, url_base=base, pretrained=pretrained,
-                                              inference_configs=DEMO)  # fmt: skip
+            zip_path, digest = package_bundle(f"{REPO}/bundles/{b}", weights, dist, url_base=base,
+                                              pretrained=pretrained, inference_configs=DEMO)  # fmt: skip
             got = download_bundle(f"{base}/{zip_path.name}", b, root / "dl", digest)
             out[b] = {"zip": zip_path, "dir": got, "weights": weights, "pretrained": pretrained}
         yield {"root": root, "base": base, "bundles": out}
@@ -81,12 +81,14 @@ def test_pretraining_weights_are_refused_as_model_pt(releases, bundle, tmp_path)
     pre = torch.load(r["pretrained"], weights_only=True)
     matched = sum(1 for k, v in own.items() if k in pre and pre[k].shape == v.shape)  # by hand
     assert matched < len(own)
-    with pytest.raises(ValueError, match=rf"_pretrained.pt does not fit .*matches {matched} of the network's {len(own)} "):
+    refused = rf"_pretrained.pt does not fit .*matches {matched} of the network's {len(own)} "
+    with pytest.raises(ValueError, match=refused):
         package_bundle(f"{REPO}/bundles/{bundle}", r["pretrained"], tmp_path / "dist", inference_configs=DEMO)
     copy = tmp_path / "dl" / bundle
     shutil.copytree(r["dir"], copy)
     shutil.copyfile(r["pretrained"], copy / "models" / "model.pt")
-    with pytest.raises(ValueError, match=rf"model.pt does not fit the inference.json network .*matches {matched} of {len(own)}"):
+    refused = rf"model.pt does not fit the inference.json network .*matches {matched} of {len(own)}"
+    with pytest.raises(ValueError, match=refused):
         load_bundle(bundle, tmp_path / "dl")
 
 
