@@ -93,12 +93,19 @@ def test_pretraining_weights_are_refused_as_model_pt(releases, bundle, tmp_path)
 
 
 def test_release_layout_metadata_and_large_files(releases):
-    """Code copy, public requirements only, and one large_files.yml entry per weights file with its own URL and
-    hash, which MONAI's download_large_files fetches and checks over loopback HTTP."""
+    """MONAI's download of the zip equals ours; code copy, public requirements only, and one large_files.yml entry
+    per weights file with its own URL and hash, which MONAI's download_large_files fetches and checks over loopback
+    HTTP."""
+    from monai.bundle import download
     from monai.bundle.scripts import download_large_files
 
     src = Path(REPO) / "shared_src" / "medfm"
     for b, r in releases["bundles"].items():
+        # MONAI's downloader (no hash check) gives the same files as ours
+        download(name=b, bundle_dir=str(releases["root"] / "dl_monai"), url=f"{releases['base']}/{r['zip'].name}")
+        ours = {p.relative_to(r["dir"]): sha256_file(p) for p in r["dir"].rglob("*") if p.is_file()}
+        theirs = releases["root"] / "dl_monai" / b
+        assert {p.relative_to(theirs): sha256_file(p) for p in theirs.rglob("*") if p.is_file()} == ours
         with zipfile.ZipFile(r["zip"]) as zf:
             names = set(zf.namelist())
         code = {f"{b}/medfm/{f.relative_to(src).as_posix()}" for f in src.rglob("*.py")}
@@ -183,7 +190,8 @@ def test_release_runs_where_medfm_is_not_installed(releases):
     jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b)] for b in BUNDLES]
     script = root / "run_isolated.py"
     script.write_text(_ISOLATED)
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": sysconfig.get_paths()["purelib"], "OMP_NUM_THREADS": "1"}
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": sysconfig.get_paths()["purelib"], "OMP_NUM_THREADS": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('medfm') is not None)"
     if subprocess.run([sys.executable, "-S", "-c", probe], cwd=str(root.parent), env=env).returncode:
         pytest.skip("medfm is installed into site-packages itself (not editable): no interpreter here lacks it")
