@@ -86,7 +86,11 @@ def _release_metadata(meta: dict) -> dict:
     meta = dict(meta)
     required = {k: v for k, v in meta.get("required_packages_version", {}).items() if k != "medfm"}
     for name in _CODE_REQUIREMENTS:
-        required.setdefault(name, importlib.metadata.version(name))
+        try:
+            required.setdefault(name, importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(f"{name}, which the medfm code in the release imports, is not installed here: its version "
+                             "cannot be recorded in required_packages_version; install it and package again.") from None
     meta["required_packages_version"] = required
     return meta
 
