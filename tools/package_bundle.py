@@ -6,7 +6,8 @@
 
 ``--weights`` are the weights of ``inference.json``'s network (the fine-tuned task model; refused, naming the
 matched/total tensor count, when they do not fit it); ``--pretrained`` ships the pre-trained encoders as
-``models/pretrained.pt`` for the fine-tuning configs. The zip is ``<out>/<bundle>_v<version>.zip`` with the top
+``models/pretrained.pt`` for the fine-tuning configs (refused when the fine-tuning network cannot load
+them). The zip is ``<out>/<bundle>_v<version>.zip`` with the top
 folder ``<bundle>/`` (configs, docs, LICENSE, models, a copy of the ``medfm`` code, ``large_files.yml``); the
 weights files go to ``<out>/<bundle>_v<version>/models/``. Publish ``<out>`` at ``--url-base`` and the printed
 sha256 with it; ``tools/download_bundle.py`` checks it. Layout and the import mechanism:
@@ -31,11 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torchscript", default=None, help="optional TorchScript file to ship as models/model.ts")
     p.add_argument("--inference-config", action="append", default=None,
                    help="config merged into the released inference.json (repeat; default inference.json)")  # fmt: skip
+    p.add_argument("--finetune-config", action="append", default=None,
+                   help="fine-tuning config that must load --pretrained (repeat; default the bundle's)")  # fmt: skip
     p.add_argument("--hub-dir", default=None, help="also write the Hugging Face Hub repository layout (a new folder)")
     args = p.parse_args(argv)
     configs = tuple(args.inference_config or ("inference.json",))
+    finetune = tuple(args.finetune_config) if args.finetune_config else None
     path, digest = package_bundle(args.bundle, args.weights, args.out, args.torchscript, args.url_base,
-                                  args.pretrained, configs)  # fmt: skip
+                                  args.pretrained, configs, finetune)  # fmt: skip
     print(f"{path}\nsha256 {digest}")
     if args.hub_dir:
         print(f"hub layout {write_hub_layout(path, args.hub_dir)}")

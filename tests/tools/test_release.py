@@ -56,7 +56,8 @@ def release(tmp_path_factory):
     with serve(root / "dist") as base:
         zip_path, digest = package_bundle(f"{REPO}/bundles/{B}", weights, root / "dist", url_base=base,
                                           pretrained=root / "pre" / "models" / "model.pt",
-                                          inference_configs=("inference.json", "demo_inference.json"))  # fmt: skip
+                                          inference_configs=("inference.json", "demo_inference.json"),
+                                          finetune_configs=("finetune_seg.json", "demo_seg.json"))  # fmt: skip
         yield {"root": root, "data": data, "zip": zip_path, "sha": digest, "url": f"{base}/{zip_path.name}",
                "weights": weights, "base": base}  # fmt: skip
 

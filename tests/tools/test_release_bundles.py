@@ -31,6 +31,10 @@ from .test_release import serve
 
 BUNDLES = ("fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal")
 DEMO = ("inference.json", "demo_inference.json")
+DEMO_FINETUNE = {"fratmae_petct": ("finetune_seg.json", "demo_seg.json"),
+                 "spad_vit": ("finetune_seg.json", "demo_seg.json"),
+                 "panfm_panorgan": ("finetune.json", "demo_finetune.json"),
+                 "midol_multimodal": ("finetune_seg.json", "demo_seg.json")}  # fmt: skip
 
 
 def _network(bundle: str, names: tuple[str, ...], seed: int):
@@ -55,7 +59,8 @@ def releases(tmp_path_factory):
             torch.save(_network(b, DEMO, seed=i).state_dict(), weights)
             torch.save(_network(b, ("train.json", "demo.json"), seed=10 + i).state_dict(), pretrained)
             zip_path, digest = package_bundle(f"{REPO}/bundles/{b}", weights, dist, url_base=base,
-                                              pretrained=pretrained, inference_configs=DEMO)  # fmt: skip
+                                              pretrained=pretrained, inference_configs=DEMO,
+                                              finetune_configs=DEMO_FINETUNE[b])  # fmt: skip
             got = download_bundle(f"{base}/{zip_path.name}", b, root / "dl", digest)
             out[b] = {"zip": zip_path, "dir": got, "weights": weights, "pretrained": pretrained}
         yield {"root": root, "base": base, "bundles": out}
@@ -75,7 +80,8 @@ def test_release_model_pt_is_the_inference_network(releases, bundle):
 
 @pytest.mark.parametrize("bundle", ["spad_vit", "panfm_panorgan", "midol_multimodal"])
 def test_pretraining_weights_are_refused_as_model_pt(releases, bundle, tmp_path):
-    """The pre-training state does not fit the task network: packaging and our load both name the counts."""
+    """The pre-training state does not fit the task network, and another model's pre-training does not fit the
+    fine-tuning encoder: packaging and our load name the file and the counts."""
     r = releases["bundles"][bundle]
     own = _network(bundle, DEMO, seed=0).state_dict()
     pre = torch.load(r["pretrained"], weights_only=True)
@@ -84,6 +90,10 @@ def test_pretraining_weights_are_refused_as_model_pt(releases, bundle, tmp_path)
     refused = rf"_pretrained.pt does not fit .*matches {matched} of the network's {len(own)} "
     with pytest.raises(ValueError, match=refused):
         package_bundle(f"{REPO}/bundles/{bundle}", r["pretrained"], tmp_path / "dist", inference_configs=DEMO)
+    other = releases["bundles"]["fratmae_petct"]["pretrained"]  # another model's pre-training for fine-tuning
+    with pytest.raises(ValueError, match=rf"pre-trained weights for fine-tuning refused: {other}.* matches 0 of "):
+        package_bundle(f"{REPO}/bundles/{bundle}", r["weights"], tmp_path / "dist2", pretrained=other,
+                       inference_configs=DEMO, finetune_configs=DEMO_FINETUNE[bundle])  # fmt: skip
     copy = tmp_path / "dl" / bundle
     shutil.copytree(r["dir"], copy)
     shutil.copyfile(r["pretrained"], copy / "models" / "model.pt")

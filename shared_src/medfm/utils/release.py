@@ -43,7 +43,9 @@ __all__ = ["check_weights_fit", "download_bundle", "load_bundle", "package_bundl
 _RELEASE_GLOBS = ("configs/*.json", "configs/logging.conf", "docs/**/*", "LICENSE")
 # public distributions the copied medfm code imports (beyond torch, monai and numpy, which metadata names apart)
 _CODE_REQUIREMENTS = ("nibabel", "pillow", "pytorch-ignite", "pyyaml", "scipy")
-_MODEL_FILES = {"model.pt": "weights", "pretrained.pt": "pretrained", "model.ts": "torchscript"}
+# the fine-tuning config whose ``network`` loads ``pretrained_checkpoint`` through the bundle's own loader
+FINETUNE_CONFIGS = {"fratmae_petct": ("finetune_seg.json",), "spad_vit": ("finetune_seg.json",),
+                    "panfm_panorgan": ("finetune.json",), "midol_multimodal": ("finetune_seg.json",)}  # fmt: skip
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -80,6 +82,26 @@ def _inference_network(bundle: Path, config_files: Sequence[str], net_override: 
     return parser, parser.get_parsed_content("network_def")
 
 
+def check_pretrained_fits(bundle: Path, pretrained: str | os.PathLike, config_files: Sequence[str]) -> None:
+    """Build the fine-tuning ``network`` of ``config_files`` (merged, in the bundle's ``configs/``) from
+    ``pretrained`` as a user's fine-tuning run does (the bundle's ``init_*_from_pretraining``, which refuses a
+    checkpoint that does not fit its encoder, naming the file and the matched/total count)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / f) for f in config_files])
+    parser["bundle_root"] = str(bundle)
+    parser["pretrained_checkpoint"] = str(pretrained)
+    parser["device"] = "$torch.device('cpu')"
+    try:
+        parser.get_parsed_content("network")
+    except RuntimeError as e:  # MONAI wraps the loader's error in "Failed to evaluate"
+        cause = e.__cause__ if isinstance(e.__cause__, (ValueError, FileNotFoundError)) else None
+        if cause is None:
+            raise
+        raise ValueError(f"pre-trained weights for fine-tuning refused: {cause}") from cause
+
+
 def _release_metadata(meta: dict) -> dict:
     """``meta`` with ``required_packages_version`` holding public packages only: ``medfm`` is dropped (its code
     travels in the zip) and what that code imports is added at the installed versions."""
@@ -109,6 +131,7 @@ def package_bundle(
     url_base: str | None = None,
     pretrained: str | os.PathLike | None = None,
     inference_configs: Sequence[str] = ("inference.json",),
+    finetune_configs: Sequence[str] | None = None,
 ) -> tuple[Path, str]:
     """Build ``<out_dir>/<name>_v<version>.zip`` (layout: module doc) and, beside it, the weights files that
     ``large_files.yml`` points to (``<out_dir>/<name>_v<version>/models/…``).
@@ -123,13 +146,16 @@ def package_bundle(
         pretrained: optional pre-trained encoder weights shipped as ``models/pretrained.pt`` for fine-tuning.
         inference_configs: config files merged (in order) into the released ``inference.json``, e.g.
             ``("inference.json", "demo_inference.json")`` for demo-size weights.
+        finetune_configs: fine-tuning configs (merged) whose ``network`` must load ``pretrained`` (default
+            :data:`FINETUNE_CONFIGS` of the bundle), e.g. ``("finetune_seg.json", "demo_seg.json")`` for demo size.
 
     Returns:
         the zip's path and its sha256 (what :func:`download_bundle` checks).
 
     Raises:
         FileNotFoundError: not a bundle, or a weights file does not exist.
-        ValueError: ``weights`` do not fit the network (naming the file and the matched/total count).
+        ValueError: ``weights`` do not fit the network, or ``pretrained`` the fine-tuning network's encoder
+            (naming the file and the matched/total count).
     """
     from ..networks.pretrained import load_checkpoint_file
     from .serve import merged_config
@@ -147,6 +173,8 @@ def package_bundle(
             raise FileNotFoundError(f"weights file {f} does not exist.")
     _, network = _inference_network(bundle, inference_configs)
     check_weights_fit(network, load_checkpoint_file(weights, "weights file"), weights)
+    if pretrained is not None:
+        check_pretrained_fits(bundle, pretrained, finetune_configs or FINETUNE_CONFIGS.get(name, ("finetune.json",)))
 
     release = f"{name}_v{meta['version']}"
     out = Path(out_dir)
