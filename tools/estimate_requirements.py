@@ -25,10 +25,11 @@ import torch
 from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
+from medfm.utils.release import FINETUNE_CONFIGS
+
 REPO = Path(__file__).resolve().parents[1]
-# fine-tuning config whose batch size and crop the estimate uses, per bundle
-FINETUNE = {"fratmae_petct": "finetune_seg.json", "spad_vit": "finetune_seg.json",
-            "panfm_panorgan": "finetune.json", "midol_multimodal": "finetune_seg.json"}  # fmt: skip
+# fine-tuning config whose batch size and crop the estimate uses, per bundle (the one releases check)
+FINETUNE = {bundle: configs[0] for bundle, configs in FINETUNE_CONFIGS.items()}
 
 
 def _inputs(bundle: str, parser: ConfigParser, device: str) -> tuple:
