@@ -10,6 +10,14 @@ e.g. Pan-FM's organ images + presence mask) gets its own in/out check instead, a
 SKIP. The network checks use ``configs/demo_inference.json`` merged over
 ``inference.json`` when the bundle has one (the paper-size network is checked by ``verify_net_in_out`` too
 with ``--full``). Prints one line per check and exits 1 if any fails.
+
+    python tools/verify_bundles.py --release dist/fratmae_petct_v0.2.0.zip [...]
+
+checks release zips as the zoo's CI does: each ``large_files.yml`` entry fetched again from its URL by MONAI's
+``download_large_files`` (hash-checked), ``required_packages_version`` without ``medfm`` and at installed
+versions, ``models/model.pt`` among the required files and fitting ``inference.json``'s network, a scripted
+``ckpt_export`` (reported SKIP where ``docs/README.md`` says the network cannot be scripted), then the checks
+above on the extracted bundle, with the bundle folder on ``sys.path`` as MONAI Label puts it.
 """
 
 from __future__ import annotations
@@ -64,7 +72,9 @@ def _multi_input_in_out(meta: dict, infer: list[str], bundle: Path) -> str:
     return f"{len(organs)} organ inputs + present -> (2, {want})"
 
 
-def check_bundle(bundle: Path, schema: Path, full: bool) -> list[tuple[str, bool, str]]:
+def check_bundle(
+    bundle: Path, schema: Path, full: bool, required: tuple[str, ...] = REQUIRED
+) -> list[tuple[str, bool, str]]:
     from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
     from monai.bundle.config_parser import ConfigParser
 
@@ -83,7 +93,7 @@ def check_bundle(bundle: Path, schema: Path, full: bool) -> list[tuple[str, bool
             raise FileNotFoundError(f"{kind} files missing: {missing}")
         return f"{len(names)} present"
 
-    check("required files", lambda: files(REQUIRED, "required"))
+    check("required files", lambda: files(required, "required"))
     check("preferred files", lambda: files(PREFERRED, "preferred"))
     meta_file = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())
@@ -135,12 +145,107 @@ def check_bundle(bundle: Path, schema: Path, full: bool) -> list[tuple[str, bool
     return results
 
 
+def check_release(zip_path: Path, schema: Path, full: bool, work: Path) -> list[tuple[str, bool | None, str]]:
+    """The zoo's checks on a release zip: extracted with its large files fetched again from their URLs
+    (``download_large_files``, hash-checked), public-only requirements, ``models/model.pt`` fitting
+    ``inference.json``'s network, scripted TorchScript export (or a documented reason it is skipped), then
+    :func:`check_bundle`. The bundle folder is put on ``sys.path`` first, as MONAI Label and the bundle's docs do
+    (the code copy alone is exercised where ``medfm`` is not installed by ``tests/tools/test_release_bundles.py``)."""
+    import importlib.metadata
+    import shutil
+    import zipfile
+
+    import yaml
+    from monai.bundle import ckpt_export
+    from monai.bundle.scripts import download_large_files
+
+    from medfm.utils import check_weights_fit, safe_extract
+
+    with zipfile.ZipFile(zip_path) as zf:
+        name = zf.namelist()[0].split("/")[0]
+    bundle = safe_extract(zip_path, work, name)
+    sys.path.insert(0, str(bundle))
+    results: list[tuple[str, bool | None, str]] = []
+
+    def check(label: str, fn: Callable[[], str | None]) -> None:
+        try:
+            results.append((label, True, fn() or ""))
+        except Exception as e:  # report and go on with the next check
+            results.append((label, False, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+            traceback.print_exc(file=sys.stderr)
+
+    def large_files() -> str:
+        entries = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+        fresh = work / "large_files" / name
+        shutil.copytree(bundle, fresh)
+        for e in entries:
+            if "url" not in e:
+                raise ValueError(f"large_files.yml entry {e['path']} has no url")
+            (fresh / e["path"]).unlink()
+        download_large_files(bundle_path=str(fresh))  # checks each file's hash
+        return f"{len(entries)} files downloaded and hash-checked"
+
+    def requirements() -> str:
+        required = json.loads((bundle / "configs" / "metadata.json").read_text())["required_packages_version"]
+        wrong = {k: v for k, v in required.items() if k == "medfm" or importlib.metadata.version(k) != v}
+        if wrong:
+            raise ValueError(f"not installable as listed (or not the installed version): {wrong}")
+        return ", ".join(f"{k}=={v}" for k, v in required.items())
+
+    def weights_fit() -> str:
+        from monai.bundle.config_parser import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser["bundle_root"] = str(bundle)
+        net = parser.get_parsed_content("network_def")
+        path = bundle / "models" / "model.pt"
+        check_weights_fit(net, torch.load(path, map_location="cpu", weights_only=True), path)
+        return f"all {len(net.state_dict())} tensors of {type(net).__name__}"
+
+    def scripted() -> tuple[bool | None, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                ckpt_export(net_id="network_def", filepath=f"{tmp}/model.ts",
+                            ckpt_file=str(bundle / "models" / "model.pt"),
+                            meta_file=str(bundle / "configs" / "metadata.json"),
+                            config_file=str(bundle / "configs" / "inference.json"),
+                            bundle_root=str(bundle))  # fmt: skip
+                return True, "scripted and saved"
+            except Exception as e:
+                if "cannot be scripted" in (bundle / "docs" / "README.md").read_text():
+                    return None, f"the network cannot be scripted ({type(e).__name__}), as docs/README.md says"
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:200]
+                return False, f"scripting fails ({type(e).__name__}: {first}); docs/README.md does not say so"
+
+    check("large files (download_large_files)", large_files)
+    check("requirements", requirements)
+    check("models/model.pt fits inference.json", weights_fit)
+    results.append(("ckpt_export (scripted)", *scripted()))
+    results += check_bundle(bundle, schema, full, required=(*REQUIRED, "models/model.pt"))
+    sys.path.remove(str(bundle))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundles", nargs="*", help="bundle folders (default: every bundle under bundles/)")
     p.add_argument("--schema", default=str(DEFAULT_SCHEMA), help="local copy of the metadata schema")
     p.add_argument("--full", action="store_true", help="also verify_net_in_out at the paper's network size")
+    p.add_argument("--release", nargs="+", default=None, metavar="ZIP",
+                   help="check release zips instead of bundle folders (large files fetched from their URLs)")
     args = p.parse_args(argv)
+    if args.release:
+        failed = 0
+        with tempfile.TemporaryDirectory() as work:
+            for i, z in enumerate(args.release):
+                checks = check_release(Path(z).resolve(), Path(args.schema), args.full, Path(work) / str(i))
+                for name, ok, detail in checks:
+                    tag = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+                    print(f"{tag} {Path(z).name}: {name}{': ' + detail if detail else ''}", flush=True)
+                    failed += ok is False
+        print(f"{failed} check(s) failed" if failed else "all checks passed", flush=True)
+        return 1 if failed else 0
     bundles = [Path(b) for b in args.bundles] or sorted(d.parent.parent for d in (REPO / "bundles").glob("*/configs/metadata.json"))
     if not Path(args.schema).is_file():
         print(f"FAIL schema: {args.schema} does not exist", flush=True)

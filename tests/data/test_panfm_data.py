@@ -95,6 +95,9 @@ def test_read_csv_relative_absolute_paths_and_labels(tmp_path: Path, files: dict
     assert "labels" not in read_subject_table(table)[0]
     assert label_names_from_table(table) == ["extra", "cardiac", "metabolic"]
     assert read_subject_table(str(tmp_path), label_names=["cardiac"])[1]["labels"] == [0.0]  # directory form
+    assert len(read_subject_table(table, label_names=["metabolic", "cardiac"], num_labels=2)) == 2
+    with pytest.raises(ValueError, match=r"subjects\.csv: 3 label columns .* num_labels=4"):
+        read_subject_table(table, label_names=label_names_from_table(table), num_labels=4)
 
 
 def test_read_json_with_base_dir(tmp_path: Path, files: dict[str, str]):

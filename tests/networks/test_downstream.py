@@ -101,11 +101,20 @@ def test_wrong_checkpoints_are_refused(tmp_path):
     net = FratMAESegmenter(patch_size=8, **ENC)
     other = torch.nn.Linear(3, 3)
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a FratMAE pre-training checkpoint"):
+    n_enc = sum(k.startswith("encoders.") for k in net.state_dict())
+    refused = rf"other.pt is not a FratMAE pre-training checkpoint: it matches 0 of .* {n_enc} "
+    with pytest.raises(ValueError, match=refused):
         load_fratmae_encoders(net, tmp_path / "other.pt")
     _, path = _pretrain(tmp_path, hidden_size=48, num_heads=4)  # another encoder width
+    pre = torch.load(path, weights_only=True)
+    same = 0  # encoder tensors of the same name and shape, counted by hand
+    for k, v in net.state_dict().items():
+        if k.startswith("encoders.") and k in pre and pre[k].shape == v.shape:
+            same += 1
+    assert 0 < same < n_enc
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(ValueError, match="does not fit"):
+    refused = rf"{path.name} does not fit this network's encoders: it matches {same} of {n_enc} "
+    with pytest.raises(ValueError, match=refused):
         load_fratmae_encoders(net, path)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())  # nothing half-loaded
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -1,6 +1,7 @@
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,18 @@ def test_ema_update_matches_naive_loop_and_teacher_gets_no_gradient():
         assert torch.allclose(p, expected, atol=1e-6), name
     with pytest.raises(ValueError, match="momentum"):
         model.update_teacher(1.5)
+
+
+def test_panfm_network_def_builds_from_the_config_alone(tmp_path):
+    """inference.json's network has ``num_labels`` outputs from the config, with no subject table anywhere."""
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[2] / "bundles" / "panfm_panorgan" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "inference.json")])
+    parser["dataset_dir"] = str(tmp_path / "no_such_dataset")
+    parser["bundle_root"] = str(tmp_path)
+    for k, v in {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64}.items():
+        parser[f"network_def#{k}"] = v
+    net = parser.get_parsed_content("network_def")
+    assert parser["num_labels"] == 4 and net.head.out_features == 4

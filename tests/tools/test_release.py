@@ -11,7 +11,6 @@ import zipfile
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser
 from monai.bundle import load as bundle_load
 
 from medfm.data import generate_synthetic_petct
@@ -53,10 +52,14 @@ def release(tmp_path_factory):
     load_fratmae_encoders(seg, root / "pre" / "models" / "model.pt")
     weights = root / "model.pt"
     torch.save(seg.state_dict(), weights)
-    zip_path, digest = package_bundle(f"{REPO}/bundles/{B}", weights, root / "dist")
+    (root / "dist").mkdir()
     with serve(root / "dist") as base:
+        zip_path, digest = package_bundle(f"{REPO}/bundles/{B}", weights, root / "dist", url_base=base,
+                                          pretrained=root / "pre" / "models" / "model.pt",
+                                          inference_configs=("inference.json", "demo_inference.json"),
+                                          finetune_configs=("finetune_seg.json", "demo_seg.json"))  # fmt: skip
         yield {"root": root, "data": data, "zip": zip_path, "sha": digest, "url": f"{base}/{zip_path.name}",
-               "weights": weights}  # fmt: skip
+               "weights": weights, "base": base}  # fmt: skip
 
 
 def test_zip_layout_and_large_files(release):
@@ -68,7 +71,8 @@ def test_zip_layout_and_large_files(release):
     assert {f"{B}/configs/train.json", f"{B}/configs/inference.json", f"{B}/configs/metadata.json",
             f"{B}/docs/README.md", f"{B}/LICENSE", f"{B}/models/model.pt"} <= set(names)  # fmt: skip
     assert not [n for n in names if "/runs/" in n or "/demo_data/" in n]
-    assert entry == {"path": "models/model.pt", "hash_val": sha256_file(release["weights"]), "hash_type": "sha256"}
+    assert entry == {"path": "models/model.pt", "url": f"{release['base']}/{B}_v0.2.0/models/model.pt",
+                     "hash_val": sha256_file(release["weights"]), "hash_type": "sha256"}  # fmt: skip
 
 
 def test_verified_download_then_monai_download_load_and_finetune(release):
@@ -80,19 +84,18 @@ def test_verified_download_then_monai_download_load_and_finetune(release):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     bundle = root / "dl_monai" / B
     assert (bundle / "configs" / "train.json").is_file()
-    # monai.bundle.load builds train.json's network (FratMAE) and takes the released encoders by name
-    net = bundle_load(B, bundle_dir=str(root / "dl_monai"), workflow_type="train", net_override=DEMO_NET)
-    released = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    for k, v in net.state_dict().items():
-        if k.startswith("encoders."):
-            assert torch.equal(v, released[k]), k
-    # fine-tuning from the downloaded weights, with the downloaded bundle's own configs
+    # monai.bundle.load builds train.json's network (FratMAE) and takes the released pre-trained encoders by name
+    net = bundle_load(B, bundle_dir=str(root / "dl_monai"), workflow_type="train", net_override=DEMO_NET,
+                      model_file="models/pretrained.pt")  # fmt: skip
+    released = torch.load(bundle / "models" / "pretrained.pt", weights_only=True)
+    assert all(torch.equal(v, released[k]) for k, v in net.state_dict().items()), "pre-training state not loaded"
+    # fine-tuning from the downloaded pre-trained encoders, with the downloaded bundle's own configs
     files = f"['{bundle}/configs/finetune_seg.json','{bundle}/configs/demo_seg.json']"
     res = run_cli(["run", "--config_file", files, "--dataset_dir", release["data"], "--output_dir", str(root / "ft"),
-                   "--pretrained_checkpoint", str(bundle / "models" / "model.pt"), "--epochs", "1",
+                   "--pretrained_checkpoint", str(bundle / "models" / "pretrained.pt"), "--epochs", "1",
                    "--val_interval", "1"], cwd=str(root))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"loaded 58 encoder tensors from {bundle}/models/model.pt" in res.stdout + res.stderr
+    assert f"loaded 58 encoder tensors from {bundle}/models/pretrained.pt" in res.stdout + res.stderr
     assert (root / "ft" / "models" / "model.pt").is_file()
 
 
@@ -111,27 +114,3 @@ def test_member_escaping_the_bundle_folder_is_refused(tmp_path, member):
     with serve(tmp_path) as base, pytest.raises(ValueError, match="outside"):
         download_bundle(f"{base}/bad.zip", B, tmp_path / "dl", sha256_file(bad))
     assert not (tmp_path / "dl").exists() and not (tmp_path / "escaped.txt").exists()
-
-
-@pytest.mark.parametrize("bundle", ["spad_vit", "panfm_panorgan", "midol_multimodal"])
-def test_every_bundle_packages_downloads_and_loads(bundle, tmp_path):
-    """Package demo-size pre-training weights, download them with the hash check and build train.json's network
-    with ``monai.bundle.load``: every tensor comes from the release."""
-    configs = f"{REPO}/bundles/{bundle}/configs"
-    parser = ConfigParser()
-    parser.read_config([f"{configs}/train.json", f"{configs}/demo.json"])
-    # the demo network's arguments, resolved (demo.json also shrinks ids that network_def refers to)
-    demo_net = {
-        k: parser.get_parsed_content(f"network_def#{k}") for k in parser["network_def"] if not k.startswith("_")
-    }
-    torch.manual_seed(1)
-    weights = tmp_path / "model.pt"
-    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
-    zip_path, digest = package_bundle(f"{REPO}/bundles/{bundle}", weights, tmp_path / "dist")
-    with serve(tmp_path / "dist") as base:
-        got = download_bundle(f"{base}/{zip_path.name}", bundle, tmp_path / "dl", digest)
-    net = bundle_load(bundle, bundle_dir=str(tmp_path / "dl"), workflow_type="train", net_override=demo_net)
-    released = torch.load(got / "models" / "model.pt", weights_only=True)
-    state = net.state_dict()
-    assert state.keys() == released.keys()
-    assert all(torch.equal(state[k], released[k]) for k in state)

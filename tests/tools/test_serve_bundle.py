@@ -86,7 +86,7 @@ def test_bad_requests_are_refused_clearly(served, tmp_path):
     root, out, _ = served
     with pytest.raises(FileExistsError, match="already exists"):
         build_served_bundle(B, root / "w.pt", out, demo=True)
-    with pytest.raises(ValueError, match=r"w.pt does not fit the served network_def"):
+    with pytest.raises(ValueError, match=r"w.pt does not fit the served network_def: it matches \d+ of \d+ tensors"):
         build_served_bundle(B, root / "w.pt", tmp_path / "full")  # demo weights, full-size network
     # refused weights leave an existing served bundle as it was, even with overwrite
     before = (out / "models" / "model.pt").read_bytes()

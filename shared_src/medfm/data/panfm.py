@@ -90,6 +90,7 @@ def read_subject_table(
     organs: Sequence[str] = ORGANS,
     label_names: Sequence[str] | None = None,
     base_dir: str | None = None,
+    num_labels: int | None = None,
 ) -> list[dict[str, Any]]:
     """Read a Pan-FM subject table (layout: module doc) into a datalist, checking every file.
 
@@ -100,6 +101,7 @@ def read_subject_table(
         label_names: label columns to read (values 0 or 1, none missing); ``None`` reads no label. Other
             columns are ignored.
         base_dir: folder that relative paths start from; default the table's folder.
+        num_labels: the network's label count (a config value); with ``label_names`` their number must match.
 
     Returns:
         One item per subject, in table order: ``{"subject": id, <organ>: absolute path or None, ...,
@@ -109,13 +111,19 @@ def read_subject_table(
     Raises:
         FileNotFoundError: the table does not exist.
         ValueError: naming the table and the subject: empty table, missing column, empty or duplicate subject
-            id, a row with no organ, an image file that does not exist, a missing or non-0/1 label.
+            id, a row with no organ, an image file that does not exist, a missing or non-0/1 label; naming the
+            table: ``label_names`` of another length than ``num_labels``.
     """
     table = _table_path(path)
     organs = tuple(organs)
     labels = None if label_names is None else tuple(label_names)
     if not organs or len(set(organs)) != len(organs):
         raise ValueError(f"organs must be distinct names, got {organs}.")
+    if labels is not None and num_labels is not None and len(labels) != num_labels:
+        raise ValueError(
+            f"{table}: {len(labels)} label columns {list(labels)} but the network has num_labels={num_labels}; "
+            f"set num_labels to {len(labels)} (or choose label_names) so that the two agree."
+        )
     if labels is not None and set(labels) & ({"subject"} | set(organs)):
         raise ValueError(f"label_names {labels} must not repeat 'subject' or an organ of {organs}.")
     columns, rows = _read_rows(table)

@@ -13,6 +13,7 @@ from .spad_inferer import SpadSlidingWindowInferer
 from .spad_mim import SpadMIMPrepareBatch, batch_aniso_d
 from .spad_prepare_batch import SpadPrepareBatch
 from .tokenizer_iteration import TokenizerIteration
+from .tracking import executed_config, mlflow_settings
 
 __all__ = [
     "EVERY_RANK_HANDLERS",
@@ -39,9 +40,11 @@ __all__ = [
     "batch_aniso_d",
     "cosine_schedule",
     "end_distributed",
+    "executed_config",
     "handlers_for_rank",
     "latest_checkpoint",
     "loss_scalar",
     "loss_terms",
+    "mlflow_settings",
     "reconstruction_panel",
 ]

@@ -1,5 +1,6 @@
 from . import blocks, nets
 from .pretrained import (
+    count_matching,
     filter_fratmae_encoders,
     filter_spad_vit_encoder,
     init_from_pretraining,
@@ -15,6 +16,7 @@ from .pretrained import (
 
 __all__ = [
     "blocks",
+    "count_matching",
     "filter_fratmae_encoders",
     "filter_spad_vit_encoder",
     "init_from_pretraining",

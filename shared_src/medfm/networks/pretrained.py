@@ -17,6 +17,7 @@ __all__ = [
     "init_midol_from_pretraining",
     "init_panfm_from_pretraining",
     "init_spad_vit_from_pretraining",
+    "count_matching",
     "load_checkpoint_file",
     "load_fratmae_encoders",
     "load_midol_backbone",
@@ -81,14 +82,22 @@ def filter_spad_vit_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     return {f"encoder.{k}": v for k, v in state.items() if k != "mask_token" and not k.startswith("mim_head.")}
 
 
+def count_matching(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], keys=None) -> int:
+    """How many of ``keys`` (default: every tensor of ``own``) ``state`` holds under the same name and shape."""
+    keys = list(own) if keys is None else list(keys)
+    return sum(1 for k in keys if k in state and tuple(state[k].shape) == tuple(own[k].shape))
+
+
 def _load_part(
     network: nn.Module, path: str | os.PathLike, state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], what: str
 ) -> dict[str, list[str]]:
     own = network.state_dict()
     wanted = [k for k in own if k.startswith(prefixes)]
+    matched = count_matching(own, state, wanted)
     if not state or not any(k.startswith(prefixes) for k in state):
         raise ValueError(
-            f"{path} is not a {what} checkpoint: it holds no {' / '.join(p + '*' for p in prefixes)} tensors."
+            f"{path} is not a {what} checkpoint: it matches {matched} of the network's {len(wanted)} encoder tensors "
+            f"(it holds no {' / '.join(p + '*' for p in prefixes)} tensors)."
         )
     missing = [k for k in wanted if k not in state]
     wrong = [
@@ -98,9 +107,9 @@ def _load_part(
     ]
     if missing or wrong:
         raise ValueError(
-            f"{path} does not fit this network's encoders: {len(missing)} tensors missing "
-            f"(e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]}); was it pre-trained with the "
-            "same encoder size and patch size?"
+            f"{path} does not fit this network's encoders: it matches {matched} of {len(wanted)} encoder tensors; "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]}); was it "
+            "pre-trained with the same encoder size and patch size?"
         )
     for k in wanted:
         own[k] = state[k].to(own[k].dtype)
@@ -168,7 +177,8 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     ]
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{path} does not fit {type(network).__name__}: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{path} does not fit {type(network).__name__}: it matches {count_matching(own, state)} of {len(own)} "
+            f"tensors; {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})."
         )
     network.load_state_dict(state)

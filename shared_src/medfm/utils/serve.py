@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from ..networks.pretrained import load_checkpoint_file
+from ..networks.pretrained import count_matching, load_checkpoint_file
 
 __all__ = ["SERVED", "ServedTask", "build_served_bundle", "merged_config"]
 
@@ -97,9 +97,11 @@ def _check_weights(inference: dict, weights: Path) -> dict:
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        own = network.state_dict()
+        matched = count_matching(own, state) if isinstance(state, dict) else 0
         raise ValueError(
-            f"weights file {weights} does not fit the served network_def (check the demo flag or the network "
-            f"settings it was trained with): {cause}"
+            f"weights file {weights} does not fit the served network_def: it matches {matched} of {len(own)} tensors "
+            f"(check the demo flag or the network settings it was trained with): {cause}"
         ) from e
     return state
 
