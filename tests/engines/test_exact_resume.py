@@ -59,3 +59,29 @@ def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root):
     # 4 cases, batch 2: 2 iterations per epoch; stopped at iteration 3, the middle of epoch 2
     _assert_resume_exact(tmp_path, "fratmae_petct", ["train.json", "demo.json"], 3, dataset_dir=data, epochs=3,
                          cache_dir=str(data_root / "petct_cache"))
+
+
+def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_spad(str(data_root / "spad"), seed=0)
+    # the frozen tokenizer only has to be the same in every run: untrained weights of the demo size
+    probe = workflow("spad_vit", ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "probe"))
+    torch.manual_seed(0)
+    tok = str(tmp_path / "tokenizer.pt")
+    torch.save(probe.parser.get_parsed_content("tokenizer_def").state_dict(), tok)
+    # 12 demo images, batch 2: 6 iterations per epoch; stopped at iteration 4 of 6
+    _assert_resume_exact(tmp_path, "spad_vit", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
+                         tokenizer_ckpt=tok, cache_dir=str(data_root / "spad_cache"))
+
+
+def test_panfm_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_panfm(str(data_root / "panfm"), seed=0)
+    # 48 demo subjects, batch 8: 6 iterations per epoch; stopped at iteration 4 of 6
+    _assert_resume_exact(tmp_path, "panfm_panorgan", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
+                         cache_dir=str(data_root / "panfm_cache"))
+
+
+def test_midol_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_midol(str(data_root / "midol"), seed=0)
+    # 40 demo images, batch 8: 5 iterations per epoch; stopped at iteration 7, the middle of epoch 2
+    _assert_resume_exact(tmp_path, "midol_multimodal", ["train.json", "demo.json"], 7, dataset_dir=data, epochs=2,
+                         cache_dir=str(data_root / "midol_cache"))
