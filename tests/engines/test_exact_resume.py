@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from ignite.engine import Events
 
 from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, ensure_demo_spad
 
-from ..bundles.helpers import configs, workflow
+from ..bundles.helpers import config_list, run_cli, workflow
 
 
 def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = None, **override) -> dict:
@@ -47,6 +50,34 @@ def _assert_resume_exact(tmp_path, bundle: str, names: list[str], stop_at: int, 
     assert resumed.keys() == ref.keys()
     diff = {k: float((resumed[k].double() - ref[k].double()).abs().max()) for k in ref if not torch.equal(resumed[k], ref[k])}
     assert not diff, f"resumed run differs from the uninterrupted one: {dict(list(diff.items())[:5])}"
+
+
+def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root):
+    """A real process killed with SIGKILL right after its checkpoint of iteration 3 (the middle of epoch 2), restarted
+    through the CLI with two data-loader workers, ends with the weights of an uninterrupted run with none."""
+    data = ensure_demo_petct(str(data_root / "petct"), num_cases=4, seed=0)
+    common = dict(dataset_dir=data, epochs=3, cache_dir=str(data_root / "petct_cache"))
+    ref = _final_state("fratmae_petct", ["train.json", "demo.json"], str(tmp_path / "ref"), **common)
+    # an override file whose extra handler kills the process after the checkpoint of iteration 3 is written
+    kill = {"train#trainer#train_handlers": "$list(@train#handlers) + [type('Kill', (), {'attach': lambda self, e: "
+            "e.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED(once=3), lambda _: "
+            f"os.kill(os.getpid(), {int(signal.SIGKILL)}))}})()]"}  # fmt: skip
+    kill_file = tmp_path / "kill.json"
+    kill_file.write_text(json.dumps(kill))
+    out = str(tmp_path / "run")
+    args = ["--dataset_dir", data, "--output_dir", out, "--epochs", "3", "--cache_dir", common["cache_dir"],
+            "--save_interval", "1", "--save_epoch_level", "False"]  # fmt: skip
+    files = config_list("fratmae_petct", "train.json", "demo.json")
+    first = run_cli(["run", "training", "--config_file", files[:-1] + f",'{kill_file}']", *args], cwd=str(tmp_path))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(out, "models"))) == ["checkpoint_iter=2.pt", "checkpoint_iter=3.pt"]
+    second = run_cli(["run", "training", "--config_file", files, *args, "--num_workers", "2"], cwd=str(tmp_path))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "checkpoint_iter=3.pt" in second.stdout + second.stderr
+    final = torch.load(os.path.join(out, "models", "model.pt"), weights_only=True)
+    model = {k[len("model."):]: v for k, v in ref.items() if k.startswith("model.")}
+    assert final.keys() == model.keys()
+    assert all(torch.equal(final[k], model[k]) for k in model), "resumed weights differ from the uninterrupted run's"
 
 
 @pytest.fixture(scope="module")
