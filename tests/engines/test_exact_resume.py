@@ -116,3 +116,16 @@ def test_midol_pretraining_resumes_exactly(tmp_path, data_root):
     # 40 demo images, batch 8: 5 iterations per epoch; stopped at iteration 7, the middle of epoch 2
     _assert_resume_exact(tmp_path, "midol_multimodal", ["train.json", "demo.json"], 7, dataset_dir=data, epochs=2,
                          cache_dir=str(data_root / "midol_cache"))
+
+
+def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_midol(str(data_root / "midol"), seed=0)
+    # the pre-trained weights only have to be the same in every run: untrained pre-training weights of the demo size
+    probe = workflow("midol_multimodal", ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "p"))
+    torch.manual_seed(0)
+    pre = str(tmp_path / "pretrained.pt")
+    torch.save(probe.parser.get_parsed_content("network_def").state_dict(), pre)
+    # 28 labelled training images, batch 8: 4 iterations per epoch (the last one of 4 images); stopped at iteration 6,
+    # the middle of epoch 2; validation (and the best-model save) after epoch 2
+    _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, dataset_dir=data,
+                         epochs=2, pretrained_checkpoint=pre)
