@@ -23,7 +23,8 @@ from ..bundles.helpers import config_list, run_cli, workflow
 
 
 def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = None, **override) -> dict:
-    """Run ``names`` of ``bundle`` with a checkpoint every iteration; return the final model (and loss) state.
+    """Run ``names`` of ``bundle`` with a checkpoint every iteration; return the final state of every module in its
+    checkpoint (model, and loss or discriminator where there is one).
     ``stop_at`` ends the run right after that iteration's checkpoint, as a kill would."""
     wf = workflow(bundle, names, output_dir=out, save_interval=1, save_epoch_level=False, **override)
     wf.initialize()
@@ -32,9 +33,10 @@ def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = 
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
     wf.run()
     objs = wf.parser.get_parsed_content("train#checkpoint_objects")
-    state = {f"model.{k}": v.detach().clone() for k, v in objs["model"].state_dict().items()}
-    if "loss" in objs:
-        state.update({f"loss.{k}": v.detach().clone() for k, v in objs["loss"].state_dict().items()})
+    state = {}
+    for name, obj in objs.items():  # the model, and a discriminator or a loss with centre buffers where there is one
+        if isinstance(obj, torch.nn.Module):
+            state.update({f"{name}.{k}": v.detach().clone() for k, v in obj.state_dict().items()})
     state["iteration"] = torch.tensor(trainer.state.iteration)
     wf.finalize()
     return state
@@ -102,6 +104,13 @@ def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
     # 12 demo images, batch 2: 6 iterations per epoch; stopped at iteration 4 of 6
     _assert_resume_exact(tmp_path, "spad_vit", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
                          tokenizer_ckpt=tok, cache_dir=str(data_root / "spad_cache"))
+
+
+def test_spad_vt_tokenizer_training_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_spad(str(data_root / "spad"), seed=0)
+    # 6 iterations per epoch; stopped at iteration 4 of 6 (generator and discriminator, both optimizers, the GAN gate)
+    _assert_resume_exact(tmp_path, "spad_vit", ["train_tokenizer.json", "demo_tokenizer.json"], 4, dataset_dir=data,
+                         max_steps=6, cache_dir=str(data_root / "spad_tok_cache"))
 
 
 def test_panfm_pretraining_resumes_exactly(tmp_path, data_root):
