@@ -42,7 +42,9 @@ def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = 
     return state
 
 
-def _assert_resume_exact(tmp_path, bundle: str, names: list[str], stop_at: int, **override) -> None:
+def _assert_resume_exact(
+    tmp_path, bundle: str, names: list[str], stop_at: int, files: tuple[str, ...] = (), **override
+) -> None:
     ref = _final_state(bundle, names, str(tmp_path / "ref"), **override)
     out = str(tmp_path / "run")
     part = _final_state(bundle, names, out, stop_at=stop_at, **override)
@@ -50,8 +52,12 @@ def _assert_resume_exact(tmp_path, bundle: str, names: list[str], stop_at: int, 
     assert os.path.isfile(os.path.join(out, "models", f"checkpoint_iter={stop_at}.pt"))
     resumed = _final_state(bundle, names, out, **override)
     assert resumed.keys() == ref.keys()
-    diff = {k: float((resumed[k].double() - ref[k].double()).abs().max()) for k in ref if not torch.equal(resumed[k], ref[k])}
+    diff = {k: float((resumed[k].double() - ref[k].double()).abs().max())
+            for k in ref if not torch.equal(resumed[k], ref[k])}  # fmt: skip
     assert not diff, f"resumed run differs from the uninterrupted one: {dict(list(diff.items())[:5])}"
+    for name in files:  # weights written along the way, e.g. the best model by validation
+        a, b = (torch.load(os.path.join(d, "models", name), weights_only=True) for d in (tmp_path / "ref", out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root):
@@ -135,6 +141,6 @@ def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
     pre = str(tmp_path / "pretrained.pt")
     torch.save(probe.parser.get_parsed_content("network_def").state_dict(), pre)
     # 28 labelled training images, batch 8: 4 iterations per epoch (the last one of 4 images); stopped at iteration 6,
-    # the middle of epoch 2; validation (and the best-model save) after epoch 2
-    _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, dataset_dir=data,
-                         epochs=2, pretrained_checkpoint=pre)
+    # the middle of epoch 2; validation and the best-model file after each epoch (the best score is in the checkpoint)
+    _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, ("model.pt",),
+                         dataset_dir=data, epochs=2, val_interval=1, pretrained_checkpoint=pre)

@@ -11,7 +11,7 @@ from monai.transforms import Compose, RandGaussianNoised
 from torch.utils.data import DataLoader
 
 from medfm.data import GroupBatchSampler, SeededDataset, SeededSample, shuffle_batch_sampler
-from medfm.engines import FratMAEPrepareBatch, ResumeFromCheckpoint, SamplerEpochHandler, StepSeedHandler
+from medfm.engines import BestModelSaver, FratMAEPrepareBatch, ResumeFromCheckpoint, SamplerEpochHandler, StepSeedHandler
 from medfm.engines.checkpoint import atomic_torch_save
 from medfm.utils.seeding import derive_seed
 
@@ -79,14 +79,15 @@ def test_sample_augmentation_does_not_depend_on_worker_or_order(num_workers):
     sampler = shuffle_batch_sampler(8, 2, seed=1, seed_samples=True)
     sampler.set_epoch(1)
     loader = DataLoader(SeededDataset(_Items(8, _noise())), batch_sampler=sampler, num_workers=num_workers)
-    got = {int(x[0, 0].round()): x for batch in loader for x in batch["x"]}  # noise is small next to 1: int part = index
+    got = {int(x[0, 0].round()): x for batch in loader for x in batch["x"]}  # noise << 1: rounding gives the index
     ds = SeededDataset(_Items(8, _noise()))
     torch.manual_seed(123)
     np.random.seed(7)
     for i in reversed(range(8)):  # another order, another process, other global generator states
         expected = ds[SeededSample(i, derive_seed(1, 1, i))]["x"]
         assert torch.equal(got[i], expected), i
-    assert not torch.equal(ds[SeededSample(0, derive_seed(1, 2, 0))]["x"], ds[SeededSample(0, derive_seed(1, 1, 0))]["x"])
+    other_epoch = ds[SeededSample(0, derive_seed(1, 2, 0))]["x"]
+    assert not torch.equal(other_epoch, ds[SeededSample(0, derive_seed(1, 1, 0))]["x"])
 
 
 def test_seeded_dataset_leaves_the_callers_global_generators_alone():
@@ -159,3 +160,20 @@ def test_resume_gives_zero_gradients_to_parameters_with_optimizer_state(tmp_path
     engine.run(range(2), max_epochs=2)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in fresh["idle"].parameters())
     assert all(p.grad is None for p in fresh["used"].parameters())  # no state: stays skipped, as in the first run
+
+
+def test_best_model_saver_keeps_its_best_score_across_a_resume(tmp_path):
+    net = torch.nn.Linear(1, 1)
+    evaluator = Engine(lambda e, b: None)
+    first = BestModelSaver(str(tmp_path), net, "auc")
+    evaluator.state.metrics = {"auc": 0.8}
+    first(evaluator)
+    assert first.state_dict() == {"best": 0.8}
+    (tmp_path / "model.pt").unlink()
+    resumed = BestModelSaver(str(tmp_path), net, "auc")
+    resumed.load_state_dict(first.state_dict())
+    evaluator.state.metrics = {"auc": 0.7}  # worse than the best before the restart: nothing written
+    resumed(evaluator)
+    assert not (tmp_path / "model.pt").exists()
+    with pytest.raises(ValueError, match="best"):
+        resumed.load_state_dict({})
