@@ -10,7 +10,7 @@ padded batch costs what its tokens cost (:func:`medfm.data.token_bucket_sampler`
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
@@ -177,7 +177,7 @@ class GroupBatchSampler(Sampler[list[Any]]):
         return self.num_batches
 
 
-def shuffle_batch_sampler(num_items: int, batch_size: int, **kw: Any) -> GroupBatchSampler:
+def shuffle_batch_sampler(num_items: int | Sized, batch_size: int, **kw: Any) -> GroupBatchSampler:
     """A :class:`GroupBatchSampler` with one group: the plain shuffled batches of ``DataLoader(shuffle=True)``,
     but with an order that depends only on ``(seed, epoch)``, resumable mid-epoch (:meth:`~GroupBatchSampler.set_start`)
     and sharded over ranks.
