@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from medfm.data import AnisoBatchSampler, SpadDrawDataset
+from medfm.data import AnisoBatchSampler, SeededSample, SpadDrawDataset
 from medfm.transforms import SpadRandAffineCropd, SpadScaleAugment
 from monai.data import DataLoader, MetaTensor
 
@@ -183,8 +183,8 @@ def test_pretraining_configs_switch_the_augmentation(config, tmp_path):
             assert names[0] == "SpadRandAffineCropd" and names[-1] == "EnsureTyped"
             assert {"RandFlipd", "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "OneOf"} <= set(names)
             assert crop.rotate_prob == 0.3 and isinstance(sampler.scale_augment, SpadScaleAugment)
-            assert all(isinstance(i, tuple) for b in sampler for i in b)  # (index, draw) pairs
+            assert all(isinstance(i, SeededSample) and i.draw is not None for b in sampler for i in b)
         else:
             assert names == ["SpadRandAffineCropd", "EnsureTyped"]
             assert crop.rotate_prob == 0.0 and sampler.scale_augment is None
-            assert all(isinstance(i, int) for b in sampler for i in b)
+            assert all(isinstance(i, SeededSample) and i.draw is None for b in sampler for i in b)

@@ -1,7 +1,8 @@
 """Datalists, prompts and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
-from .group_sampler import GroupBatchSampler, length_buckets
+from .group_sampler import GroupBatchSampler, length_buckets, shuffle_batch_sampler
+from .seeded import SeededDataset, SeededSample, seeded_random_state
 from .autopet import (
     build_autopet_datalist,
     exclude_split_cases,
@@ -62,6 +63,10 @@ __all__ = [
     "SpadDrawDataset",
     "GroupBatchSampler",
     "length_buckets",
+    "shuffle_batch_sampler",
+    "SeededDataset",
+    "SeededSample",
+    "seeded_random_state",
     "subject_token_counts",
     "token_bucket_sampler",
     "PromptTokenizer",

@@ -15,12 +15,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from monai.transforms import apply_transform
-from torch.utils.data import Dataset
 
 from medfm.transforms.spad_augment import SpadScaleAugment
 
 from .group_sampler import GroupBatchSampler
+from .seeded import SeededDataset
 
 __all__ = ["AnisoBatchSampler", "SpadDrawDataset", "aniso_batch_sampler"]
 
@@ -39,6 +38,8 @@ class AnisoBatchSampler(GroupBatchSampler):
             repeats its first ones, one with more drops its last ones.
         spacing: depth-first spacing of every item (needed with ``scale_augment``).
         shape: depth-first spatial shape of every item (needed with ``scale_augment``).
+        seed_samples: yield :class:`~medfm.data.SeededSample` items (index, per-sample seed, draw) for
+            :class:`SpadDrawDataset` (see :class:`~medfm.data.GroupBatchSampler`).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class AnisoBatchSampler(GroupBatchSampler):
         scale_augment: SpadScaleAugment | None = None,
         spacing: Sequence[Sequence[float]] | None = None,
         shape: Sequence[Sequence[int]] | None = None,
+        seed_samples: bool = False,
     ) -> None:
         levels = []
         for i, a in enumerate(aniso_d):
@@ -65,7 +67,7 @@ class AnisoBatchSampler(GroupBatchSampler):
             levels.append(int(a))
         if not levels:
             raise ValueError("aniso_d is empty: no samples to batch.")
-        super().__init__(levels, batch_size, shuffle, drop_last, seed, num_replicas, rank)
+        super().__init__(levels, batch_size, shuffle, drop_last, seed, num_replicas, rank, seed_samples=seed_samples)
         self.scale_augment = scale_augment
         if scale_augment is not None:
             n = len(levels)
@@ -120,10 +122,11 @@ def aniso_batch_sampler(
     return AnisoBatchSampler(levels, batch_size, scale_augment=scale_augment, **kw)
 
 
-class SpadDrawDataset(Dataset):
+class SpadDrawDataset(SeededDataset):
     """A dataset whose items are ``dataset[i]`` followed by ``transform``, for batches of :class:`AnisoBatchSampler`.
 
-    An index is an int or an ``(index, draw)`` pair (from an :class:`AnisoBatchSampler` with ``scale_augment``);
+    An index is an int, an ``(index, draw)`` pair (from an :class:`AnisoBatchSampler` with ``scale_augment``), or
+    a :class:`~medfm.data.SeededSample` (from a sampler with ``seed_samples``: its seed fixes the random transforms);
     the draw is put into the item under ``draw_key`` before ``transform`` (e.g.
     :class:`medfm.transforms.SpadRandAffineCropd`) runs. ``dataset`` holds the deterministic (cached) part.
 
@@ -134,16 +137,4 @@ class SpadDrawDataset(Dataset):
     """
 
     def __init__(self, dataset: Any, transform: Any, draw_key: str = "spad_draw") -> None:
-        self.dataset = dataset
-        self.transform = transform
-        self.draw_key = draw_key
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: Any) -> Any:
-        index, draw = item if isinstance(item, (tuple, list)) else (item, None)
-        data = dict(self.dataset[int(index)])
-        if draw is not None:
-            data[self.draw_key] = draw
-        return apply_transform(self.transform, data)
+        super().__init__(dataset, transform, draw_key)

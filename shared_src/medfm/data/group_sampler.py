@@ -10,14 +10,18 @@ padded batch costs what its tokens cost (:func:`medfm.data.token_bucket_sampler`
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["GroupBatchSampler", "length_buckets"]
+from medfm.utils.seeding import derive_seed
+
+from .seeded import SeededSample
+
+__all__ = ["GroupBatchSampler", "length_buckets", "shuffle_batch_sampler"]
 
 
 class GroupBatchSampler(Sampler[list[Any]]):
@@ -29,6 +33,11 @@ class GroupBatchSampler(Sampler[list[Any]]):
     list of batches; rank ``r`` of ``R`` takes batches ``r, r + R, ...``. When the number of batches does not
     divide by ``R``, the list is padded by repeating its first batches (every rank gets ``ceil(B / R)``), or with
     ``drop_last`` its tail is dropped (``floor(B / R)``), like ``DistributedSampler``.
+
+    Exact resumption: :meth:`set_start` makes the next pass skip this rank's first batches of the epoch (those a
+    resumed run already trained on), and with ``seed_samples`` every item is a :class:`~medfm.data.SeededSample`
+    carrying a seed derived from ``(seed, epoch, index)`` for the random transforms of
+    :class:`~medfm.data.SeededDataset`, so a sample's augmentation never depends on which process or worker loads it.
 
     With ``align_replicas`` (and ``shuffle``), the shuffle moves runs of ``R`` consecutive batches of one group, so
     the ``R`` ranks work on the same group at the same step (under DDP a step waits for its slowest rank); the
@@ -44,6 +53,7 @@ class GroupBatchSampler(Sampler[list[Any]]):
         num_replicas: number of ranks; default the ``torch.distributed`` world size when initialised, else 1.
         rank: this rank; default the ``torch.distributed`` rank when initialised, else 0.
         align_replicas: keep the ranks on the same group at each step (see above).
+        seed_samples: yield :class:`~medfm.data.SeededSample` items instead of bare items.
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class GroupBatchSampler(Sampler[list[Any]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         align_replicas: bool = False,
+        seed_samples: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -75,7 +86,9 @@ class GroupBatchSampler(Sampler[list[Any]]):
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.align_replicas = bool(align_replicas)
+        self.seed_samples = bool(seed_samples)
         self.epoch = 0
+        self.start = 0
         self.groups: dict[Hashable, list[int]] = {}
         for i, key in enumerate(groups):
             self.groups.setdefault(key, []).append(i)
@@ -98,8 +111,19 @@ class GroupBatchSampler(Sampler[list[Any]]):
             )
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch; the shuffle of an epoch depends only on ``seed + epoch``."""
+        """Set the epoch (and start it at its first batch); the shuffle of an epoch depends only on ``seed + epoch``."""
         self.epoch = int(epoch)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip this rank's first ``start`` batches of the current epoch (a run resumed in the middle of an epoch).
+
+        Raises:
+            ValueError: ``start`` is negative or not below the number of batches per rank.
+        """
+        if isinstance(start, bool) or int(start) != start or not 0 <= start < self.num_batches:
+            raise ValueError(f"start must be an integer in [0, {self.num_batches}), got {start!r}.")
+        self.start = int(start)
 
     def epoch_groups(self) -> dict[Hashable, list[Any]]:
         """The groups of the current epoch: ``{key: items}`` (dataset indices; a subclass may return other items,
@@ -138,10 +162,34 @@ class GroupBatchSampler(Sampler[list[Any]]):
         return batches[:total]
 
     def __iter__(self) -> Iterator[list[Any]]:
-        yield from self.global_batches()[self.rank :: self.num_replicas]
+        batches = self.global_batches()[self.rank :: self.num_replicas][self.start :]
+        if not self.seed_samples:
+            yield from batches
+            return
+        for batch in batches:
+            yield [self._seeded(item) for item in batch]
+
+    def _seeded(self, item: Any) -> SeededSample:
+        index, draw = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+        return SeededSample(int(index), derive_seed(self.seed, self.epoch, int(index)), draw)
 
     def __len__(self) -> int:
         return self.num_batches
+
+
+def shuffle_batch_sampler(num_items: int | Sized, batch_size: int, **kw: Any) -> GroupBatchSampler:
+    """A :class:`GroupBatchSampler` with one group: the plain shuffled batches of ``DataLoader(shuffle=True)``,
+    but with an order that depends only on ``(seed, epoch)``, resumable mid-epoch (:meth:`~GroupBatchSampler.set_start`)
+    and sharded over ranks.
+
+    Args:
+        num_items: dataset length (an ``int``, or anything with ``len``).
+        batch_size: samples per batch.
+        **kw: further arguments of :class:`GroupBatchSampler` (``shuffle``, ``drop_last``, ``seed``,
+            ``num_replicas``, ``rank``, ``seed_samples``).
+    """
+    n = num_items if isinstance(num_items, int) else len(num_items)
+    return GroupBatchSampler([0] * n, batch_size, **kw)
 
 
 def length_buckets(lengths: Sequence[int], num_buckets: int, batch_size: int) -> list[int]:

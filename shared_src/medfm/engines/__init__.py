@@ -12,6 +12,7 @@ from .sampler_epoch import SamplerEpochHandler
 from .spad_inferer import SpadSlidingWindowInferer
 from .spad_mim import SpadMIMPrepareBatch, batch_aniso_d
 from .spad_prepare_batch import SpadPrepareBatch
+from .step_seed import StepSeedHandler
 from .tokenizer_iteration import TokenizerIteration
 from .tracking import executed_config, mlflow_settings
 
@@ -30,6 +31,7 @@ __all__ = [
     "ResumeFromCheckpoint",
     "SSLIteration",
     "SamplerEpochHandler",
+    "StepSeedHandler",
     "ServedModelSaver",
     "SpadMIMPrepareBatch",
     "SpadPrepareBatch",

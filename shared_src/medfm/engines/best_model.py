@@ -21,6 +21,9 @@ class BestModelSaver:
     """Attach to an evaluator: after each evaluation whose ``metric_name`` beats the best so far, write
     ``model``'s weights to ``<save_dir>/<filename>`` (temporary file + rename).
 
+    The best score so far is its state (:meth:`state_dict`): put the saver in the training checkpoint's
+    ``save_dict`` so a resumed run keeps the best model of the whole run, not the first one after the restart.
+
     Args:
         save_dir: folder of the file.
         model: the network (a DistributedDataParallel wrapper is unwrapped).
@@ -46,6 +49,16 @@ class BestModelSaver:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict[str, float | None]:
+        """``{"best": best score so far, or None}``."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        """Restore the best score of :meth:`state_dict`."""
+        if "best" not in state:
+            raise ValueError(f"a BestModelSaver state needs a 'best' entry, got keys {sorted(state)}.")
+        self.best = None if state["best"] is None else float(state["best"])
 
     def __call__(self, engine: Engine) -> None:
         if self.metric_name not in engine.state.metrics:

@@ -115,6 +115,12 @@ class ResumeFromCheckpoint:
     Loading goes through MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``); a run whose
     checkpoint is already past ``max_epochs`` is refused there with a clear error.
 
+    After loading, every parameter that has optimizer state gets a zero gradient. In the run that wrote the
+    checkpoint such a parameter holds a gradient tensor (zeroed, not None, by ``zero_grad(set_to_none=False)``,
+    MONAI's trainer default), so the optimizer keeps stepping it (momentum, weight decay) in iterations that do not
+    use it, e.g. FratMAE's decoder of the unmasked modality; a fresh process would hold None there and skip those
+    steps.
+
     Args:
         ckpt_dir: folder searched with :func:`latest_checkpoint`.
         load_dict: ``{"model": net, "optimizer": opt, "lr_scheduler": sched, …}`` as given to the saver.
@@ -142,3 +148,13 @@ class ResumeFromCheckpoint:
             load_path=path, load_dict={**self.load_dict, "trainer": engine}, map_location=self.map_location
         )
         loader.attach(engine)
+        engine.add_event_handler(Events.STARTED, self._restore_zero_grads)
+
+    def _restore_zero_grads(self, engine: Engine) -> None:
+        for obj in self.load_dict.values():
+            if not isinstance(obj, torch.optim.Optimizer):
+                continue
+            for group in obj.param_groups:
+                for p in group["params"]:
+                    if p.grad is None and obj.state.get(p):
+                        p.grad = torch.zeros_like(p)

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
 from .sampler_epoch import SamplerEpochHandler
+from .step_seed import StepSeedHandler
 
 __all__ = ["EVERY_RANK_HANDLERS", "end_distributed", "handlers_for_rank"]
 
@@ -24,6 +25,7 @@ EVERY_RANK_HANDLERS: tuple[type, ...] = (
     ResumeFromCheckpoint,
     LrScheduleHandler,
     SamplerEpochHandler,
+    StepSeedHandler,
     CheckpointLoader,
     ValidationHandler,
     ServedModelSaver,

@@ -13,6 +13,7 @@ from monai.utils.enums import CommonKeys as Keys
 from medfm.losses.self_distill import teacher_temp_schedule
 from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
 from medfm.networks.nets.panfm import PANFM_ORGANS
+from medfm.utils.seeding import derive_seed
 
 from .midol_iteration import MIDoLIteration, cosine_schedule
 from .prepare_batch import plain_tensor
@@ -96,7 +97,7 @@ class PanFMIteration:
     1. teacher on every present organ (no gradient), with its last-block CLS attention per organ;
     2. organ masks: ``"random"`` (uniform), ``"sgm"`` (saliency-guided) or ``"mix"`` (SGM for a
        ``sgm_fraction`` of the subjects), see :func:`medfm.masking.organ_masking`; drawn from this object's
-       generator on the batch's device, seeded ``seed + rank``;
+       generator on the batch's device, seeded ``seed + rank`` (``(seed, rank, step)`` after :meth:`set_step`);
     3. student on the masked view (through ``engine.network``, so DDP syncs its gradients); the teacher's patch
        head on every token (same ``present`` -> same packing -> same token slots): the masked ones are the
        patch loss's targets, and all of them update its centre, as in iBOT;
@@ -181,13 +182,21 @@ class PanFMIteration:
         self.seed = seed
         self.bf16 = bf16
         self._generators: dict[str, torch.Generator] = {}
+        self._step: int | None = None
+
+    def set_step(self, step: int) -> None:
+        """Reseed the mask generators from ``(seed, rank, step)`` (:class:`medfm.engines.StepSeedHandler` calls this
+        as each iteration starts), so a resumed run draws the masks of the uninterrupted one."""
+        self._step = int(step)
+        self._generators.clear()
 
     def generator(self, device: torch.device | str) -> torch.Generator:
-        """The mask generator on ``device`` (seeded ``seed + rank`` on first use)."""
+        """The mask generator on ``device`` (seeded ``seed + rank``, or ``(seed, rank, step)``, on first use)."""
         dev = torch.device(device)
         if str(dev) not in self._generators:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._generators[str(dev)] = torch.Generator(device=dev).manual_seed(self.seed + rank)
+            seed = self.seed + rank if self._step is None else derive_seed(self.seed, rank, self._step)
+            self._generators[str(dev)] = torch.Generator(device=dev).manual_seed(seed)
         return self._generators[str(dev)]
 
     def schedules(self, engine: Any) -> dict[str, float]:

@@ -12,6 +12,7 @@ from monai.utils import ensure_tuple_rep
 
 from medfm.masking import asymmetric_cross_modal_masking, independent_masking
 from medfm.networks.blocks import patchify, token_grid
+from medfm.utils.seeding import derive_seed
 
 __all__ = ["FratMAEPrepareBatch", "plain_tensor"]
 
@@ -30,7 +31,8 @@ class FratMAEPrepareBatch(PrepareBatch):
     :class:`medfm.losses.FratMAELoss` uses to keep identical prompts out of each other's negatives.
 
     Masks are drawn on the batch's device from this object's own generator, seeded with
-    ``seed + rank`` so that DDP ranks draw different masks and a run is repeatable.
+    ``seed + rank`` so that DDP ranks draw different masks and a run is repeatable, or from ``(seed, rank, step)``
+    after :meth:`set_step` (a run seeded per iteration, resumable exactly).
 
     Args:
         patch_size: the network's patch size.
@@ -66,6 +68,13 @@ class FratMAEPrepareBatch(PrepareBatch):
         self.text_key = text_key
         self.masked_modality = masked_modality
         self._generators: dict[str, torch.Generator] = {}
+        self._step: int | None = None
+
+    def set_step(self, step: int) -> None:
+        """Reseed the mask generators from ``(seed, rank, step)`` (:class:`medfm.engines.StepSeedHandler` calls this
+        as each iteration starts), so a resumed run draws the masks of the uninterrupted one."""
+        self._step = int(step)
+        self._generators.clear()
 
     def generator(self, device: torch.device | str | None) -> torch.Generator:
         dev = torch.device(device if device is not None else "cpu")
@@ -73,7 +82,7 @@ class FratMAEPrepareBatch(PrepareBatch):
         if key not in self._generators:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             g = torch.Generator(device=dev)
-            g.manual_seed(self.seed + rank)
+            g.manual_seed(self.seed + rank if self._step is None else derive_seed(self.seed, rank, self._step))
             self._generators[key] = g
         return self._generators[key]
 

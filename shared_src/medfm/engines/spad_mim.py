@@ -10,6 +10,8 @@ import torch.distributed as dist
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
+from medfm.utils.seeding import derive_seed
+
 from .prepare_batch import plain_tensor
 
 __all__ = ["SpadMIMPrepareBatch", "batch_aniso_d"]
@@ -34,7 +36,8 @@ class SpadMIMPrepareBatch(PrepareBatch):
 
     The frozen tokenizer sees ``2 * image - 1`` and gives the soft tokens ``softmax(logits)`` (N, L, K); a
     uniform random mask hides ``L - int(L * (1 - mask_ratio))`` tokens of every sample (the reference's count).
-    Masks come from this object's generator, seeded with ``seed + rank``.
+    Masks come from this object's generator, seeded with ``seed + rank``, or from ``(seed, rank, step)`` after
+    :meth:`set_step` (a run seeded per iteration, resumable exactly).
 
     Args:
         tokenizer: a trained :class:`medfm.networks.nets.SpadVT` (kept frozen, in eval mode).
@@ -55,12 +58,20 @@ class SpadMIMPrepareBatch(PrepareBatch):
         self.image_key = image_key
         self.aniso_key = aniso_key
         self._generators: dict[str, torch.Generator] = {}
+        self._step: int | None = None
+
+    def set_step(self, step: int) -> None:
+        """Reseed the mask generators from ``(seed, rank, step)`` (:class:`medfm.engines.StepSeedHandler` calls this
+        as each iteration starts), so a resumed run draws the masks of the uninterrupted one."""
+        self._step = int(step)
+        self._generators.clear()
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         key = str(torch.device(device))
         if key not in self._generators:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._generators[key] = torch.Generator(device=key).manual_seed(self.seed + rank)
+            seed = self.seed + rank if self._step is None else derive_seed(self.seed, rank, self._step)
+            self._generators[key] = torch.Generator(device=key).manual_seed(seed)
         return self._generators[key]
 
     def random_mask(self, batch_size: int, num_tokens: int, device: torch.device | str) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Exact resumption: a run stopped after a checkpoint and resumed ends with the weights of the run never stopped.
+
+Each bundle's pre-training (and one fine-tuning config) runs in-process at tiny demo sizes on CPU three times:
+uninterrupted; stopped right after the checkpoint of iteration ``k`` (in the middle of an epoch); and a fresh
+workflow resuming from that checkpoint. The final states must be equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, ensure_demo_spad
+
+from ..bundles.helpers import config_list, run_cli, workflow
+
+
+def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = None, **override) -> dict:
+    """Run ``names`` of ``bundle`` with a checkpoint every iteration; return the final state of every module in its
+    checkpoint (model, and loss or discriminator where there is one).
+    ``stop_at`` ends the run right after that iteration's checkpoint, as a kill would."""
+    wf = workflow(bundle, names, output_dir=out, save_interval=1, save_epoch_level=False, **override)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    if stop_at is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
+    wf.run()
+    objs = wf.parser.get_parsed_content("train#checkpoint_objects")
+    state = {}
+    for name, obj in objs.items():  # the model, and a discriminator or a loss with centre buffers where there is one
+        if isinstance(obj, torch.nn.Module):
+            state.update({f"{name}.{k}": v.detach().clone() for k, v in obj.state_dict().items()})
+    state["iteration"] = torch.tensor(trainer.state.iteration)
+    wf.finalize()
+    return state
+
+
+def _assert_resume_exact(
+    tmp_path, bundle: str, names: list[str], stop_at: int, files: tuple[str, ...] = (), **override
+) -> None:
+    ref = _final_state(bundle, names, str(tmp_path / "ref"), **override)
+    out = str(tmp_path / "run")
+    part = _final_state(bundle, names, out, stop_at=stop_at, **override)
+    assert int(part["iteration"]) == stop_at < int(ref["iteration"])
+    assert os.path.isfile(os.path.join(out, "models", f"checkpoint_iter={stop_at}.pt"))
+    resumed = _final_state(bundle, names, out, **override)
+    assert resumed.keys() == ref.keys()
+    diff = {k: float((resumed[k].double() - ref[k].double()).abs().max())
+            for k in ref if not torch.equal(resumed[k], ref[k])}  # fmt: skip
+    assert not diff, f"resumed run differs from the uninterrupted one: {dict(list(diff.items())[:5])}"
+    for name in files:  # weights written along the way, e.g. the best model by validation
+        a, b = (torch.load(os.path.join(d, "models", name), weights_only=True) for d in (tmp_path / "ref", out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root):
+    """A real process killed with SIGKILL right after its checkpoint of iteration 3 (the middle of epoch 2), restarted
+    through the CLI with two data-loader workers, ends with the weights of an uninterrupted run with none."""
+    data = ensure_demo_petct(str(data_root / "petct"), num_cases=4, seed=0)
+    common = dict(dataset_dir=data, epochs=3, cache_dir=str(data_root / "petct_cache"))
+    ref = _final_state("fratmae_petct", ["train.json", "demo.json"], str(tmp_path / "ref"), **common)
+    # an override file whose extra handler kills the process after the checkpoint of iteration 3 is written
+    kill = {"train#trainer#train_handlers": "$list(@train#handlers) + [type('Kill', (), {'attach': lambda self, e: "
+            "e.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED(once=3), lambda _: "
+            f"os.kill(os.getpid(), {int(signal.SIGKILL)}))}})()]"}  # fmt: skip
+    kill_file = tmp_path / "kill.json"
+    kill_file.write_text(json.dumps(kill))
+    out = str(tmp_path / "run")
+    args = ["--dataset_dir", data, "--output_dir", out, "--epochs", "3", "--cache_dir", common["cache_dir"],
+            "--save_interval", "1", "--save_epoch_level", "False"]  # fmt: skip
+    files = config_list("fratmae_petct", "train.json", "demo.json")
+    first = run_cli(["run", "training", "--config_file", files[:-1] + f",'{kill_file}']", *args], cwd=str(tmp_path))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(out, "models"))) == ["checkpoint_iter=2.pt", "checkpoint_iter=3.pt"]
+    second = run_cli(["run", "training", "--config_file", files, *args, "--num_workers", "2"], cwd=str(tmp_path))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "checkpoint_iter=3.pt" in second.stdout + second.stderr
+    final = torch.load(os.path.join(out, "models", "model.pt"), weights_only=True)
+    model = {k[len("model."):]: v for k, v in ref.items() if k.startswith("model.")}
+    assert final.keys() == model.keys()
+    assert all(torch.equal(final[k], model[k]) for k in model), "resumed weights differ from the uninterrupted run's"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume_data")
+
+
+def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_petct(str(data_root / "petct"), num_cases=4, seed=0)
+    # 4 cases, batch 2: 2 iterations per epoch; stopped at iteration 3, the middle of epoch 2
+    _assert_resume_exact(tmp_path, "fratmae_petct", ["train.json", "demo.json"], 3, dataset_dir=data, epochs=3,
+                         cache_dir=str(data_root / "petct_cache"))
+
+
+def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_spad(str(data_root / "spad"), seed=0)
+    # the frozen tokenizer only has to be the same in every run: untrained weights of the demo size
+    probe = workflow("spad_vit", ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "probe"))
+    torch.manual_seed(0)
+    tok = str(tmp_path / "tokenizer.pt")
+    torch.save(probe.parser.get_parsed_content("tokenizer_def").state_dict(), tok)
+    # 12 demo images, batch 2: 6 iterations per epoch; stopped at iteration 4 of 6
+    _assert_resume_exact(tmp_path, "spad_vit", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
+                         tokenizer_ckpt=tok, cache_dir=str(data_root / "spad_cache"))
+
+
+def test_spad_vt_tokenizer_training_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_spad(str(data_root / "spad"), seed=0)
+    # 6 iterations per epoch; stopped at iteration 4 of 6 (generator and discriminator, both optimizers, the GAN gate)
+    _assert_resume_exact(tmp_path, "spad_vit", ["train_tokenizer.json", "demo_tokenizer.json"], 4, dataset_dir=data,
+                         max_steps=6, cache_dir=str(data_root / "spad_tok_cache"))
+
+
+def test_panfm_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_panfm(str(data_root / "panfm"), seed=0)
+    # 48 demo subjects, batch 8: 6 iterations per epoch; stopped at iteration 4 of 6
+    _assert_resume_exact(tmp_path, "panfm_panorgan", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
+                         cache_dir=str(data_root / "panfm_cache"))
+
+
+def test_midol_pretraining_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_midol(str(data_root / "midol"), seed=0)
+    # 40 demo images, batch 8: 5 iterations per epoch; stopped at iteration 7, the middle of epoch 2
+    _assert_resume_exact(tmp_path, "midol_multimodal", ["train.json", "demo.json"], 7, dataset_dir=data, epochs=2,
+                         cache_dir=str(data_root / "midol_cache"))
+
+
+def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
+    data = ensure_demo_midol(str(data_root / "midol"), seed=0)
+    # the pre-trained weights only have to be the same in every run: untrained pre-training weights of the demo size
+    probe = workflow("midol_multimodal", ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "p"))
+    torch.manual_seed(0)
+    pre = str(tmp_path / "pretrained.pt")
+    torch.save(probe.parser.get_parsed_content("network_def").state_dict(), pre)
+    # 28 labelled training images, batch 8: 4 iterations per epoch (the last one of 4 images); stopped at iteration 6,
+    # the middle of epoch 2; validation and the best-model file after each epoch (the best score is in the checkpoint)
+    _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, ("model.pt",),
+                         dataset_dir=data, epochs=2, val_interval=1, pretrained_checkpoint=pre)
