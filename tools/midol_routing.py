@@ -204,11 +204,8 @@ def _prepare(data_dir: str, per_modality: int, batch_size: int) -> dict:
     probe = _workflow(VARIANTS["routing"], dataset_dir=data_dir, batch_size=batch_size)
     if "max_steps" in probe.parser:
         return {"max_steps": True, "iterations_per_epoch": 0}
-    batch = int(probe.parser.get_parsed_content("batch_size"))
-    n = len(probe.parser.get_parsed_content("train#datalist"))
-    key = "train#dataloader#drop_last"
-    drop_last = key in probe.parser and bool(probe.parser.get_parsed_content(key))
-    return {"max_steps": False, "iterations_per_epoch": max(1, n // batch if drop_last else math.ceil(n / batch))}
+    key = "train#batch_sampler" if "train#batch_sampler" in probe.parser else "train#dataloader"
+    return {"max_steps": False, "iterations_per_epoch": max(1, len(probe.parser.get_parsed_content(key)))}
 
 
 def _run(variant: str, seed: int, steps: int, data_dir: str, out: str, length: dict, batch_size: int) -> dict:
