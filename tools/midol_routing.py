@@ -169,7 +169,7 @@ def _measure(pretrain_ckpt: str, data_dir: str, wf) -> dict:
     if len(crops) != 1:
         raise RuntimeError(f"expected one MultiCropd in train#preprocessing, found {len(crops)}.")
     crop = crops[0]
-    size = int(crop.global_views[0].resize.spatial_size[0])
+    size = int(crop.global_views[0].size)
     keys = list(crop.keys)
     load = steps[: steps.index(crop)]  # the bundle's loading + scaling to [0, 1], before the random views
     view = Compose([*load, ResizeNormalized(keys=keys, size=size)])
