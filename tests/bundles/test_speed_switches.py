@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Events
 
 from medfm.utils import speed_switches
 
@@ -39,7 +40,8 @@ def _train_two_steps(bundle: str, tmp, name: str, **switches) -> dict[str, torch
                   cache_dir=str(tmp / "cache"), num_workers=0, **extra, **switches)  # fmt: skip
     wf.initialize()
     trainer = wf.trainer
-    trainer.state.max_epochs, trainer.state.epoch_length = 1, 2
+    trainer.state.max_epochs = 1
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda engine: engine.terminate())
     trainer.run()
     net = wf.parser.get_parsed_content("network")
     wf.finalize()

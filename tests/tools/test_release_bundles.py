@@ -235,30 +235,14 @@ def test_verify_bundles_release_passes_on_every_zip(releases):
             assert any(check in ln for ln in mine), (b, check)
 
 
-HUB_TEST = textwrap.dedent(
-    """
-    import json, os, sys
-    from huggingface_hub import snapshot_download
-    from monai.bundle import download
-
-    repo, name, version, bundle_dir = sys.argv[1:5]
-    path = snapshot_download(repo_id=repo, revision=version, local_files_only=True)
-    out = {"snapshot": path}
-    try:  # MONAI's own path: it passes local_dir, which the hub client in offline mode does not fill from the cache
-        download(name=name, source="huggingface_hub", repo=repo, version=version, bundle_dir=bundle_dir)
-        out["monai_download"] = sorted(os.listdir(os.path.join(bundle_dir, name)))
-    except Exception as e:
-        out["monai_download_error"] = type(e).__name__
-    print("RESULTS " + json.dumps(out))
-    """
-)
-
-
-def test_hub_layout_downloads_from_an_offline_hub_cache(releases, tmp_path):
-    """The Hub layout placed in a local hub cache is what the hub client returns in offline mode; the bundle it
-    gives loads its weights (every tensor matched) and carries the model card header."""
+def test_hub_layout_downloads_with_monai_from_a_hub_endpoint(releases, tmp_path):
+    """The Hub layout, served by a loopback stand-in of the Hub's HTTP API, downloads with ``python -m monai.bundle
+    download --source huggingface_hub`` unchanged (``HF_ENDPOINT``); the bundle it gives has every file of the
+    layout, loads the released weights (every tensor matched) and carries the model card header."""
     pytest.importorskip("huggingface_hub")
     from medfm.utils import write_hub_layout
+
+    from .hub_endpoint import hub_endpoint
 
     b = "midol_multimodal"
     layout = write_hub_layout(releases["bundles"][b]["zip"], tmp_path / "layout")
@@ -266,26 +250,19 @@ def test_hub_layout_downloads_from_an_offline_hub_cache(releases, tmp_path):
     header = yaml.safe_load(card.split("---\n")[1])
     assert header == {"license": "apache-2.0", "library_name": "monai", "tags": ["monai", "medical", b]}
     assert card.split("---\n", 2)[2] == (layout / "docs" / "README.md").read_text()
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_cache = tmp_path / "hub" / f"models--medfm--{b}"
-    shutil.copytree(layout, repo_cache / "snapshots" / commit)
-    (repo_cache / "refs").mkdir()
-    (repo_cache / "refs" / "v0.1.0").write_text(commit)
-    script = tmp_path / "hub_test.py"
-    script.write_text(HUB_TEST)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_DISABLE_TELEMETRY="1")
-    res = subprocess.run([sys.executable, str(script), f"medfm/{b}", b, "v0.1.0", str(tmp_path / "dl")], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    with hub_endpoint(layout, f"medfm/{b}", "v0.1.0") as url:
+        env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
+                   NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")  # fmt: skip
+        args = ["download", "--name", b, "--source", "huggingface_hub", "--repo", f"medfm/{b}", "--version", "v0.1.0",
+                "--bundle_dir", str(tmp_path / "bundles")]  # fmt: skip
+        res = subprocess.run([sys.executable, "-m", "monai.bundle", *args], env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    got = json.loads(res.stdout.split("RESULTS ", 1)[1])
-    snapshot = Path(got["snapshot"])
-    assert snapshot.resolve() == (repo_cache / "snapshots" / commit).resolve()
-    if "monai_download" in got:  # MONAI's download (it passes local_dir) filled the bundle folder from the cache
-        assert {"configs", "models", "medfm", "README.md"} <= set(got["monai_download"])
-    else:  # with MONAI 1.6.1 and huggingface_hub 2.4 offline it does not: the limit the docs name
-        assert got["monai_download_error"] == "LocalEntryNotFoundError", got
-    (tmp_path / "bundles").mkdir()
-    shutil.copytree(snapshot, tmp_path / "bundles" / b)
+    got = tmp_path / "bundles" / b
+    expected = sorted(p.relative_to(layout).as_posix() for p in layout.rglob("*") if p.is_file())
+    downloaded = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert downloaded == expected
+    assert all(sha256_file(got / f) == sha256_file(layout / f) for f in expected)
     net = load_bundle(b, tmp_path / "bundles")
     released = torch.load(releases["bundles"][b]["weights"], weights_only=True)
     assert all(torch.equal(v, released[k]) for k, v in net.state_dict().items())
