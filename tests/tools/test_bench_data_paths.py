@@ -15,13 +15,15 @@ BENCH = REPO / "tools" / "bench.py"
 
 
 def _records(*args: str) -> list[dict]:
-    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
 
 
 def test_midol_step_and_pipeline_records():
-    recs = {(r["case"], r.get("workers")): r for r in _records("midol", "--size", "tiny", "--steps", "1", "--workers", "0")}
+    runs = _records("midol", "--size", "tiny", "--steps", "1", "--workers", "0")
+    recs = {(r["case"], r.get("workers")): r for r in runs}
     ours, monai = recs[("midol_swin", None)], recs[("monai_swin", None)]
     assert ours["params"] < monai["params"]  # MONAI's encoder merges patches once more after the last stage
     assert 0.8 < ours["flops_ratio_vs_monai"] < 1.1

@@ -206,7 +206,7 @@ def test_release_runs_where_medfm_is_not_installed(releases):
     if subprocess.run([sys.executable, "-S", "-c", probe], cwd=str(root.parent), env=env).returncode:
         pytest.skip("medfm is installed into site-packages itself (not editable): no interpreter here lacks it")
     res = subprocess.run([sys.executable, "-S", str(script), json.dumps(jobs)], cwd=str(root), env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     results = json.loads(res.stdout.split("RESULTS ", 1)[1])
     for b in BUNDLES:
@@ -225,7 +225,7 @@ def test_verify_bundles_release_passes_on_every_zip(releases):
         pytest.skip(f"metadata schema not found at {SCHEMA}")
     zips = [str(r["zip"]) for r in releases["bundles"].values()]
     res = subprocess.run([sys.executable, f"{REPO}/tools/verify_bundles.py", "--schema", SCHEMA, "--release", *zips],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("PASS", "FAIL", "SKIP"))]
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     for b in BUNDLES:
@@ -256,11 +256,13 @@ def test_hub_layout_downloads_with_monai_from_a_hub_endpoint(releases, tmp_path)
         args = ["download", "--name", b, "--source", "huggingface_hub", "--repo", f"medfm/{b}", "--version", "v0.1.0",
                 "--bundle_dir", str(tmp_path / "bundles")]  # fmt: skip
         res = subprocess.run([sys.executable, "-m", "monai.bundle", *args], env=env, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+                             encoding="utf-8", errors="replace", timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = tmp_path / "bundles" / b
     expected = sorted(p.relative_to(layout).as_posix() for p in layout.rglob("*") if p.is_file())
-    downloaded = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    downloaded = sorted(
+        p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file() and ".cache" not in p.parts
+    )
     assert downloaded == expected
     assert all(sha256_file(got / f) == sha256_file(layout / f) for f in expected)
     net = load_bundle(b, tmp_path / "bundles")
