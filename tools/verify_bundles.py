@@ -96,7 +96,7 @@ def check_bundle(
     check("required files", lambda: files(required, "required"))
     check("preferred files", lambda: files(PREFERRED, "preferred"))
     meta_file = bundle / "configs" / "metadata.json"
-    meta = json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
 
     def changelog() -> str:
         if meta["version"] not in meta.get("changelog", {}):
@@ -106,7 +106,7 @@ def check_bundle(
     def json_configs() -> str:
         configs = sorted((bundle / "configs").glob("*.json"))
         for c in configs:
-            json.loads(c.read_text())
+            json.loads(c.read_text(encoding="utf-8"))
         return f"{len(configs)} files"
 
     check("version in changelog", changelog)
@@ -175,7 +175,7 @@ def check_release(zip_path: Path, schema: Path, full: bool, work: Path) -> list[
             traceback.print_exc(file=sys.stderr)
 
     def large_files() -> str:
-        entries = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+        entries = yaml.safe_load((bundle / "large_files.yml").read_text(encoding="utf-8"))["large_files"]
         fresh = work / "large_files" / name
         shutil.copytree(bundle, fresh)
         for e in entries:
@@ -186,7 +186,8 @@ def check_release(zip_path: Path, schema: Path, full: bool, work: Path) -> list[
         return f"{len(entries)} files downloaded and hash-checked"
 
     def requirements() -> str:
-        required = json.loads((bundle / "configs" / "metadata.json").read_text())["required_packages_version"]
+        meta_text = (bundle / "configs" / "metadata.json").read_text(encoding="utf-8")
+        required = json.loads(meta_text)["required_packages_version"]
         wrong = {k: v for k, v in required.items() if k == "medfm" or importlib.metadata.version(k) != v}
         if wrong:
             raise ValueError(f"not installable as listed (or not the installed version): {wrong}")
@@ -213,7 +214,7 @@ def check_release(zip_path: Path, schema: Path, full: bool, work: Path) -> list[
                             bundle_root=str(bundle))  # fmt: skip
                 return True, "scripted and saved"
             except Exception as e:
-                if "cannot be scripted" in (bundle / "docs" / "README.md").read_text():
+                if "cannot be scripted" in (bundle / "docs" / "README.md").read_text(encoding="utf-8"):
                     return None, f"the network cannot be scripted ({type(e).__name__}), as docs/README.md says"
                 first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:200]
                 return False, f"scripting fails ({type(e).__name__}: {first}); docs/README.md does not say so"

@@ -33,5 +33,5 @@ def test_mlflow_records_every_iteration_loss_and_the_config(tmp_path):
     assert [m.step for m in history] == list(range(1, iterations + 1))
     assert all(math.isfinite(m.value) and m.value > 0 for m in history)
     local = client.download_artifacts(runs[0].info.run_id, "", str(tmp_path / "artifacts"))
-    configs = [json.loads(p.read_text()) for p in (tmp_path / "artifacts").rglob("*.json")]
+    configs = [json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "artifacts").rglob("*.json")]
     assert local and any(c.get("epochs") == 2 for c in configs), "the executed config is not among the artifacts"

@@ -120,12 +120,12 @@ def test_release_layout_metadata_and_large_files(releases):
             names = set(zf.namelist())
         code = {f"{b}/medfm/{f.relative_to(src).as_posix()}" for f in src.rglob("*.py")}
         assert code <= names and f"{b}/medfm/__init__.py" in names
-        meta = json.loads((r["dir"] / "configs" / "metadata.json").read_text())
+        meta = json.loads((r["dir"] / "configs" / "metadata.json").read_text(encoding="utf-8"))
         required = meta["required_packages_version"]
         assert "medfm" not in required
         for dist_name, version in required.items():  # every requirement is an installed public distribution
             assert version == __import__("importlib.metadata").metadata.version(dist_name), dist_name
-        entries = yaml.safe_load((r["dir"] / "large_files.yml").read_text())["large_files"]
+        entries = yaml.safe_load((r["dir"] / "large_files.yml").read_text(encoding="utf-8"))["large_files"]
         assert [e["path"] for e in entries] == ["models/model.pt", "models/pretrained.pt"]
         for e in entries:
             assert e["url"] == f"{releases['base']}/{r['zip'].stem}/{e['path']}"
@@ -137,7 +137,7 @@ def test_release_layout_metadata_and_large_files(releases):
         download_large_files(bundle_path=str(fresh))
         for e in entries:
             assert sha256_file(fresh / e["path"]) == e["hash_val"]
-        infer = json.loads((r["dir"] / "configs" / "inference.json").read_text())
+        infer = json.loads((r["dir"] / "configs" / "inference.json").read_text(encoding="utf-8"))
         assert infer["ckpt_path"] == "$@ckpt_dir + '/model.pt'"  # the released weights, not a demo run's
 
 
@@ -199,7 +199,7 @@ def test_release_runs_where_medfm_is_not_installed(releases):
     generate_synthetic_midol(str(data["midol_multimodal"]), per_modality=4, size=32)
     jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b)] for b in BUNDLES]
     script = root / "run_isolated.py"
-    script.write_text(_ISOLATED)
+    script.write_text(_ISOLATED, encoding="utf-8")
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": sysconfig.get_paths()["purelib"], "OMP_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('medfm') is not None)"
@@ -246,10 +246,10 @@ def test_hub_layout_downloads_with_monai_from_a_hub_endpoint(releases, tmp_path)
 
     b = "midol_multimodal"
     layout = write_hub_layout(releases["bundles"][b]["zip"], tmp_path / "layout")
-    card = (layout / "README.md").read_text()
+    card = (layout / "README.md").read_text(encoding="utf-8")
     header = yaml.safe_load(card.split("---\n")[1])
     assert header == {"license": "apache-2.0", "library_name": "monai", "tags": ["monai", "medical", b]}
-    assert card.split("---\n", 2)[2] == (layout / "docs" / "README.md").read_text()
+    assert card.split("---\n", 2)[2] == (layout / "docs" / "README.md").read_text(encoding="utf-8")
     with hub_endpoint(layout, f"medfm/{b}", "v0.1.0") as url:
         env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
                    NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")  # fmt: skip

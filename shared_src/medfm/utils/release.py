@@ -165,7 +165,7 @@ def package_bundle(
     meta_file = bundle / "configs" / "metadata.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{bundle} is not a bundle: {meta_file} does not exist.")
-    meta = json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
     files = {"model.pt": weights, "pretrained.pt": pretrained, "model.ts": torchscript}
     files = {k: Path(v) for k, v in files.items() if v is not None}
     for f in files.values():
@@ -190,7 +190,7 @@ def package_bundle(
     replaced = {"configs/metadata.json": json.dumps(_release_metadata(meta), indent=4) + "\n"}
     if list(inference_configs) != ["inference.json"]:
         merged = merged_config([bundle / "configs" / f for f in inference_configs])
-        base = json.loads((bundle / "configs" / "inference.json").read_text())
+        base = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
         for key in ("ckpt_dir", "ckpt_path"):  # the released weights, never an override's run folder
             if key in base:
                 merged[key] = base[key]

@@ -111,7 +111,7 @@ def _write_served(out: Path, bundle: Path, spec: ServedTask, inference: dict, tr
     (out / "configs").mkdir(parents=True)
     (out / "models").mkdir()
     for name, config in (("inference.json", inference), ("train.json", train)):
-        (out / "configs" / name).write_text(json.dumps(config, indent=4) + "\n")
+        (out / "configs" / name).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
     for name in ("metadata.json", "logging.conf"):
         shutil.copyfile(configs / name, out / "configs" / name)
     if spec.multi_gpu:
@@ -119,8 +119,8 @@ def _write_served(out: Path, bundle: Path, spec: ServedTask, inference: dict, tr
         # nested "train" entry would replace that config's whole "train" section
         overrides: dict = {}
         for name in spec.multi_gpu:
-            overrides.update(json.loads((configs / name).read_text()))
-        (out / "configs" / "multi_gpu_train.json").write_text(json.dumps(overrides, indent=4) + "\n")
+            overrides.update(json.loads((configs / name).read_text(encoding="utf-8")))
+        (out / "configs" / "multi_gpu_train.json").write_text(json.dumps(overrides, indent=4) + "\n", encoding="utf-8")
     torch.save(state, out / "models" / "model.pt")
     if (bundle / "docs").is_dir():
         shutil.copytree(bundle / "docs", out / "docs")
