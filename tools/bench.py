@@ -969,13 +969,18 @@ def _run_spad_data(args: argparse.Namespace, cfg: SpadSize, train_rate: float) -
     return records
 
 
-def _add_spad(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("spad", help="SPAD-ViT's MIM step vs MONAI's ViT of the same size")
-    p.add_argument("--size", choices=sorted(SPAD_SIZES), default="base", help="model size (default base)")
-    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+def _add_step_options(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """``--batch`` (2), ``--steps`` (3), ``--warmup`` (1) and ``--threads`` of a model-step benchmark."""
+    p.add_argument("--batch", type=int, default=2, help=f"{batch_help} (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per model (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
+def _add_spad(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("spad", help="SPAD-ViT's MIM step vs MONAI's ViT of the same size")
+    p.add_argument("--size", choices=sorted(SPAD_SIZES), default="base", help="model size (default base)")
+    _add_step_options(p, "batch size")
     p.add_argument("--data", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the data pipeline (default on)")
     p.add_argument("--profile", action="store_true",
@@ -1136,10 +1141,7 @@ def _run_midol_data(args: argparse.Namespace, cfg: MidolSize, train_rate: float)
 def _add_midol(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("midol", help="M-IDoL's Swin step vs MONAI's SwinTransformer, and its multi-crop rate")
     p.add_argument("--size", choices=sorted(MIDOL_SIZES), default="base", help="model size (default base)")
-    p.add_argument("--batch", type=int, default=2, help="views per step (default 2)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per model (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    _add_step_options(p, "views per step")
     p.add_argument("--data", action=argparse.BooleanOptionalAction, default=True, help="time the data pipeline")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader processes (default 0 2)")
     p.set_defaults(func=_run_midol)
