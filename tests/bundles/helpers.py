@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from monai.bundle import ConfigWorkflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,3 +125,12 @@ def torchrun_two_processes(
     if engine_runs is not None:
         assert log.count("Engine run finished") == engine_runs, log[-3000:]  # both ranks stepped through their epochs
     return log
+
+
+def save_untrained(bundle: str, names: list[str], net_id: str, path, **override) -> str:
+    """Save the randomly initialised (seed 0) weights of ``net_id`` from ``bundle``'s merged ``names`` to ``path``:
+    the weights a run starts from when only their sameness across runs matters. Returns ``path`` as a string."""
+    wf = workflow(bundle, names, **override)
+    torch.manual_seed(0)
+    torch.save(wf.parser.get_parsed_content(net_id).state_dict(), str(path))
+    return str(path)

@@ -15,27 +15,16 @@ from ignite.engine import Events
 
 from medfm.utils import speed_switches
 
-from .helpers import workflow
+from .helpers import save_untrained, workflow
 
 BUNDLES = ["fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal"]
 
 
-def _tokenizer(tmp) -> str:
-    """A randomly initialised SPAD-VT checkpoint: SPAD-ViT's MIM pre-training starts from a trained tokenizer."""
-    from monai.bundle import ConfigParser
-
-    from .helpers import configs
-
-    parser = ConfigParser()
-    parser.read_config(configs("spad_vit", "train.json", "demo.json"))
-    path = str(tmp / "tokenizer.pt")
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("tokenizer_def").state_dict(), path)
-    return path
-
-
 def _train_two_steps(bundle: str, tmp, name: str, **switches) -> dict[str, torch.Tensor]:
-    extra = {"tokenizer_ckpt": _tokenizer(tmp)} if bundle == "spad_vit" else {}
+    extra = {}
+    if bundle == "spad_vit":  # MIM pre-training starts from a tokenizer: untrained weights serve here
+        extra["tokenizer_ckpt"] = save_untrained("spad_vit", ["train.json", "demo.json"], "tokenizer_def",
+                                                 tmp / "tokenizer.pt")  # fmt: skip
     wf = workflow(bundle, ["train.json", "demo.json"], dataset_dir=str(tmp / "data"), output_dir=str(tmp / name),
                   cache_dir=str(tmp / "cache"), num_workers=0, **extra, **switches)  # fmt: skip
     wf.initialize()

@@ -19,7 +19,7 @@ from ignite.engine import Events
 
 from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, ensure_demo_spad
 
-from ..bundles.helpers import config_list, run_cli, workflow
+from ..bundles.helpers import config_list, run_cli, save_untrained, workflow
 
 
 def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = None, **override) -> dict:
@@ -103,10 +103,8 @@ def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root):
 def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
     data = ensure_demo_spad(str(data_root / "spad"), seed=0)
     # the frozen tokenizer only has to be the same in every run: untrained weights of the demo size
-    probe = workflow("spad_vit", ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "probe"))
-    torch.manual_seed(0)
-    tok = str(tmp_path / "tokenizer.pt")
-    torch.save(probe.parser.get_parsed_content("tokenizer_def").state_dict(), tok)
+    tok = save_untrained("spad_vit", ["train.json", "demo.json"], "tokenizer_def", tmp_path / "tokenizer.pt",
+                         dataset_dir=data, output_dir=str(tmp_path / "probe"))  # fmt: skip
     # 12 demo images, batch 2: 6 iterations per epoch; stopped at iteration 4 of 6
     _assert_resume_exact(tmp_path, "spad_vit", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
                          tokenizer_ckpt=tok, cache_dir=str(data_root / "spad_cache"))
@@ -136,10 +134,8 @@ def test_midol_pretraining_resumes_exactly(tmp_path, data_root):
 def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
     data = ensure_demo_midol(str(data_root / "midol"), seed=0)
     # the pre-trained weights only have to be the same in every run: untrained pre-training weights of the demo size
-    probe = workflow("midol_multimodal", ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "p"))
-    torch.manual_seed(0)
-    pre = str(tmp_path / "pretrained.pt")
-    torch.save(probe.parser.get_parsed_content("network_def").state_dict(), pre)
+    pre = save_untrained("midol_multimodal", ["train.json", "demo.json"], "network_def", tmp_path / "pretrained.pt",
+                         dataset_dir=data, output_dir=str(tmp_path / "p"))  # fmt: skip
     # 28 labelled training images, batch 8: 4 iterations per epoch (the last one of 4 images); stopped at iteration 6,
     # the middle of epoch 2; validation and the best-model file after each epoch (the best score is in the checkpoint)
     _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, ("model.pt",),
