@@ -3,7 +3,8 @@ from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torc
 from .distributed import EVERY_RANK_HANDLERS, end_distributed, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
 from .iteration import SSLIteration, loss_scalar, loss_terms
-from .midol_iteration import MIDoLIteration, MIDoLPrepareBatch, cosine_schedule
+from .midol_iteration import MIDoLIteration, MIDoLPrepareBatch
+from .schedules import cosine_schedule, set_weight_decay
 from .panfm_handlers import OrganAttentionPlot, attention_bar_image
 from .panfm_iteration import PanFMIteration, PanFMPrepareBatch
 from .prepare_batch import FratMAEPrepareBatch
@@ -41,6 +42,7 @@ __all__ = [
     "attention_bar_image",
     "batch_aniso_d",
     "cosine_schedule",
+    "set_weight_decay",
     "end_distributed",
     "executed_config",
     "handlers_for_rank",

@@ -9,16 +9,11 @@ import torch
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.utils.enums import CommonKeys as Keys
 
-from medfm.losses.self_distill import momentum_schedule, teacher_temp_schedule
+from medfm.losses.self_distill import teacher_temp_schedule
 
-__all__ = ["MIDoLIteration", "MIDoLPrepareBatch", "cosine_schedule"]
+from .schedules import cosine_schedule, set_weight_decay
 
-
-def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
-    """DINO's cosine schedule: ``start`` at step 0 to ``end`` at ``total_steps`` (and after). M-IDoL uses it for the
-    weight decay (0.04 -> 0.4) and the EMA momentum (0.996 -> 1); the same curve as
-    :func:`medfm.losses.momentum_schedule`."""
-    return momentum_schedule(step, total_steps, start, end)
+__all__ = ["MIDoLIteration", "MIDoLPrepareBatch"]
 
 
 class MIDoLPrepareBatch(PrepareBatch):
@@ -186,13 +181,6 @@ class MIDoLIteration:
         out.update({f"target_mass_{e}": float(v) for e, v in enumerate(mass.tolist())})
         return out
 
-    @staticmethod
-    def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
-        """Set ``value`` on the groups that decay (marked ``wd_schedule`` by their weight decay at first use)."""
-        for group in optimizer.param_groups:
-            if group.setdefault("wd_schedule", float(group.get("weight_decay", 0.0)) > 0):
-                group["weight_decay"] = value
-
     def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("no batch data for this iteration.")
@@ -222,7 +210,7 @@ class MIDoLIteration:
             model.student.head.cancel_last_layer_grad()
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.student.parameters(), self.grad_clip_norm)
-        self.set_weight_decay(engine.optimizer, sched["weight_decay"])
+        set_weight_decay(engine.optimizer, sched["weight_decay"])
         engine.optimizer.step()
         model.update_teacher(sched["momentum"])
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

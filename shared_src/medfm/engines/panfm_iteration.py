@@ -15,7 +15,7 @@ from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
 from medfm.networks.nets.panfm import PANFM_ORGANS
 from medfm.utils.seeding import derive_seed
 
-from .midol_iteration import MIDoLIteration, cosine_schedule
+from .schedules import cosine_schedule, set_weight_decay
 from .prepare_batch import plain_tensor
 
 __all__ = ["PanFMIteration", "PanFMPrepareBatch"]
@@ -112,7 +112,7 @@ class PanFMIteration:
     ``patch``, ``teacher_temp``, ``momentum``, ``weight_decay``, ``masked_fraction`` (masked / present organs), ``lr``
     and ``attn_<organ>`` (batch mean of the teacher's token-normalised attention share, 0 for subjects without the
     organ: the shares sum to 1) for :func:`medfm.engines.loss_terms`. The weight-decay schedule reuses M-IDoL's
-    helpers (:func:`~medfm.engines.cosine_schedule`, :meth:`MIDoLIteration.set_weight_decay`).
+    helpers (:func:`~medfm.engines.cosine_schedule`, :func:`~medfm.engines.set_weight_decay`).
 
     Args:
         organs: the network's organs (names of the ``attn_<organ>`` terms); must match the network.
@@ -259,7 +259,7 @@ class PanFMIteration:
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.student.parameters(), self.grad_clip_norm)
         if "weight_decay" in sched:
-            MIDoLIteration.set_weight_decay(engine.optimizer, sched["weight_decay"])
+            set_weight_decay(engine.optimizer, sched["weight_decay"])
         engine.optimizer.step()
         model.update_teacher(momentum)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
