@@ -23,6 +23,7 @@ above on the extracted bundle, with the bundle folder on ``sys.path`` as MONAI L
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -72,6 +73,16 @@ def _multi_input_in_out(meta: dict, infer: list[str], bundle: Path) -> str:
     return f"{len(organs)} organ inputs + present -> (2, {want})"
 
 
+def _record_check(results: list, name: str, fn: Callable[[], str | None]) -> None:
+    """Run one check: append ``(name, True, note)``, or ``(name, False, first line of the error)`` and print the
+    traceback to stderr, then go on with the next check."""
+    try:
+        results.append((name, True, fn() or ""))
+    except Exception as e:  # report and go on with the next check
+        results.append((name, False, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+        traceback.print_exc(file=sys.stderr)
+
+
 def check_bundle(
     bundle: Path, schema: Path, full: bool, required: tuple[str, ...] = REQUIRED
 ) -> list[tuple[str, bool, str]]:
@@ -79,13 +90,7 @@ def check_bundle(
     from monai.bundle.config_parser import ConfigParser
 
     results: list[tuple[str, bool, str]] = []
-
-    def check(name: str, fn: Callable[[], str | None]) -> None:
-        try:
-            results.append((name, True, fn() or ""))
-        except Exception as e:  # report and go on with the next check
-            results.append((name, False, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-            traceback.print_exc(file=sys.stderr)
+    check = functools.partial(_record_check, results)
 
     def files(names: tuple[str, ...], kind: str) -> str:
         missing = [f for f in names if not (bundle / f).is_file()]
@@ -166,13 +171,7 @@ def check_release(zip_path: Path, schema: Path, full: bool, work: Path) -> list[
     bundle = safe_extract(zip_path, work, name)
     sys.path.insert(0, str(bundle))
     results: list[tuple[str, bool | None, str]] = []
-
-    def check(label: str, fn: Callable[[], str | None]) -> None:
-        try:
-            results.append((label, True, fn() or ""))
-        except Exception as e:  # report and go on with the next check
-            results.append((label, False, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
-            traceback.print_exc(file=sys.stderr)
+    check = functools.partial(_record_check, results)
 
     def large_files() -> str:
         entries = yaml.safe_load((bundle / "large_files.yml").read_text(encoding="utf-8"))["large_files"]
