@@ -3,7 +3,6 @@ written out here for a tiny config) -> medfm's SwinBackbone."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ import torch
 from medfm.networks.blocks.swin import SwinBackbone
 from medfm.networks.midol_release import convert_midol_backbone
 
+from . import load_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "convert_midol.py")
 TINY = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4]}
@@ -21,10 +22,7 @@ HEAD = {"head.mlp.0.weight": (64, 32), "head.mlp.0.bias": (64,), "head.last_laye
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("convert_midol", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("convert_midol")
 
 
 def official_swin_state(seed: int = 0) -> dict[str, torch.Tensor]:

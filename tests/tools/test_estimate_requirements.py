@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 from monai.bundle import ConfigParser
 
 from ..bundles.helpers import REPO
 
+from . import load_tool
+
 
 def test_panfm_estimate_matches_six_params_tokens():
-    spec = importlib.util.spec_from_file_location("estimate_requirements", f"{REPO}/tools/estimate_requirements.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("estimate_requirements")
     got = tool.estimate("panfm_panorgan", tflops=100.0)
     parser = ConfigParser()
     parser.read_config(f"{REPO}/bundles/panfm_panorgan/configs/finetune.json")

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "fratmae_evidence.py"
+from . import load_tool
+
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("fratmae_evidence", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("fratmae_evidence")
 
 
 def test_paired_ci_is_the_student_t_interval(tool) -> None:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +10,12 @@ from scipy.spatial.distance import cosine, euclidean
 
 from medfm.data import MODALITIES
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "midol_routing.py"
+from . import load_tool
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("midol_routing", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("midol_routing")
 
 
 def _brute_silhouette(x, labels, dist) -> float:

@@ -3,24 +3,20 @@ entropy and interval helpers against hand computations."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medfm.data import ORGANS
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "panfm_compare.py"
+from . import load_tool
+
 
 
 @pytest.fixture(scope="module")
 def module():
-    spec = importlib.util.spec_from_file_location("panfm_compare", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("panfm_compare")
 
 
 def test_normalised_entropy_and_t_interval(module):
