@@ -153,7 +153,7 @@ _ISOLATED = textwrap.dedent(
     from monai.bundle import load, run
 
     results = {}
-    for name, bundle, data, out in json.loads(sys.argv[1]):
+    for name, bundle, data, out, finetune, extra in json.loads(sys.argv[1]):
         for m in [m for m in sys.modules if m == "medfm" or m.startswith("medfm.")]:
             del sys.modules[m]
         sys.path.insert(0, bundle)  # what MONAI Label does; `monai.bundle run` from the bundle folder has it as cwd
@@ -169,17 +169,18 @@ _ISOLATED = textwrap.dedent(
             "total": len(own),
             "outputs": sorted(os.listdir(out)),
         }
-        if name == "midol_multimodal":  # one fine-tuning epoch from the released pre-trained weights
-            log = []
-            handler = logging.Handler()
-            handler.emit = lambda record: log.append(record.getMessage())
-            logging.getLogger("medfm").addHandler(handler)
-            cfg = os.path.join(bundle, "configs")
-            run(run_id="run", config_file=[os.path.join(cfg, "finetune_seg.json"), os.path.join(cfg, "demo_seg.json")],
-                dataset_dir=data, output_dir=out + "_ft", epochs=1, val_interval=1,
-                pretrained_checkpoint=os.path.join(bundle, "models", "pretrained.pt"))
-            results[name]["finetune_log"] = [m for m in log if m.startswith("loaded")]
-            results[name]["finetuned"] = os.path.isfile(os.path.join(out + "_ft", "models", "model.pt"))
+        # one fine-tuning epoch from the released pre-trained weights, with the bundle's own fine-tuning configs
+        log = []
+        handler = logging.Handler()
+        handler.emit = lambda record: log.append(record.getMessage())
+        logging.getLogger("medfm").addHandler(handler)
+        cfg = os.path.join(bundle, "configs")
+        run(run_id="run", config_file=[os.path.join(cfg, c) for c in finetune], dataset_dir=data,
+            output_dir=out + "_ft", epochs=1, val_interval=1, **extra,
+            pretrained_checkpoint=os.path.join(bundle, "models", "pretrained.pt"))
+        logging.getLogger("medfm").removeHandler(handler)
+        results[name]["finetune_log"] = [m for m in log if m.startswith("loaded")]
+        results[name]["finetuned"] = os.path.isfile(os.path.join(out + "_ft", "models", "last_model.pt"))
         sys.path.remove(bundle)
     print("RESULTS " + json.dumps(results))
     """
@@ -188,16 +189,18 @@ _ISOLATED = textwrap.dedent(
 
 def test_release_runs_where_medfm_is_not_installed(releases):
     """One interpreter without site processing (so no editable medfm): each downloaded bundle runs inference.json
-    on a demo image with its own medfm copy, monai.bundle.load gives the packaged weights, and M-IDoL fine-tunes
-    one epoch from the released pre-trained weights."""
+    on a demo image with its own medfm copy, monai.bundle.load gives the packaged weights, and the bundle fine-tunes
+    one epoch from the released pre-trained weights (SPAD-ViT: one step)."""
     root = releases["root"] / "isolated"
     root.mkdir()
     data = {b: root / "data" / b for b in BUNDLES}
-    generate_synthetic_petct(str(data["fratmae_petct"]), num_cases=1, shape=(48, 32, 96), spacing=(10.0, 10.0, 20.0))
-    generate_synthetic_spad(str(data["spad_vit"]), num_2d=1, num_3d=1, size_2d=32, size_3d=32)
-    generate_synthetic_panfm(str(data["panfm_panorgan"]), num_subjects=2)
+    generate_synthetic_petct(str(data["fratmae_petct"]), num_cases=3, shape=(48, 32, 96), spacing=(10.0, 10.0, 20.0))
+    generate_synthetic_spad(str(data["spad_vit"]), num_2d=2, num_3d=2, size_2d=32, size_3d=32)
+    generate_synthetic_panfm(str(data["panfm_panorgan"]), num_subjects=8)
     generate_synthetic_midol(str(data["midol_multimodal"]), per_modality=4, size=32)
-    jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b)] for b in BUNDLES]
+    extra = {"spad_vit": {"max_steps": 1}}
+    jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b), DEMO_FINETUNE[b], extra.get(b, {})]
+            for b in BUNDLES]  # fmt: skip
     script = root / "run_isolated.py"
     script.write_text(_ISOLATED, encoding="utf-8")
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": sysconfig.get_paths()["purelib"], "OMP_NUM_THREADS": "1",
@@ -214,10 +217,9 @@ def test_release_runs_where_medfm_is_not_installed(releases):
         assert r["medfm"] == str(releases["bundles"][b]["dir"] / "medfm" / "__init__.py")
         assert r["matched"] == r["total"] > 0, (b, r)
         assert r["outputs"], f"{b}: inference wrote nothing"
-    midol = results["midol_multimodal"]
-    pretrained = releases["bundles"]["midol_multimodal"]["dir"] / "models" / "pretrained.pt"
-    assert midol["finetuned"] and len(midol["finetune_log"]) == 1, midol
-    assert midol["finetune_log"][0].startswith("loaded ") and str(pretrained) in midol["finetune_log"][0]
+        pretrained = releases["bundles"][b]["dir"] / "models" / "pretrained.pt"
+        assert r["finetuned"] and len(r["finetune_log"]) == 1, (b, r)
+        assert r["finetune_log"][0].startswith("loaded ") and str(pretrained) in r["finetune_log"][0], (b, r)
 
 
 def test_verify_bundles_release_passes_on_every_zip(releases):
