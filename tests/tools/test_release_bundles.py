@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, run
 
 from medfm.data import (
     generate_synthetic_midol,
@@ -187,10 +187,29 @@ _ISOLATED = textwrap.dedent(
 )
 
 
+def _outputs(folder: Path) -> dict:
+    """Every file written under ``folder`` -> its content (images as arrays, rounded; text as text)."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if f.name.endswith((".nii", ".nii.gz")):
+            value = np.asarray(nib.load(f).dataobj).round(5).tolist()
+        elif f.suffix == ".png":
+            value = np.asarray(Image.open(f)).tolist()
+        else:
+            value = f.read_text(encoding="utf-8")
+        out[f.relative_to(folder).as_posix()] = value
+    return out
+
+
 def test_release_runs_where_medfm_is_not_installed(releases):
     """One interpreter without site processing (so no editable medfm): each downloaded bundle runs inference.json
     on a demo image with its own medfm copy, monai.bundle.load gives the packaged weights, and the bundle fine-tunes
-    one epoch from the released pre-trained weights (SPAD-ViT: one step)."""
+    one epoch from the released pre-trained weights (SPAD-ViT: one step); the predictions equal the packaged model's
+    (the repository's inference configs with the packaged weights, run here)."""
     root = releases["root"] / "isolated"
     root.mkdir()
     data = {b: root / "data" / b for b in BUNDLES}
@@ -217,6 +236,12 @@ def test_release_runs_where_medfm_is_not_installed(releases):
         assert r["medfm"] == str(releases["bundles"][b]["dir"] / "medfm" / "__init__.py")
         assert r["matched"] == r["total"] > 0, (b, r)
         assert r["outputs"], f"{b}: inference wrote nothing"
+        # the packaged model's output: the repository's inference configs with the packaged weights, in this process
+        ref = root / "ref" / b
+        run(run_id="run", config_file=[f"{REPO}/bundles/{b}/configs/{n}" for n in DEMO], bundle_root=f"{REPO}/bundles/{b}",
+            dataset_dir=str(data[b]), output_dir=str(ref), ckpt_path=str(releases["bundles"][b]["weights"]),
+            **{"dataset#data": "$@datalist[:1]"})  # fmt: skip
+        assert _outputs(ref) == _outputs(root / "out" / b), f"{b}: the release's prediction differs from the model's"
         pretrained = releases["bundles"][b]["dir"] / "models" / "pretrained.pt"
         assert r["finetuned"] and len(r["finetune_log"]) == 1, (b, r)
         assert r["finetune_log"][0].startswith("loaded ") and str(pretrained) in r["finetune_log"][0], (b, r)
