@@ -101,11 +101,34 @@ def test_cache_is_compact_and_invalidated_by_the_preprocessing(tmp_path):
     sizes = {f: os.path.getsize(tmp_path / "c" / folder / f) for f in os.listdir(tmp_path / "c" / folder)}
     voxels = int(np.prod([max(s, r) for s, r in zip(SHAPE, ROI)]))
     arrays = sum(v for f, v in sizes.items() if f[0].isdigit())
-    assert arrays <= voxels * (2 * 2 + 1) + 2 * 256  # two 16-bit channels and a uint8 label, plus .npy headers
+    assert arrays <= voxels * (2 * 2 + 1) + 2 * 1024  # two 16-bit channels and a uint8 label, plus headers/indices
     changed = _transform(_pos_neg())
     changed.transforms[2].scaler.a_max = 1000.5  # another CT window: another cache entry, the old one untouched
     CropCacheDataset(items, changed, str(tmp_path / "c"), hash_transform=transform_state_hash)[0]
     assert len([f for f in os.listdir(tmp_path / "c") if not f.startswith(".")]) == 2
+
+
+def test_a_case_mostly_outside_the_body_takes_under_a_quarter_of_persistent_datasets_bytes(tmp_path):
+    """Zeros outside a body ellipse (as after the bundles' clipped scaling) compress; noise inside it does not."""
+    shape = (64, 48, 40)
+    rng = np.random.default_rng(3)
+    x, y = np.ogrid[:64, :48]
+    body = np.broadcast_to((((x - 32) / 26.0) ** 2 + ((y - 24) / 14.0) ** 2 < 1)[..., None], shape)
+    label = np.zeros(shape, np.uint8)
+    label[30:36, 20:26, 10:16] = 1
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    item = {"case": "c0"}
+    for name, arr in (("pet", np.where(body, rng.gamma(2.0, 0.5, shape), 0.0)),
+                      ("ct", np.where(body, rng.normal(0.0, 300.0, shape), -1000.0)), ("label", label)):
+        item[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(arr.astype(np.uint8 if name == "label" else np.float32), affine), item[name])
+
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    PersistentDataset([item], _transform(_pos_neg()), str(tmp_path / "o"), hash_transform=transform_state_hash)[0]
+    CropCacheDataset([item], _transform(_pos_neg()), str(tmp_path / "n"), hash_transform=transform_state_hash)[0]
+    assert size(tmp_path / "n") <= 0.25 * size(tmp_path / "o"), (size(tmp_path / "n"), size(tmp_path / "o"))
 
 
 def test_refuses_a_transform_that_is_not_a_compose(tmp_path):

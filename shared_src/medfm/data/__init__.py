@@ -13,6 +13,7 @@ from .autopet import (
 )
 from .autopet_metadata import autopet_clinical_metadata, tracer_from_case_id
 from .cache import transform_state_hash
+from .chunked import ChunkedArray, save_chunked
 from .crop_cache import CropCacheDataset
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import (
@@ -93,6 +94,8 @@ __all__ = [
     "read_subject_table",
     "split_datalist",
     "transform_state_hash",
+    "ChunkedArray",
+    "save_chunked",
     "CropCacheDataset",
     "with_spad_headers",
     "with_class_label",

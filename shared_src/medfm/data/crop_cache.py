@@ -2,17 +2,18 @@
 
 ``PersistentDataset`` pickles each case after its deterministic transforms and unpickles the whole case for every
 sample, and ``RandCropByPosNegLabeld`` then recomputes the foreground and background indices over the full
-volume. :class:`CropCacheDataset` runs the same deterministic transforms once per case and stores every array as
-an uncompressed ``.npy`` file that each sample opens memory-mapped, so a random crop reads only its own voxels:
+volume. :class:`CropCacheDataset` runs the same deterministic transforms once per case and stores every array
+chunk-compressed (:mod:`medfm.data.chunked`: chunks of 32 voxels per spatial axis, each compressed on its own), so a
+random crop decompresses only the chunks it touches:
 
 - intensities in ``[0, 1]`` (the bundles' ``ScaleIntensityRanged(clip=True)``) are stored as 16-bit fixed point
   (``round(x * 65535)``, error at most 7.7e-6, two bytes per voxel instead of four); other floating arrays as
   float32; integer-valued labels in ``[0, 255]`` as uint8;
 - for ``RandCropByPosNegLabeld``, the voxels it may centre a crop on (foreground; background above its
   ``image_threshold``) are computed once, with MONAI's own ``map_binary_to_indices`` on the unrounded arrays, and
-  stored as two bit masks (a quarter of a byte per voxel) with their cumulative counts per first-axis plane. The
-  ``k``-th candidate is then found from the counts and one plane of a mask, so a sample draws the same centres
-  from the same random state as MONAI's transform with full index arrays;
+  stored as two bit masks (an eighth of a byte per voxel before compression, one chunk per first-axis plane) with
+  their cumulative counts per plane. The ``k``-th candidate is then found from the counts and one plane of a mask,
+  so a sample draws the same centres from the same random state as MONAI's transform with full index arrays;
 - the cache is keyed by the data item and by ``hash_transform`` of the deterministic transforms, so a change of the
   preprocessing writes a new cache instead of reading a stale one.
 
@@ -38,9 +39,19 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, RandomizableTrait,
 from monai.transforms.utils import generate_pos_neg_label_crop_centers, map_binary_to_indices
 from monai.utils import fall_back_tuple
 
+from .chunked import ChunkedArray, save_chunked
+
 __all__ = ["CropCacheDataset"]
 
 _FIXED_POINT = 65535.0
+_FORMAT = "chunked-zlib-v1"  # part of the cache key: another storage format never reads this one's files
+_CHUNK_3D, _CHUNK_2D = 32, 128  # chunk edge per spatial axis
+
+
+def _chunk(shape: Sequence[int]) -> tuple[int, ...]:
+    """Chunk shape of a channel-first array: every channel, and a fixed edge per spatial axis."""
+    edge = _CHUNK_2D if len(shape) <= 3 else _CHUNK_3D
+    return (shape[0], *(edge,) * (len(shape) - 1))
 
 
 def _split(transform: Compose) -> tuple[Compose, list[Callable]]:
@@ -61,6 +72,7 @@ def _encode(key: Hashable, arr: np.ndarray, label_keys: Sequence[Hashable]) -> t
 
 
 def _decode(stored: np.ndarray, encoding: str, dtype: str) -> np.ndarray:
+    stored = np.asarray(stored)
     if encoding == "fixed16":
         return (stored.astype(np.float32) / np.float32(_FIXED_POINT)).astype(dtype)
     return np.asarray(stored).astype(dtype, copy=False)
@@ -86,7 +98,7 @@ class _KthIndex:
 
 
 class CropCacheDataset(torch.utils.data.Dataset):
-    """Dataset whose deterministic preprocessing is cached once per case as memory-mapped arrays (module doc).
+    """Dataset whose deterministic preprocessing is cached once per case as chunk-compressed arrays (module doc).
 
     Args:
         data: the data items (dicts of file paths and values).
@@ -115,7 +127,7 @@ class CropCacheDataset(torch.utils.data.Dataset):
         self._prefix, self._random = _split(transform)
         first = self._random[0] if self._random else None
         self._crop = first if type(first) is RandCropByPosNegLabeld else None
-        prep = (hash_transform(self._prefix) if hash_transform else b"").decode("utf-8", "replace")
+        prep = (hash_transform(self._prefix) if hash_transform else b"").decode("utf-8", "replace") + f"|{_FORMAT}"
         if self._crop is not None:  # the stored masks depend on these
             prep += f"|{self._crop.label_key}|{self._crop.image_key}|{self._crop.cropper.image_threshold!r}"
         self._prep = prep
@@ -140,8 +152,8 @@ class CropCacheDataset(torch.utils.data.Dataset):
                 if isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 2:
                     arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                     stored, enc = _encode(k, arr, self.label_keys)
-                    np.save(os.path.join(tmp, f"{len(arrays)}.npy"), stored)
-                    arrays[k] = {"file": f"{len(arrays)}.npy", "encoding": enc, "dtype": str(arr.dtype),
+                    save_chunked(os.path.join(tmp, f"{len(arrays)}.zc"), stored, _chunk(stored.shape))
+                    arrays[k] = {"file": f"{len(arrays)}.zc", "encoding": enc, "dtype": str(arr.dtype),
                                  "meta": dict(v.meta) if isinstance(v, MetaTensor) else None}  # fmt: skip
                 else:
                     rest[k] = v
@@ -162,12 +174,12 @@ class CropCacheDataset(torch.utils.data.Dataset):
             self._write(self.data[index], folder)
         case = torch.load(os.path.join(folder, "case.pt"), weights_only=False)
         rest, infos = case["rest"], case["arrays"]
-        mmaps = {k: np.load(os.path.join(folder, a["file"]), mmap_mode="r") for k, a in infos.items()}
-        if self._crop is not None and self._crop.label_key in mmaps:
-            samples: Any = self._crop_samples(rest, mmaps, infos, folder)
+        stored = {k: ChunkedArray(os.path.join(folder, a["file"])) for k, a in infos.items()}
+        if self._crop is not None and self._crop.label_key in stored:
+            samples: Any = self._crop_samples(rest, stored, infos, folder)
             remaining = self._random[1:]
         else:
-            samples = {**rest, **{k: self._tensor(k, m, infos[k]) for k, m in mmaps.items()}}
+            samples = {**rest, **{k: self._tensor(k, m, infos[k]) for k, m in stored.items()}}
             remaining = self._random
         for t in remaining:  # as Compose applies them (a new Compose would reseed the transforms' random states)
             samples = apply_transform(t, samples, map_items=True)
@@ -194,16 +206,17 @@ class CropCacheDataset(torch.utils.data.Dataset):
             mask = np.zeros(int(np.prod(shape)), bool)
             mask[np.asarray(idx, dtype=np.int64)] = True
             mask = mask.reshape(shape)
-            np.save(os.path.join(folder, f"{name}_bits.npy"), np.packbits(mask, axis=-1))
+            bits = np.packbits(mask, axis=-1)
+            save_chunked(os.path.join(folder, f"{name}_bits.zc"), bits, (1, *bits.shape[1:]))
             np.save(os.path.join(folder, f"{name}_counts.npy"), np.cumsum(mask.reshape(shape[0], -1).sum(1)))
 
-    def _crop_samples(self, rest: dict, mmaps: dict, infos: dict, folder: str) -> list[dict]:
-        """``RandCropByPosNegLabeld`` on memory-mapped arrays: the same centres from its random state, then slices."""
+    def _crop_samples(self, rest: dict, stored: dict, infos: dict, folder: str) -> list[dict]:
+        """``RandCropByPosNegLabeld`` on the stored arrays: the same centres from its random state, then slices."""
         crop = self._crop
-        shape = mmaps[crop.label_key].shape[1:]
+        shape = stored[crop.label_key].shape[1:]
 
         def candidates(name: str) -> _KthIndex:
-            bits = np.load(os.path.join(folder, f"{name}_bits.npy"), mmap_mode="r")
+            bits = ChunkedArray(os.path.join(folder, f"{name}_bits.zc"))
             counts = np.load(os.path.join(folder, f"{name}_counts.npy"))
             return _KthIndex(counts, lambda x: np.unpackbits(np.asarray(bits[x]), axis=-1, count=shape[-1]))
 
@@ -218,7 +231,7 @@ class CropCacheDataset(torch.utils.data.Dataset):
             start = [max(int(c) - s // 2, 0) for c, s in zip(center, size)]
             sl = (slice(None), *(slice(b, b + s) for b, s in zip(start, size)))
             sample = dict(rest)
-            for k, m in mmaps.items():
+            for k, m in stored.items():
                 sample[k] = self._tensor(k, m[sl], infos[k], start) if k in crop.keys else self._tensor(k, m, infos[k])
             samples.append(sample)
         return samples
