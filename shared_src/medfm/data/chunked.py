@@ -2,9 +2,11 @@
 
 An array is cut into a regular grid of chunks; each chunk is byte-shuffled (the first bytes of every element, then
 the second bytes, ...: the high bytes of 16-bit intensities repeat, so they compress well) and compressed with
-zlib on its own. One file holds a JSON header line (shape, dtype, chunk shape, zlib level) and the compressed
-chunks; an index of chunk offsets sits beside it. Reading a slice opens the file memory-mapped and decompresses only
-the chunks the slice touches, so a crop from a whole-body volume costs a few chunks, not the volume. Lossless.
+zlib on its own. A chunk that compression would shrink by less than ``min_saving`` (noise inside a body) is stored
+raw instead, so reading it is a copy from the memory-mapped file rather than a decompression. One file holds a
+JSON header line (shape, dtype, chunk shape) and the chunks; an index of chunk offsets and codecs sits beside it.
+Reading a slice touches only the chunks the slice overlaps, so a crop from a whole-body volume costs a few chunks,
+not the volume. Lossless.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 __all__ = ["ChunkedArray", "save_chunked"]
 
 _MAGIC = "medfm-chunked-v1"
+_RAW, _ZLIB = 0, 1
 
 
 def _grid(shape: Sequence[int], chunk: Sequence[int]) -> tuple[int, ...]:
@@ -37,7 +40,9 @@ def _unshuffle(data: bytes, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray
     return np.ascontiguousarray(raw.T).view(dtype).reshape(shape)
 
 
-def save_chunked(path: str | os.PathLike, arr: np.ndarray, chunk: Sequence[int], level: int = 1) -> None:
+def save_chunked(
+    path: str | os.PathLike, arr: np.ndarray, chunk: Sequence[int], level: int = 1, min_saving: float = 0.2
+) -> None:
     """Write ``arr`` to ``path`` (and its chunk index to ``<path>.idx.npy``) in chunks of shape ``chunk``.
 
     Args:
@@ -45,6 +50,7 @@ def save_chunked(path: str | os.PathLike, arr: np.ndarray, chunk: Sequence[int],
         arr: any fixed-size numeric array.
         chunk: chunk shape, one entry per axis (clipped to the array's shape).
         level: zlib compression level (1: fastest).
+        min_saving: a chunk is stored compressed only when that saves at least this fraction of its bytes.
 
     Raises:
         ValueError: ``chunk`` has the wrong length or a non-positive entry.
@@ -55,15 +61,20 @@ def save_chunked(path: str | os.PathLike, arr: np.ndarray, chunk: Sequence[int],
     chunk = tuple(min(int(c), max(n, 1)) for c, n in zip(chunk, arr.shape))
     header = json.dumps({"format": _MAGIC, "shape": list(arr.shape), "dtype": arr.dtype.str, "chunk": list(chunk),
                          "level": level}).encode("utf-8") + b"\n"  # fmt: skip
-    offsets = [len(header)]
+    offsets, codecs = [len(header)], []
     with open(path, "wb") as f:
         f.write(header)
         for idx in itertools.product(*(range(g) for g in _grid(arr.shape, chunk))):
-            block = arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunk))]
+            block = np.ascontiguousarray(arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunk))])
             data = zlib.compress(_shuffle(block), level)
+            if len(data) > (1.0 - min_saving) * block.nbytes:
+                data, codec = block.tobytes(), _RAW
+            else:
+                codec = _ZLIB
             f.write(data)
             offsets.append(offsets[-1] + len(data))
-    np.save(f"{path}.idx.npy", np.asarray(offsets, dtype=np.int64))
+            codecs.append(codec)
+    np.save(f"{path}.idx.npy", np.stack([np.asarray(offsets, np.int64), np.asarray([*codecs, -1], np.int64)]))
 
 
 class ChunkedArray:
@@ -89,18 +100,22 @@ class ChunkedArray:
         self.chunk = tuple(head["chunk"])
         self.ndim = len(self.shape)
         self._grid = _grid(self.shape, self.chunk)
-        self._offsets = np.load(f"{self.path}.idx.npy")
+        index = np.load(f"{self.path}.idx.npy")
+        self._offsets, self._codecs = (index[0], index[1]) if index.ndim == 2 and len(index) == 2 else (index[:0],) * 2
         size = os.path.getsize(self.path)
-        if len(self._offsets) != math.prod(self._grid) + 1 or int(self._offsets[-1]) != size:
+        indexed = int(self._offsets[-1]) if len(self._offsets) else 0
+        if len(self._offsets) != math.prod(self._grid) + 1 or indexed != size:
             raise ValueError(f"{self.path}: the chunk index {self.path}.idx.npy does not match the data file "
-                             f"({len(self._offsets) - 1} chunks indexed, {math.prod(self._grid)} expected; "
-                             f"{int(self._offsets[-1])} bytes indexed, {size} on disk).")  # fmt: skip
+                             f"({max(len(self._offsets) - 1, 0)} chunks indexed, {math.prod(self._grid)} expected; "
+                             f"{indexed} bytes indexed, {size} on disk).")  # fmt: skip
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
 
     def _block(self, idx: Sequence[int]) -> np.ndarray:
         flat = int(np.ravel_multi_index(tuple(idx), self._grid))
         start, stop = int(self._offsets[flat]), int(self._offsets[flat + 1])
         shape = [min(c, n - i * c) for i, c, n in zip(idx, self.chunk, self.shape)]
+        if self._codecs[flat] == _RAW:
+            return self._data[start:stop].view(self.dtype).reshape(shape)
         return _unshuffle(zlib.decompress(self._data[start:stop].tobytes()), self.dtype, shape)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -3,8 +3,9 @@
 ``PersistentDataset`` pickles each case after its deterministic transforms and unpickles the whole case for every
 sample, and ``RandCropByPosNegLabeld`` then recomputes the foreground and background indices over the full
 volume. :class:`CropCacheDataset` runs the same deterministic transforms once per case and stores every array
-chunk-compressed (:mod:`medfm.data.chunked`: chunks of 32 voxels per spatial axis, each compressed on its own), so a
-random crop decompresses only the chunks it touches:
+in chunks (:mod:`medfm.data.chunked`: about a quarter of the crop per spatial axis; a chunk that compresses, such as
+the zeros outside the body, is stored compressed, one that does not, raw), so a random crop reads only the chunks it
+touches:
 
 - intensities in ``[0, 1]`` (the bundles' ``ScaleIntensityRanged(clip=True)``) are stored as 16-bit fixed point
   (``round(x * 65535)``, error at most 7.7e-6, two bytes per voxel instead of four); other floating arrays as
@@ -45,13 +46,16 @@ __all__ = ["CropCacheDataset"]
 
 _FIXED_POINT = 65535.0
 _FORMAT = "chunked-zlib-v1"  # part of the cache key: another storage format never reads this one's files
-_CHUNK_3D, _CHUNK_2D = 32, 128  # chunk edge per spatial axis
 
 
-def _chunk(shape: Sequence[int]) -> tuple[int, ...]:
-    """Chunk shape of a channel-first array: every channel, and a fixed edge per spatial axis."""
-    edge = _CHUNK_2D if len(shape) <= 3 else _CHUNK_3D
-    return (shape[0], *(edge,) * (len(shape) - 1))
+def _chunk(shape: Sequence[int], roi: Sequence[int] | None) -> tuple[int, ...]:
+    """Chunk shape of a channel-first array: every channel; per spatial axis a quarter of the crop's size within
+    [8, 64] (a crop then reads at most about 1.25x its voxels along each axis), or 32 without a crop."""
+    spatial = len(shape) - 1
+    if roi is None:
+        return (shape[0], *(32,) * spatial)
+    roi = fall_back_tuple(roi, shape[1:])
+    return (shape[0], *(int(min(64, max(8, r // 4))) for r in roi))
 
 
 def _split(transform: Compose) -> tuple[Compose, list[Callable]]:
@@ -152,7 +156,8 @@ class CropCacheDataset(torch.utils.data.Dataset):
                 if isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 2:
                     arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                     stored, enc = _encode(k, arr, self.label_keys)
-                    save_chunked(os.path.join(tmp, f"{len(arrays)}.zc"), stored, _chunk(stored.shape))
+                    roi = self._crop.cropper.spatial_size if self._crop is not None else None
+                    save_chunked(os.path.join(tmp, f"{len(arrays)}.zc"), stored, _chunk(stored.shape, roi))
                     arrays[k] = {"file": f"{len(arrays)}.zc", "encoding": enc, "dtype": str(arr.dtype),
                                  "meta": dict(v.meta) if isinstance(v, MetaTensor) else None}  # fmt: skip
                 else:
