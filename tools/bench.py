@@ -11,6 +11,7 @@ Usage::
     python tools/bench.py midol [--size base|tiny] [--batch 2] [--steps N] [--data/--no-data] [--workers 0 2]
     python tools/bench.py crop-cache [--shape 400 400 326] [--roi 160 32 192] [--samples 20]
     python tools/bench.py data [--cases 3] [--shape 400 400 326] [--workers 0 2 4] [--epochs 2]
+    python tools/bench.py gpu [--device cuda] [--models fratmae spad midol] [--batch 16] [--bf16] [--compile]
 
 One subcommand per model; add a ``_add_<model>`` parser builder and register it in ``_SUBCOMMANDS``.
 Everything runs in one process; stdout carries exactly one JSON object per case, human notes go to stderr.
@@ -178,21 +179,31 @@ def _loadavg() -> list[float] | None:
 # matmul peak
 
 
-def _matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> list[float]:
-    """GFLOP/s of ``repeats`` timed ``n x n @ n x n`` products (after one untimed call)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing on an accelerator); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _matmul_gflops(n: int, dtype: torch.dtype, repeats: int, device: torch.device = torch.device("cpu")) -> list[float]:
+    """GFLOP/s of ``repeats`` timed ``n x n @ n x n`` products on ``device`` (after one untimed call)."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
     torch.mm(a, b, out=out)
+    _sync(device)
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        _sync(device)
         rates.append(2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
     return rates
 
 
-def _matmul_sweep(sizes: Sequence[int], dtype: torch.dtype, repeats: int) -> dict[int, list[float]]:
-    return {n: _matmul_gflops(n, dtype, repeats) for n in sizes}
+def _matmul_sweep(
+    sizes: Sequence[int], dtype: torch.dtype, repeats: int, device: torch.device = torch.device("cpu")
+) -> dict[int, list[float]]:
+    return {n: _matmul_gflops(n, dtype, repeats, device) for n in sizes}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,11 +253,16 @@ def _component_names(module: nn.Module) -> list[str]:
 
 
 class Trainee:
-    """One model's training step, split so that FLOPs can be counted (and time profiled) per phase."""
+    """One model's training step, split so that FLOPs can be counted (and time profiled) per phase.
+
+    ``device`` is where the step runs (see ``gpu``); ``autocast_bf16`` runs batch preparation, forward and loss
+    under ``torch.autocast(bfloat16)`` (a trainee with its own bf16 switch, such as FratMAE's, keeps it off)."""
 
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
+    device: torch.device = torch.device("cpu")
+    autocast_bf16: bool = False
 
     def loss(self) -> torch.Tensor:
         """Prepare the batch, forward, loss."""
@@ -254,7 +270,9 @@ class Trainee:
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss().backward()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            loss = self.loss()
+        loss.backward()
         self.optimizer.step()
 
     def labelled_step(self) -> None:
@@ -275,7 +293,9 @@ class Trainee:
 
         mapping = _sdpa_cpu_flop_mapping()
         self.optimizer.zero_grad(set_to_none=True)
-        with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as fwd, torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16
+        ):
             loss = self.loss()
         with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
             loss.backward()
@@ -315,14 +335,15 @@ def _profile(t: Trainee, top: int = 15) -> None:
 
 
 def _matmul_peak_record(
-    fp32_start: dict[int, list[float]], bf16_start: dict[int, list[float]], repeats: int
-) -> tuple[dict[str, Any], float, float | None]:
+    fp32_start: dict[int, list[float]], bf16_start: dict[int, list[float]], repeats: int,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[dict[str, Any], float | None, float | None]:  # fmt: skip
     """Measure the best start size again (after the model steps) and return the peak fields, fp32 and bf16 peaks."""
     ends: dict[str, list[float]] = {}
     for tag, start, dtype in (("fp32", fp32_start, torch.float32), ("bf16", bf16_start, torch.bfloat16)):
         if start:
-            best_n = max(start, key=lambda n: max(start[n]))
-            ends[tag] = _matmul_gflops(best_n, dtype, repeats)
+            best_n = max(start, key=lambda n, start=start: max(start[n]))
+            ends[tag] = _matmul_gflops(best_n, dtype, repeats, device)
     rec: dict[str, Any] = {}
     peaks: dict[str, float | None] = {"fp32": None, "bf16": None}
     for tag, start in (("fp32", fp32_start), ("bf16", bf16_start)):
@@ -490,11 +511,10 @@ class FratMAETrainee(Trainee):
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.05, fused=FUSED_ADAMW)
         self.batch = batch
         self.bf16 = bf16
-        self.device_type = "cpu"
 
     def loss(self) -> torch.Tensor:
-        inputs, targets, args, kwargs = self.prepare(self.batch, torch.device(self.device_type))
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+        inputs, targets, args, kwargs = self.prepare(self.batch, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             preds = self.module(inputs, *args, **kwargs)
         return self.loss_fn.forward_terms(preds, targets)["loss"]
 
@@ -548,7 +568,7 @@ class MonaiMAETrainee(Trainee):
     def loss(self) -> torch.Tensor:
         from medfm.networks.blocks import patchify  # raster token order, as MONAI's conv patch embedding
 
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for m, (pred, mask) in self.module(self.batch).items():
             target = patchify(self.batch[m], self.patch)
             w = mask.to(pred.dtype)
@@ -860,7 +880,7 @@ class SpadMIMTrainee(Trainee):
         self.spad = name == "spad_vit"
 
     def loss(self) -> torch.Tensor:
-        image, targets, _, kwargs = self.prepare(self.batch, torch.device("cpu"))
+        image, targets, _, kwargs = self.prepare(self.batch, self.device)
         preds = self.module(image, **kwargs) if self.spad else self.module(image, kwargs["mask"])
         return self.loss_fn.forward_terms(preds, targets)["loss"]
 
@@ -1480,9 +1500,152 @@ def _add_crop_cache(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_crop_cache)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# every model and its MONAI peer on one device (GPU mode)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _place(t: Trainee, device: torch.device, bf16: bool) -> Trainee:
+    """Move a trainee's model, batch and batch-preparing modules (e.g. SPAD-VT) to ``device``, before its first
+    optimizer step (the optimizer holds the same parameter objects), and switch its bf16 autocast."""
+    t.module.to(device)
+    t.batch = _to_device(t.batch, device)
+    for part in getattr(getattr(t, "prepare", None), "__dict__", {}).values():
+        if isinstance(part, nn.Module):
+            part.to(device)
+    t.device = device
+    if isinstance(t, FratMAETrainee):
+        t.bf16 = bf16  # the forward under autocast, the loss outside, as SSLIteration(bf16=True)
+    else:
+        t.autocast_bf16 = bf16
+    return t
+
+
+def _device_pairs(model: str, size: str, b: int) -> list[Trainee]:
+    """The MONAI peer and our model for one of ``fratmae``, ``spad``, ``midol`` (as their own subcommands build them)."""
+    torch.manual_seed(0)
+    if model == "fratmae":
+        cfg = FRATMAE_SIZES[size]
+        prompt_ids, tokenizer = _prompt_ids(b, 32)
+        batch = {"pet": torch.rand(b, 1, *cfg.spatial), "ct": torch.rand(b, 1, *cfg.spatial), "prompt_ids": prompt_ids}
+        return [MonaiMAETrainee(cfg, batch), FratMAETrainee(cfg, batch, tokenizer)]
+    if model == "spad":
+        from medfm.networks.nets.spad_vit import SpadViTMIM
+        from medfm.networks.nets.spad_vt import SpadVT
+
+        cfg = SPAD_SIZES[size]
+        tok = SpadVT(channels=cfg.tok_channels, num_codes=cfg.codes, code_dim=cfg.code_dim).eval()
+        batch = {"image": torch.rand(b, 3, *cfg.spatial), "aniso_d": torch.zeros(b, dtype=torch.long)}
+        ours = SpadViTMIM(num_codes=cfg.codes, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads,
+                          mlp_dim=cfg.mlp, pos_embed_shape=cfg.tokens)  # fmt: skip
+        return [SpadMIMTrainee("monai_vit", MimHeadViT(cfg), tok, cfg, batch),
+                SpadMIMTrainee("spad_vit", ours, tok, cfg, batch)]  # fmt: skip
+    from medfm.networks.blocks import SwinBackbone
+
+    cfg = MIDOL_SIZES[size]
+    batch = torch.rand(b, 3, cfg.image, cfg.image)
+    ours = SwinBackbone(img_size=cfg.image, patch_size=cfg.patch, window_size=cfg.window, embed_dim=cfg.embed,
+                        depths=cfg.depths, num_heads=cfg.heads, drop_path_rate=0.1)  # fmt: skip
+    return [BackboneTrainee("monai_swin", PooledSwin(cfg), batch), BackboneTrainee("midol_swin", ours, batch)]
+
+
+def _peak_memory(t: Trainee) -> float | None:
+    """GiB allocated at most during one more step on an accelerator (None on the CPU)."""
+    if t.device.type != "cuda":
+        return None
+    _sync(t.device)
+    torch.cuda.reset_peak_memory_stats(t.device)
+    t.step()
+    _sync(t.device)
+    return torch.cuda.max_memory_allocated(t.device) / 2**30
+
+
+def _run_device(args: argparse.Namespace) -> int:
+    """``gpu``: each model and its MONAI peer in one process on ``--device``, bf16 autocast (``--no-bf16``: fp32),
+    optionally ``torch.compile``; MFU against the matmul peak measured on that device in the same run."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device.")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    tag = "bf16" if args.bf16 else "fp32"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    _note(f"gpu mode on {device} ({name}), {tag}, compile {args.compile}, batch {args.batch}, size {args.size}")
+    start = _matmul_sweep(args.matmul_sizes, dtype, 5, device)
+    results: list[dict[str, Any]] = []
+    for model in args.models:
+        trainees, flops = [], {}
+        for t in (_place(t, device, args.bf16) for t in _device_pairs(model, args.size, args.batch)):
+            try:
+                flops[t.name] = t.count_flops()  # also the first warm-up step
+            except RuntimeError as err:  # e.g. MONAI's MaskedAutoEncoderViT under bf16 autocast
+                _note(f"{t.name} cannot run here ({tag}): {err}")
+                _emit({"case": f"gpu_{t.name}", "model": model, "device": name, "precision": tag,
+                       "error": str(err).splitlines()[0]})  # fmt: skip
+                continue
+            trainees.append(t)
+            _note(f"{t.name}: {_params(t.module) / 1e6:.1f} M parameters, {flops[t.name]['flops_per_step'] / 1e9:.1f} "
+                  "GFLOP per step")  # fmt: skip
+            if args.compile:
+                t.module = torch.compile(t.module)
+
+        def runner(t: Trainee) -> Callable[[], None]:
+            return lambda: (t.step(), _sync(device))
+
+        runners = {t.name: runner(t) for t in trainees}
+        warm = {t.name: args.warmup + (2 if args.compile else 0) for t in trainees}
+        samples, all_samples, rounds, clean = _time_rounds(runners, warm, args.steps, 0.0)
+        memory = {t.name: _peak_memory(t) for t in trainees}
+        rec, peak32, peak16 = _matmul_peak_record(start if not args.bf16 else {}, start if args.bf16 else {}, 5,
+                                                  device)  # fmt: skip
+        peak = peak16 if args.bf16 else peak32
+        recs = _step_records(
+            list(runners), samples, all_samples, rounds, clean, flops, dict.fromkeys(runners, peak),
+            lambda n: {"case": f"gpu_{n}", "model": model, "device": name, "precision": tag, "compile": args.compile,
+                       "size": args.size, "batch": args.batch,
+                       "params": _params(next(t.module for t in trainees if t.name == n)),
+                       "peak_memory_gib": _r(memory[n])},
+        )  # fmt: skip
+        if len(trainees) == 2 and recs[trainees[0].name]["mfu"] and recs[trainees[1].name]["mfu"]:
+            peer, ours = recs[trainees[0].name], recs[trainees[1].name]
+            ours |= {"ratio_vs_monai": _r(ours["mfu"] / peer["mfu"]),
+                     "step_ratio_vs_monai": _r(ours["step_s"] / peer["step_s"])}  # fmt: skip
+        batch_results = [{"case": "matmul_peak", "model": model, "device": name, "precision": tag,
+                          "sizes": list(args.matmul_sizes)} | rec, *recs.values()]  # fmt: skip
+        for r in batch_results:
+            _emit(r)
+        results += batch_results
+        del trainees, runners
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+def _add_device(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("gpu", help="every model and its MONAI peer on one device (bf16, optional compile)")
+    p.add_argument("--device", default="cuda", help="torch device (default cuda; cpu runs the same code)")
+    p.add_argument("--models", nargs="+", choices=["fratmae", "spad", "midol"], default=["fratmae", "spad", "midol"])
+    p.add_argument("--size", choices=["base", "tiny"], default="base", help="model sizes (default base)")
+    p.add_argument("--batch", type=int, default=16, help="batch per step for every model (default 16)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps after the FLOP count (default 2)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (2 more warm-up steps)")
+    p.add_argument("--matmul-sizes", type=int, nargs="+", default=[4096, 8192, 16384],
+                   help="square matmul sizes for the peak (default 4096 8192 16384)")
+    p.set_defaults(func=_run_device)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fratmae, _add_spad, _add_panfm,
                                                                     _add_panfm_eval, _add_crop_cache, _add_midol,
-                                                                    _add_data_scale]  # fmt: skip
+                                                                    _add_data_scale, _add_device]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
