@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from medfm.utils.dist import in_process_group
 from medfm.utils.seeding import derive_seed
 
 from .seeded import SeededSample
@@ -72,7 +73,7 @@ class GroupBatchSampler(Sampler[list[Any]]):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if len(groups) == 0:
             raise ValueError("groups is empty: no samples to batch.")
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = in_process_group()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
         if rank is None:

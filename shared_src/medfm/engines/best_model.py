@@ -6,9 +6,10 @@ import logging
 import math
 import os
 
-import torch.distributed as dist
 import torch.nn as nn
 from ignite.engine import Engine, Events
+
+from medfm.utils.dist import get_rank
 
 from .checkpoint import atomic_torch_save
 
@@ -127,7 +128,7 @@ a lesion) counts as no validation. When training completes and no validation gav
 
     @staticmethod
     def _writes() -> bool:
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return get_rank() == 0
 
     def _has_data(self) -> bool:
         loader = getattr(self.evaluator, "data_loader", None)

@@ -9,6 +9,8 @@ import torch.distributed as dist
 from monai.handlers import CheckpointLoader, LrScheduleHandler, ValidationHandler
 from torch.nn.parallel import DistributedDataParallel
 
+from medfm.utils.dist import get_rank, in_process_group
+
 from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
 from .sampler_epoch import SamplerEpochHandler
@@ -40,7 +42,7 @@ def handlers_for_rank(handlers: Sequence[Any], rank: int | None = None) -> list[
         rank: process rank; defaults to the initialised process group's rank (0 without one).
     """
     if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = get_rank()
     if rank == 0:
         return list(handlers)
     return [h for h in handlers if isinstance(h, EVERY_RANK_HANDLERS)]
@@ -63,7 +65,7 @@ def end_distributed(network: Any = None) -> None:
         network: the run's network; a ``DistributedDataParallel`` has its reducer and logger released
             (it cannot train after this).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_process_group():
         return
     group = dist.group.WORLD  # a Python handle: the last one to go frees the group with the GIL released
     dist.barrier()  # no rank tears down while another still communicates

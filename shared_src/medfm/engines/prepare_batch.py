@@ -6,13 +6,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from monai.engines.utils import PrepareBatch
 from monai.utils import ensure_tuple_rep
 
 from medfm.masking import asymmetric_cross_modal_masking, independent_masking
 from medfm.networks.blocks import patchify, token_grid
-from medfm.utils.seeding import derive_seed
+from medfm.utils.dist import rank_generator
 
 __all__ = ["FratMAEPrepareBatch", "plain_tensor"]
 
@@ -80,10 +79,7 @@ class FratMAEPrepareBatch(PrepareBatch):
         dev = torch.device(device if device is not None else "cpu")
         key = str(dev)
         if key not in self._generators:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            g = torch.Generator(device=dev)
-            g.manual_seed(self.seed + rank if self._step is None else derive_seed(self.seed, rank, self._step))
-            self._generators[key] = g
+            self._generators[key] = rank_generator(self.seed, dev, self._step)
         return self._generators[key]
 
     def __call__(

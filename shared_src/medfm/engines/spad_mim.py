@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
-from medfm.utils.seeding import derive_seed
+from medfm.utils.dist import rank_generator
 
 from .prepare_batch import plain_tensor
 
@@ -69,9 +68,7 @@ class SpadMIMPrepareBatch(PrepareBatch):
     def generator(self, device: torch.device | str) -> torch.Generator:
         key = str(torch.device(device))
         if key not in self._generators:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            seed = self.seed + rank if self._step is None else derive_seed(self.seed, rank, self._step)
-            self._generators[key] = torch.Generator(device=key).manual_seed(seed)
+            self._generators[key] = rank_generator(self.seed, key, self._step)
         return self._generators[key]
 
     def random_mask(self, batch_size: int, num_tokens: int, device: torch.device | str) -> torch.Tensor:

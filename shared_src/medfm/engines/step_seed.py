@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from medfm.utils.dist import get_rank
 from medfm.utils.seeding import derive_seed
 
 __all__ = ["StepSeedHandler"]
@@ -45,8 +45,7 @@ class StepSeedHandler:
 
     def __call__(self, engine: Engine) -> None:
         step = int(engine.state.iteration)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        s = derive_seed(self.seed, rank, step)
+        s = derive_seed(self.seed, get_rank(), step)
         torch.manual_seed(s)  # also every CUDA device
         np.random.seed(s % 2**32)
         random.seed(s)

@@ -14,6 +14,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medfm.losses.tokenizer import hinge_d_loss
+from medfm.utils.dist import get_world_size, is_distributed
 
 __all__ = ["TokenizerIteration"]
 
@@ -115,9 +116,9 @@ class TokenizerIteration:
 
     def _update_gate(self, disc_loss: torch.Tensor) -> float:
         value = disc_loss.detach().clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(value)
-            value /= dist.get_world_size()
+            value /= get_world_size()
         d = float(value)
         self.last_disc_loss = d
         self.disc_loss_ema = self.disc_loss_momentum * self.disc_loss_ema + (1.0 - self.disc_loss_momentum) * d

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medfm.utils.dist import is_distributed
+
 __all__ = [
     "PerceptualLoss",
     "SpadVTLoss",
@@ -32,7 +34,7 @@ def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
     The identity outside an initialised process group of more than one rank.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return x
     local = x.detach().contiguous()
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]

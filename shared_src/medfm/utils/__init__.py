@@ -1,5 +1,5 @@
 from .bundle import bundle_root, default_device
-from .dist import all_gather_cat, is_distributed
+from .dist import all_gather_cat, get_rank, get_world_size, in_process_group, is_distributed, rank_generator, unwrap
 from .files import atomic_path
 from .hub import hub_card_header, write_hub_layout
 from .optim import weight_decay_groups
@@ -10,6 +10,11 @@ from .speed import speed_switches
 __all__ = [
     "SERVED",
     "all_gather_cat",
+    "get_rank",
+    "get_world_size",
+    "in_process_group",
+    "rank_generator",
+    "unwrap",
     "ServedTask",
     "atomic_path",
     "build_served_bundle",

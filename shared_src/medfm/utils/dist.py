@@ -1,16 +1,51 @@
-"""Distributed helpers: the process group's state and cross-rank gathers that keep or drop gradients."""
+"""Distributed helpers in one place: the process group's state (rank, world size), unwrapping a
+``DistributedDataParallel`` network, rank-seeded random generators, and cross-rank gathers that keep or drop
+gradients. Outside a process group every helper behaves as rank 0 of 1."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["all_gather_cat", "is_distributed"]
+from .seeding import derive_seed
+
+__all__ = ["all_gather_cat", "get_rank", "get_world_size", "in_process_group", "is_distributed", "rank_generator",
+           "unwrap"]  # fmt: skip
+
+
+def in_process_group() -> bool:
+    """True inside an initialised default process group (of any size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank in the default process group; 0 outside one."""
+    return dist.get_rank() if in_process_group() else 0
+
+
+def get_world_size() -> int:
+    """Ranks in the default process group; 1 outside one."""
+    return dist.get_world_size() if in_process_group() else 1
 
 
 def is_distributed() -> bool:
     """True inside an initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return get_world_size() > 1
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` (or any wrapper that keeps it as ``.module``); ``module``
+    itself otherwise."""
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def rank_generator(seed: int, device: torch.device | str = "cpu", step: int | None = None) -> torch.Generator:
+    """A generator on ``device`` for this rank: seeded ``seed + rank``, or ``derive_seed(seed, rank, step)`` when
+    ``step`` is given (so a resumed run draws what the uninterrupted one drew at that step)."""
+    rank = get_rank()
+    return torch.Generator(device=device).manual_seed(seed + rank if step is None else derive_seed(seed, rank, step))
 
 
 def all_gather_cat(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .dist import unwrap
+
 __all__ = ["weight_decay_groups"]
 
 
@@ -22,7 +24,7 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     parameters and what a module names in ``no_weight_decay()`` (tokens, position embeddings, codebooks) —
     the convention of timm, BEiT and EVA-02 (and of the SPAD-Nets reference code). ``module.`` (DDP) is seen
     through. Frozen parameters are left out."""
-    inner = module.module if isinstance(getattr(module, "module", None), nn.Module) else module
+    inner = unwrap(module)
     skip = _no_decay_names(inner)
     decay, no_decay = [], []
     for name, p in inner.named_parameters():
