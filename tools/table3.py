@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", nargs="+", choices=list(ROW_KEYS), default=list(ROW_KEYS), help="rows of Table 3")
     p.add_argument("--write-docs", action="store_true", help="write the table into the bundle docs")
     p.add_argument("--results", nargs="+", default=None,
-                   help="summarise these results.json files (e.g. of seeds run in parallel) instead of running")  # fmt: skip
+                   help="summarise these results.json files (e.g. of seeds run in parallel), not run")  # fmt: skip
     args = p.parse_args(argv)
     if args.results:
         results = [r for path in args.results for r in json.loads(Path(path).read_text())]

@@ -124,10 +124,11 @@ def check_bundle(
         check("network in/out (several inputs)", lambda: _multi_input_in_out(meta, infer, bundle))
         results.append(("ckpt_export + torch.jit.load", None, "skipped: the network takes a dict of inputs"))
         return results
-    check("verify_net_in_out", lambda: verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=infer))
+    check("verify_net_in_out",
+          lambda: verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=infer))  # fmt: skip
     if full and len(infer) > 1:
         check("verify_net_in_out (full size)",
-              lambda: verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=infer[:1]))  # fmt: skip
+              lambda: verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=infer[:1]))
 
     def export() -> str:
         parser = ConfigParser()
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     failed += ok is False
         print(f"{failed} check(s) failed" if failed else "all checks passed", flush=True)
         return 1 if failed else 0
-    bundles = [Path(b) for b in args.bundles] or sorted(d.parent.parent for d in (REPO / "bundles").glob("*/configs/metadata.json"))
+    found = sorted(d.parent.parent for d in (REPO / "bundles").glob("*/configs/metadata.json"))
+    bundles = [Path(b) for b in args.bundles] or found
     if not Path(args.schema).is_file():
         print(f"FAIL schema: {args.schema} does not exist", flush=True)
         return 1

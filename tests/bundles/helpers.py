@@ -37,8 +37,8 @@ def workflow(bundle: str, names: list[str], workflow_type: str = "train", **over
 def run_cli(args: list[str], cwd: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
-        timeout=timeout,
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=timeout,
     )  # fmt: skip
 
 

@@ -87,7 +87,8 @@ def test_label_fraction_takes_a_seeded_subset(work, tmp_path):
 def predictions(work, seg_model):
     out = work["root"] / "pred"
     res = run_cli(["run", "--config_file", _files("inference.json", "demo_inference.json"), "--dataset_dir",
-                   work["test"], "--ckpt_path", seg_model["model"], "--output_dir", str(out)], cwd=str(work["root"]))  # fmt: skip
+                   work["test"], "--ckpt_path", seg_model["model"], "--output_dir", str(out)],
+                  cwd=str(work["root"]))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out
 

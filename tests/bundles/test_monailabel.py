@@ -189,8 +189,9 @@ def server(request, tmp_path_factory):
 
     port = _free_port()
     log_path = root / "server.log"
-    cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(apps / "monaibundle"), "--studies", str(root / "studies"),
-           "--conf", "models", spec.name, "--conf", "zoo_source", "local", "--conf", "sam2", "false",
+    cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(apps / "monaibundle"),
+           "--studies", str(root / "studies"), "--conf", "models", spec.name, "--conf", "zoo_source", "local",
+           "--conf", "sam2", "false",
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
     proc = subprocess.Popen(cmd, cwd=str(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -75,8 +75,9 @@ def _as_list(x):
 @pytest.mark.parametrize("first_random", [_pos_neg, lambda: RandSpatialCropd(["image", "label"], ROI)])
 def test_same_samples_as_persistent_dataset(first_random, flip, tmp_path):
     items = _cases(tmp_path)
-    old = PersistentDataset(items, _transform(first_random(), flip), str(tmp_path / "o"), hash_transform=transform_state_hash)
-    new = CropCacheDataset(items, _transform(first_random(), flip), str(tmp_path / "n"), hash_transform=transform_state_hash)
+    h = transform_state_hash
+    old = PersistentDataset(items, _transform(first_random(), flip), str(tmp_path / "o"), hash_transform=h)
+    new = CropCacheDataset(items, _transform(first_random(), flip), str(tmp_path / "n"), hash_transform=h)
     old.transform.set_random_state(7)
     new.transform.set_random_state(7)
     for epoch in range(3):

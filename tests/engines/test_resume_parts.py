@@ -11,7 +11,13 @@ from monai.transforms import Compose, RandGaussianNoised
 from torch.utils.data import DataLoader
 
 from medfm.data import GroupBatchSampler, SeededDataset, SeededSample, shuffle_batch_sampler
-from medfm.engines import BestModelSaver, FratMAEPrepareBatch, ResumeFromCheckpoint, SamplerEpochHandler, StepSeedHandler
+from medfm.engines import (
+    BestModelSaver,
+    FratMAEPrepareBatch,
+    ResumeFromCheckpoint,
+    SamplerEpochHandler,
+    StepSeedHandler,
+)
 from medfm.engines.checkpoint import atomic_torch_save
 from medfm.utils.seeding import derive_seed
 

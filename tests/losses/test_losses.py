@@ -26,7 +26,8 @@ def test_masked_mse_norm_pix():
     pred, target = torch.randn(1, 3, 8), torch.randn(1, 3, 8) * 5 + 2
     mask = torch.ones(1, 3, dtype=torch.bool)
     t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    assert masked_mse(pred, target, mask, norm_pix=True).item() == pytest.approx(((pred - t) ** 2).mean().item(), rel=1e-5)
+    expected = ((pred - t) ** 2).mean().item()
+    assert masked_mse(pred, target, mask, norm_pix=True).item() == pytest.approx(expected, rel=1e-5)
 
 
 def _naive_infonce(a, b, tau, symmetric):
@@ -76,7 +77,7 @@ def test_fratmae_loss_ill_args():
     with pytest.raises(ValueError, match="infonce_weight"):
         FratMAELoss(infonce_weight=-1)
     with pytest.raises(ValueError, match="context_align"):
-        FratMAELoss(1.0).forward_terms({"pet_pred": torch.zeros(1, 2, 2), "pet_mask": torch.ones(1, 2, dtype=torch.bool)},
-                                       {"pet": torch.zeros(1, 2, 2)})
+        preds = {"pet_pred": torch.zeros(1, 2, 2), "pet_mask": torch.ones(1, 2, dtype=torch.bool)}
+        FratMAELoss(1.0).forward_terms(preds, {"pet": torch.zeros(1, 2, 2)})
     with pytest.raises(ValueError, match="temperature"):
         InfoNCELoss(0.0)

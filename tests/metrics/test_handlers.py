@@ -148,7 +148,8 @@ def test_classification_report(tmp_path):
     preds = [logits[0], probs[1], logits[2], probs[3]]  # mix of logits and probabilities
     labels = [torch.tensor(0), 1, torch.tensor([0.0]), torch.tensor([0.0, 1.0])]  # 0-d, int, 1-elem, one-hot
     iterations = [
-        ([{"case": f"p{k}"} for k in ks], [{"pred": preds[k], "label": labels[k]} for k in ks]) for ks in ((0, 1), (2, 3))
+        ([{"case": f"p{k}"} for k in ks], [{"pred": preds[k], "label": labels[k]} for k in ks])
+        for ks in ((0, 1), (2, 3))
     ]
     engine = _engine()
     ClassificationReport(str(tmp_path), num_classes=2, filename="stage").attach(engine)

@@ -122,7 +122,8 @@ def test_decoder_restores_raster_order():
 
 
 def test_text_encoder_reads_eot_and_is_causal():
-    te = TextEncoder(vocab_size=20, eot_id=2, context_length=8, width=16, num_layers=2, num_heads=2, output_dim=12).eval()
+    te = TextEncoder(vocab_size=20, eot_id=2, context_length=8, width=16, num_layers=2, num_heads=2, output_dim=12)
+    te.eval()
     a = torch.tensor([[1, 5, 6, 2, 0, 0, 0, 0]])
     b = torch.tensor([[1, 5, 6, 2, 9, 9, 9, 9]])  # differs only after the end-of-text token
     assert torch.allclose(te(a), te(b), atol=1e-6)
@@ -154,7 +155,8 @@ def test_load_clip_text_weights_openai_names(tmp_path):
         })  # fmt: skip
     path = tmp_path / "clip.pt"
     torch.save(state, path)
-    te = TextEncoder(vocab_size=30, eot_id=2, context_length=8, width=width, num_layers=layers, num_heads=2, output_dim=12)
+    te = TextEncoder(vocab_size=30, eot_id=2, context_length=8, width=width, num_layers=layers, num_heads=2,
+                     output_dim=12)
     report = load_clip_text_weights(te, path)
     assert len(report["loaded"]) == len(te.state_dict()) - 1  # everything but the token embedding
     assert [s.split(":")[0] for s in report["skipped"]] == ["token_embedding.weight"]

@@ -75,6 +75,22 @@ def _pooled_pet_features(net: FratMAE, d: dict) -> torch.Tensor:
     return tokens[:, 1:].mean(1)
 
 
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of an L2-regularised logistic regression of ``y`` on ``x`` (L-BFGS)."""
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=100)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w, b
+
+
 def _probe_log_loss(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 0.1) -> float:
     """Held-out log loss of an L2-regularised logistic regression, 5-fold cross-validation (shuffled folds)."""
     fold = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)) % folds
@@ -83,17 +99,7 @@ def _probe_log_loss(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float 
         tr, te = fold != f, fold == f
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
         xtr, xte = (x[tr] - mu) / sd, (x[te] - mu) / sd
-        w = torch.zeros(x.shape[1], requires_grad=True)
-        b = torch.zeros(1, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=100)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(xtr @ w + b, y[tr]) + l2 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        w, b = _fit_logistic(xtr, y[tr], l2)
         with torch.no_grad():
             losses.append(torch.nn.functional.binary_cross_entropy_with_logits(xte @ w + b, y[te], reduction="none"))
     return float(torch.cat(losses).mean())

@@ -218,8 +218,8 @@ def test_release_runs_where_medfm_is_not_installed(releases):
     generate_synthetic_panfm(str(data["panfm_panorgan"]), num_subjects=8)
     generate_synthetic_midol(str(data["midol_multimodal"]), per_modality=4, size=32)
     extra = {"spad_vit": {"max_steps": 1}}
-    jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b), DEMO_FINETUNE[b], extra.get(b, {})]
-            for b in BUNDLES]  # fmt: skip
+    jobs = [[b, str(releases["bundles"][b]["dir"]), str(data[b]), str(root / "out" / b), DEMO_FINETUNE[b],
+             extra.get(b, {})] for b in BUNDLES]  # fmt: skip
     script = root / "run_isolated.py"
     script.write_text(_ISOLATED, encoding="utf-8")
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": sysconfig.get_paths()["purelib"], "OMP_NUM_THREADS": "1",
@@ -238,8 +238,9 @@ def test_release_runs_where_medfm_is_not_installed(releases):
         assert r["outputs"], f"{b}: inference wrote nothing"
         # the packaged model's output: the repository's inference configs with the packaged weights, in this process
         ref = root / "ref" / b
-        run(run_id="run", config_file=[f"{REPO}/bundles/{b}/configs/{n}" for n in DEMO], bundle_root=f"{REPO}/bundles/{b}",
-            dataset_dir=str(data[b]), output_dir=str(ref), ckpt_path=str(releases["bundles"][b]["weights"]),
+        run(run_id="run", config_file=[f"{REPO}/bundles/{b}/configs/{n}" for n in DEMO],
+            bundle_root=f"{REPO}/bundles/{b}", dataset_dir=str(data[b]), output_dir=str(ref),
+            ckpt_path=str(releases["bundles"][b]["weights"]),
             **{"dataset#data": "$@datalist[:1]"})  # fmt: skip
         assert _outputs(ref) == _outputs(root / "out" / b), f"{b}: the release's prediction differs from the model's"
         pretrained = releases["bundles"][b]["dir"] / "models" / "pretrained.pt"

@@ -11,8 +11,8 @@ TOOL = f"{REPO}/tools/verify_bundles.py"
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, TOOL, "--schema", SCHEMA, *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
-                          timeout=600)  # fmt: skip
+    return subprocess.run([sys.executable, TOOL, "--schema", SCHEMA, *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

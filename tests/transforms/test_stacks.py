@@ -96,8 +96,8 @@ def test_affine_maps_each_voxel_to_same_world_point(start):
     out = StackCrop(roi, axis, k)(img, start=start)
     assert isinstance(out, MetaTensor)
     new_aff = out.affine.numpy()
-    i, j, l = np.meshgrid(*[np.arange(r) for r in roi], indexing="ij")
-    out_vox = np.stack([i, j, l, np.ones_like(i)]).reshape(4, -1)
+    i, j, m = np.meshgrid(*[np.arange(r) for r in roi], indexing="ij")
+    out_vox = np.stack([i, j, m, np.ones_like(i)]).reshape(4, -1)
     in_vox = out_vox.copy()
     for a in range(3):
         in_vox[a] = start[a] + (k if a == axis else 1) * out_vox[a]

@@ -55,7 +55,7 @@ def _place(t: Trainee, device: torch.device, bf16: bool) -> Trainee:
 
 
 def _device_pairs(model: str, size: str, b: int) -> list[Trainee]:
-    """The MONAI peer and our model for one of ``fratmae``, ``spad``, ``midol`` (as their own subcommands build them)."""
+    """The MONAI peer and our model for ``fratmae``, ``spad`` or ``midol`` (as their own subcommands build them)."""
     torch.manual_seed(0)
     if model == "fratmae":
         cfg = FRATMAE_SIZES[size]
@@ -134,10 +134,9 @@ def _run_device(args: argparse.Namespace) -> int:
         peak = peak16 if args.bf16 else peak32
         recs = _step_records(
             list(runners), samples, all_samples, rounds, clean, flops, dict.fromkeys(runners, peak),
-            lambda n: {"case": f"gpu_{n}", "model": model, "device": name, "precision": tag, "compile": args.compile,
-                       "size": args.size, "batch": args.batch,
-                       "params": params[n],
-                       "peak_memory_gib": _r(memory[n])},
+            lambda n, fields=dict(model=model, device=name, precision=tag, compile=args.compile, size=args.size,
+                                  batch=args.batch), params=params, memory=memory: {
+                "case": f"gpu_{n}", **fields, "params": params[n], "peak_memory_gib": _r(memory[n])},
         )  # fmt: skip
         if len(trainees) == 2 and recs[trainees[0].name]["mfu"] and recs[trainees[1].name]["mfu"]:
             peer, ours = recs[trainees[0].name], recs[trainees[1].name]

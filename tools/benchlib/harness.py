@@ -43,10 +43,11 @@ MIDOL_TRAIN_CONFIG = REPO_ROOT / "bundles" / "midol_multimodal" / "configs" / "t
 PANFM_TRAIN_CONFIG = REPO_ROOT / "bundles" / "panfm_panorgan" / "configs" / "train.json"
 _PANFM_SUBJECT_VOXELS = 2_174_976  # voxels of one subject with every organ at train.json's grids
 FUSED_ADAMW = True  # as the bundle configs set it; both models get the same optimizer
-DATA_TARGET = 2.0
+DATA_TARGET = 2.0  # the data pipeline should deliver at least this many times what training consumes
 H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM, dense bf16 tensor-core peak (datasheet)
-GPU_MFU_ASSUMED = 0.4  # what a GPU step is assumed to reach when estimating how fast it consumes samples  # the data pipeline should deliver at least this many times what training consumes
+GPU_MFU_ASSUMED = 0.4  # what a GPU step is assumed to reach when estimating how fast it consumes samples
 BENCH_SCRIPT = REPO_ROOT / "tools" / "bench.py"
+CPU = torch.device("cpu")
 _STDOUT = sys.stdout  # JSON lines only; everything else (ours and libraries') goes to stderr
 
 
@@ -135,7 +136,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _matmul_gflops(n: int, dtype: torch.dtype, repeats: int, device: torch.device = torch.device("cpu")) -> list[float]:
+def _matmul_gflops(n: int, dtype: torch.dtype, repeats: int, device: torch.device = CPU) -> list[float]:
     """GFLOP/s of ``repeats`` timed ``n x n @ n x n`` products on ``device`` (after one untimed call)."""
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, dtype=dtype, device=device)
@@ -151,7 +152,7 @@ def _matmul_gflops(n: int, dtype: torch.dtype, repeats: int, device: torch.devic
 
 
 def _matmul_sweep(
-    sizes: Sequence[int], dtype: torch.dtype, repeats: int, device: torch.device = torch.device("cpu")
+    sizes: Sequence[int], dtype: torch.dtype, repeats: int, device: torch.device = CPU
 ) -> dict[int, list[float]]:
     return {n: _matmul_gflops(n, dtype, repeats, device) for n in sizes}
 
@@ -211,7 +212,7 @@ class Trainee:
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
     autocast_bf16: bool = False
 
     def loss(self) -> torch.Tensor:
@@ -286,7 +287,7 @@ def _profile(t: Trainee, top: int = 15) -> None:
 
 def _matmul_peak_record(
     fp32_start: dict[int, list[float]], bf16_start: dict[int, list[float]], repeats: int,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> tuple[dict[str, Any], float | None, float | None]:  # fmt: skip
     """Measure the best start size again (after the model steps) and return the peak fields, fp32 and bf16 peaks."""
     ends: dict[str, list[float]] = {}

@@ -56,7 +56,8 @@ def _run_panfm(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     base = {"brain": (96, 112, 96), "heart": (64, 64, 48), "adipose": (96, 64, 32), "liver": (80, 80, 48),
             "kidney": (64, 64, 48), "spleen": (64, 48, 48), "pancreas": (64, 48, 32)}  # panfm train.json
-    shapes = base if args.size == "base" else {o: tuple(max(8, s // 32 * 8) for s in DEFAULT_ORGAN_SHAPES[o]) for o in ORGANS}
+    tiny = {o: tuple(max(8, s // 32 * 8) for s in DEFAULT_ORGAN_SHAPES[o]) for o in ORGANS}
+    shapes = base if args.size == "base" else tiny
     size = {"base": (768, 12, 12, 3072, 16), "tiny": (48, 2, 3, 96, 8)}[args.size]
     enc = PanFMEncoder(ORGANS, shapes, patch_size=size[4], hidden_size=size[0], num_layers=size[1], num_heads=size[2],
                        mlp_dim=size[3]).train()  # fmt: skip

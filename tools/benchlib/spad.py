@@ -200,14 +200,15 @@ def _run_spad_data(args: argparse.Namespace, cfg: SpadSize, train_rate: float) -
         _note(f"data: {len(datalist)} synthetic images ({cfg.data_size_2d}^2 PNG, {cfg.data_size_3d}^2 x "
               f"slices NIfTI) written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
         full = Compose(transforms + random)
-        common = {"size": args.size, "images": len(datalist), "pipeline": [type(t).__name__ for t in transforms + random],
-                  "train_samples_per_s": _r(train_rate), "target": DATA_TARGET}  # fmt: skip
+        common = {"size": args.size, "images": len(datalist),
+                  "pipeline": [type(t).__name__ for t in transforms + random], "train_samples_per_s": _r(train_rate),
+                  "target": DATA_TARGET}  # fmt: skip
         for case, ds in (
             ("data_cold", Dataset(datalist, transform=full)),
             ("data_warm", PersistentDataset(datalist, transform=full, cache_dir=os.path.join(tmp, "cache"))),
         ):
-            fill = [_timed(lambda i=i: ds[i]) for i in range(len(ds))]  # first pass: imports, cache fill
-            samples = [_timed(lambda i=i: ds[i]) for _ in range(2) for i in range(len(ds))]
+            fill = [_timed(lambda i=i, ds=ds: ds[i]) for i in range(len(ds))]  # first pass: imports, cache fill
+            samples = [_timed(lambda i=i, ds=ds: ds[i]) for _ in range(2) for i in range(len(ds))]
             rate = len(samples) / sum(x.wall_s for x in samples)
             records.append({"case": case, **common, "samples": len(samples), "samples_per_s": _r(rate),
                             "ratio_vs_train": _r(rate / train_rate), "meets_target": rate / train_rate >= DATA_TARGET,

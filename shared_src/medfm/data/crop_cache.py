@@ -147,7 +147,7 @@ class CropCacheDataset(torch.utils.data.Dataset):
         out = self._prefix(dict(item))
         if not isinstance(out, Mapping):
             raise ValueError(f"CropCacheDataset: the deterministic transforms of {item} must give one dict, got "
-                             f"{type(out).__name__} (a transform that returns several samples must come later).")  # fmt: skip
+                             f"{type(out).__name__} (a transform giving several samples must come later).")  # fmt: skip
         os.makedirs(self.cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp_")
         try:

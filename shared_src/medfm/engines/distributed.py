@@ -18,9 +18,10 @@ from .step_seed import StepSeedHandler
 
 __all__ = ["EVERY_RANK_HANDLERS", "end_distributed", "handlers_for_rank"]
 
-# Handlers that change the training state (or what each process samples): every process must run them. Everything else (progress bar,
-# TensorBoard, checkpoint saving) writes output and runs on rank 0 only. CheckpointLoader loads weights when the trainer starts, after
-# DistributedDataParallel has synchronised the ranks (MONAI Label's /train inserts one), so every rank must load them itself.
+# Handlers that change the training state (or what each process samples): every process must run them. Everything
+# else (progress bar, TensorBoard, checkpoint saving) writes output and runs on rank 0 only. CheckpointLoader loads
+# weights when the trainer starts, after DistributedDataParallel has synchronised the ranks (MONAI Label's /train
+# inserts one), so every rank must load them itself.
 # Validation runs on every rank too (ignite's metrics all-reduce over the ranks, so an evaluation on rank 0 alone would
 # wait forever): ValidationHandler, and ServedModelSaver, which validates and writes on rank 0 alone.
 EVERY_RANK_HANDLERS: tuple[type, ...] = (

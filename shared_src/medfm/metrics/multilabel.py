@@ -65,7 +65,11 @@ class SubjectProbabilityWriter:
     """
 
     def __init__(
-        self, output_dir: str, label_names: Sequence[str], subject_key: str = "subject", label_key: str | None = "labels"
+        self,
+        output_dir: str,
+        label_names: Sequence[str],
+        subject_key: str = "subject",
+        label_key: str | None = "labels",
     ) -> None:
         self.output_dir = output_dir
         self.label_names = list(label_names)
@@ -105,7 +109,8 @@ class SubjectProbabilityWriter:
         result: dict[str, Any] = {"subjects": len(self.subjects)}
         if self.labels and len(self.labels) == len(self.probs):
             per, macro = multilabel_auroc(probs, np.concatenate(self.labels))
-            write_auroc_table(os.path.join(self.output_dir, "auroc.csv"), [("all organs", per, macro)], self.label_names)
+            rows = [("all organs", per, macro)]
+            write_auroc_table(os.path.join(self.output_dir, "auroc.csv"), rows, self.label_names)
             result |= {"auroc": per, "macro_auroc": macro}
             if engine is not None:
                 engine.state.metrics["macro_auroc"] = macro

@@ -37,7 +37,9 @@ def stack_settings(
     x, y, z = (int(s) for s in whole_body_size)
     if stack == "coronal":
         if factor * num_slices > y:
-            raise ValueError(f"coronal stacks of {num_slices} slices every {factor} need Y >= {factor * num_slices}, got {y}.")
+            raise ValueError(
+                f"coronal stacks of {num_slices} slices every {factor} need Y >= {factor * num_slices}, got {y}."
+            )
         return {"roi_size": [x, num_slices, z], "stack_axis": 1, "factor": factor}
     if num_slices > z:
         raise ValueError(f"axial stacks of {num_slices} slices need Z >= {num_slices}, got {z}.")

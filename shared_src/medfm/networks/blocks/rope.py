@@ -37,7 +37,7 @@ def rope_frequencies(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x`` (..., L, head_dim) by angles with ``cos``/``sin`` of shape (L, head_dim/2)."""
+    """Rotate adjacent channel pairs of ``x`` (..., L, head_dim) by angles; ``cos``/``sin``: (L, head_dim/2)."""
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = cos.to(x.dtype)
     sin = sin.to(x.dtype)
