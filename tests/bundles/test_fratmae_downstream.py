@@ -16,6 +16,8 @@ from medfm.data import generate_synthetic_petct
 
 from .helpers import config_list, configs, run_cli, torchrun_two_processes, workflow
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
+
 B = "fratmae_petct"
 
 

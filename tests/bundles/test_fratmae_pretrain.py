@@ -32,6 +32,8 @@ from .helpers import (
     workflow,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
+
 B = "fratmae_petct"
 TRAIN = ["train.json", "demo.json"]
 

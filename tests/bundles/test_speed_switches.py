@@ -17,6 +17,8 @@ from medfm.utils import speed_switches
 
 from .helpers import save_untrained, workflow
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
+
 BUNDLES = ["fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal"]
 
 

@@ -19,6 +19,8 @@ from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, 
 
 from ..bundles.helpers import config_list, run_cli, save_untrained, workflow
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
+
 
 def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = None, **override) -> dict:
     """Run ``names`` of ``bundle`` with a checkpoint every iteration; return the final state of every module in its

@@ -19,6 +19,8 @@ from medfm.utils import download_bundle, package_bundle, sha256_file
 
 from ..bundles.helpers import REPO, run_cli, workflow
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
+
 B = "fratmae_petct"
 DEMO_NET = {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "mlp_dim": 192, "patch_size": 8,
             "decoder_hidden_size": 64, "decoder_num_layers": 1, "decoder_num_heads": 4, "decoder_mlp_dim": 128,

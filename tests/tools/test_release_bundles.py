@@ -29,6 +29,8 @@ from medfm.utils import download_bundle, load_bundle, package_bundle, sha256_fil
 from ..bundles.helpers import REPO, SCHEMA
 from .test_release import serve
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
+
 BUNDLES = ("fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal")
 DEMO = ("inference.json", "demo_inference.json")
 DEMO_FINETUNE = {"fratmae_petct": ("finetune_seg.json", "demo_seg.json"),
