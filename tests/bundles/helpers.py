@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import gc
 import glob
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
@@ -42,12 +46,43 @@ def run_cli(args: list[str], cwd: str, timeout: int = 300) -> subprocess.Complet
     )  # fmt: skip
 
 
-def run_bundle(bundle: str, cwd, names: list[str], *overrides: str, mode: str | None = "training"):
-    """``python -m monai.bundle run [mode] --config_file <names merged> <overrides>`` in ``cwd``; asserts success."""
-    args = ["run", mode] if mode else ["run"]
-    res = run_cli([*args, "--config_file", config_list(bundle, *names), *overrides], cwd=str(cwd))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res
+def cli_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["--epochs", "2", "--output_dir", "/x"]`` -> ``{"epochs": 2, "output_dir": "/x"}``: values read as Python
+    literals where they are one, as the command line's parser does, else kept as strings."""
+    if len(overrides) % 2 or not all(k.startswith("--") for k in overrides[::2]):
+        raise ValueError(f"overrides must be --key value pairs, got {list(overrides)}")
+    out = {}
+    for key, value in zip(overrides[::2], overrides[1::2]):
+        try:
+            out[key[2:]] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key[2:]] = value
+    return out
+
+
+def run_bundle(bundle: str, cwd, names: list[str], *overrides: str, mode: str | None = "training", cli: bool = False):
+    """Run a bundle's configs (merged in order) with ``--key value`` overrides, in ``cwd``, asserting success.
+
+    ``cli=True``: ``python -m monai.bundle run [mode] --config_file … <overrides>`` in a subprocess (returns the
+    ``CompletedProcess``); otherwise the same run in this process through ``ConfigWorkflow`` (run id ``mode`` or
+    ``run``), which saves an interpreter start per run; one CLI run per bundle keeps the command line covered."""
+    if cli:
+        args = ["run", mode] if mode else ["run"]
+        res = run_cli([*args, "--config_file", config_list(bundle, *names), *overrides], cwd=str(cwd))
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        return res
+    here = os.getcwd()
+    os.chdir(str(cwd))
+    try:
+        wf = ConfigWorkflow(config_file=configs(bundle, *names), meta_file=configs(bundle, "metadata.json")[0],
+                            logging_file=False, run_id=mode or "run", **cli_overrides(overrides))  # fmt: skip
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+    finally:
+        os.chdir(here)
+        gc.collect()
+    return None
 
 
 def zoo_checks_and_export(bundle: str, ckpt_file: str, input_shape: list[int], cwd) -> str:

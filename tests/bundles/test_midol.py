@@ -30,8 +30,8 @@ B = "midol_multimodal"
 pytestmark = pytest.mark.slow
 
 
-def _cli(cwd, names, *overrides, mode="training"):
-    return run_bundle(B, cwd, names, *overrides, mode=mode)
+def _cli(cwd, names, *overrides, mode="training", cli=False):
+    return run_bundle(B, cwd, names, *overrides, mode=mode, cli=cli)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def chain(tmp_path_factory):
     ensure_demo_midol(data, seed=0)
     out = {k: str(root / k) for k in ("pre", "cls", "probe", "seg", "inf", "eval")}
     common = ["--dataset_dir", data]
-    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--epochs", "2")
+    # the command-line smoke run of this bundle; the other runs go in-process
+    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--epochs", "2", cli=True)
     pre = os.path.join(out["pre"], "models", "model.pt")
     _cli(
         root,

@@ -29,8 +29,8 @@ B = "panfm_panorgan"
 pytestmark = pytest.mark.slow
 
 
-def _cli(cwd, names, *overrides, mode="training"):
-    return run_bundle(B, cwd, names, *overrides, mode=mode)
+def _cli(cwd, names, *overrides, mode="training", cli=False):
+    return run_bundle(B, cwd, names, *overrides, mode=mode, cli=cli)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def chain(tmp_path_factory):
     ensure_demo_panfm(data, seed=0)
     out = {k: str(root / k) for k in ("pre", "ft", "probe", "inf", "eval")}
     common = ["--dataset_dir", data]
-    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--max_steps", "12")
+    # the command-line smoke run of this bundle; the other runs go in-process
+    _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["pre"], "--max_steps", "12", cli=True)
     pre = os.path.join(out["pre"], "models", "model.pt")
     _cli(
         root,
