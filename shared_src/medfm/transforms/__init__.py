@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .checks import LoadImageNamedd, MinSpatialSized, source_name
 from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
 from .panfm import (
     SUPPORTED_DROP_MODES,
@@ -39,6 +40,9 @@ from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
 
 __all__ = [
+    "LoadImageNamedd",
+    "MinSpatialSized",
+    "source_name",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropd",
