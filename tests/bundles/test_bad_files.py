@@ -22,9 +22,11 @@ from medfm.data import (
 from medfm.engines import FailedItemsError
 
 from .. import bad_files
+from ..tools import load_tool
 from .helpers import config_list, error_text, run_cli, save_untrained, workflow
 
 INFER = ["inference.json", "demo_inference.json"]
+check_data = load_tool("check_data")
 PANFM_SHAPES = {"brain": [16, 16, 16], "heart": [16, 16, 8], "adipose": [16, 16, 8], "liver": [16, 16, 8],
                 "kidney": [8, 8, 8], "spleen": [8, 8, 8], "pancreas": [16, 8, 8]}  # fmt: skip
 
@@ -194,6 +196,14 @@ def test_fuzz_inference_names_or_predicts_every_file(bundle, tmp_path, weights):
         assert by_path.get(bad[kind], bad[kind]) in failed, (kind, failed)
     for kind in {"good_dicom"} & set(bad):
         assert by_path[bad[kind]] not in failed, failed[by_path[bad[kind]]]
+    # the dataset check, run before, names every input the inference could not read
+    report = check_data.check_dataset(bundle, data, check_data.main.__globals__["argparse"].Namespace(
+        workers=2, images_subdir=None, labels_subdir=None, modalities=None, masks_subdir=None, patch_size=None,
+        num_classes=None), progress=False)  # fmt: skip
+    assert not report["ok"]
+    reported = " ".join(p["file"] for p in report["problems"])
+    for kind in must_fail & set(bad):
+        assert (bad[kind] if os.sep in bad[kind] else f"{bad[kind]}_") in reported, (kind, report["problems"])
 
 
 def test_cli_exits_non_zero_after_writing_the_good_predictions(tmp_path, weights):
