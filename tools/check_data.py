@@ -91,7 +91,7 @@ def _label_problems(lab: np.ndarray, path: str, allowed: set[int], ref: Any | No
     if lab.shape[0] != 1:
         out.append(("wrong_shape", f"{lab.shape[0]} channels (shape {lab.shape}); a label is one grey channel"))
     values = np.unique(lab)
-    extra = [v for v in values.tolist() if v not in allowed]
+    extra = [int(v) if float(v).is_integer() else v for v in values.tolist() if v not in allowed]
     if extra:
         out.append(("label_values", f"values {extra[:10]} outside the expected {sorted(allowed)}"))
     if ref is not None and tuple(lab.shape[1:]) != tuple(ref.shape[1:]):
@@ -245,7 +245,7 @@ def check_dataset(bundle: str, root: str, args: argparse.Namespace, progress: bo
     if progress:
         from tqdm import tqdm
 
-        results = tqdm(results, total=len(units), desc=f"reading {bundle} files", unit="case", file=sys.stderr)
+        results = tqdm(results, total=len(units), desc=f"reading {bundle} files", unit="item", file=sys.stderr)
     hashes: dict[str, str] = {}
     for res in results:
         problems += res["problems"]
@@ -270,7 +270,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"{k:<14} {n:>6}" for k, n in report["summary"].items()]
     if report["problems"]:
         lines += ["", "problems:"] + [f"  {p['kind']:<13} {p['file']}: {p['detail']}" for p in report["problems"]]
-    lines += ["", "OK" if report["ok"] else f"{len(report['problems'])} problems found"]
+    n = len(report["problems"])
+    lines += ["", "OK" if report["ok"] else f"{n} problem{'s' if n > 1 else ''} found: fix or remove these files"]
     return "\n".join(lines)
 
 
