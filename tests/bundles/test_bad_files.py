@@ -220,3 +220,21 @@ def test_cli_exits_non_zero_after_writing_the_good_predictions(tmp_path, weights
     assert [os.path.basename(r["file"]) for r in rows] == ["broken.png"]
     log = res.stdout + res.stderr
     assert "broken.png" in log and "1 of 3 inputs could not be processed" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_training_stops_at_a_bad_file_and_names_it(bundle, tmp_path):
+    """Pre-training preprocessing (``train#preprocessing`` of train.json + demo.json) on a truncated file: the
+    error names the file (fail-fast, nothing skipped)."""
+    data = str(tmp_path / "data")
+    ids = BUNDLES[bundle](data, None)
+    wf = workflow(bundle, ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp_path / "out"))
+    item = wf.parser.get_parsed_content("train#datalist")[0]
+    paths = [v for v in item.values() if isinstance(v, str) and v.endswith((".nii.gz", ".png"))]
+    target = item.get("pet") or item.get("image") or paths[0]  # an image the pre-training reads
+    bad_files.truncate(target, target)
+    with pytest.raises(Exception) as e:
+        wf.parser.get_parsed_content("train#preprocessing")(item)
+    text = error_text(e.value)
+    assert any(f"{target}: " in line or f"{target} cannot be read" in line for line in text.splitlines()), text[-2000:]
+    assert ids  # the data existed
