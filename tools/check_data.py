@@ -9,11 +9,12 @@ Usage::
     python tools/check_data.py panfm_panorgan /data/panfm
 
 Each bundle's data layout (the one its configs read) is checked per file for: ``unreadable`` (corrupt, truncated,
-not an image), ``non_finite`` voxels (NaN/Inf), ``wrong_shape`` (a 4D volume, a multi-channel scan, an RGB mask),
-``wrong_dtype`` (complex voxels, which loading casts to real), ``too_small`` (an axis under one patch of the model, the size its inference refuses), ``degenerate`` (an axis of one
-voxel, or a constant image), ``grid_mismatch`` (CT or label not on the PET's grid, a label not on its image's
-grid), ``label_values`` (values outside the expected classes), ``duplicate`` (byte-identical images; labels may repeat) and
-``missing_pair`` (a CT without PET, a label without image, a listed file that does not exist). A summary table
+not an image), ``non_finite`` voxels (NaN/Inf), ``wrong_dtype`` (complex voxels, which loading casts to real),
+``wrong_shape`` (a 4D volume, a multi-channel scan, an RGB mask), ``too_small`` (an axis under one patch of the
+model, the size its inference refuses), ``degenerate`` (an axis of one voxel, or a constant image),
+``grid_mismatch`` (CT or label not on the PET's grid, a label not on its image's grid), ``label_values`` (values
+outside the expected classes), ``duplicate`` (byte-identical images; labels may repeat) and ``missing_pair`` (a CT
+without PET, a label without image, a listed file that does not exist). A summary table
 goes to stdout; the exit status is 1 when anything is wrong. ``--json`` writes the full report.
 """
 
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 
 BUNDLES = ("fratmae_petct", "spad_vit", "midol_multimodal", "panfm_panorgan")
-KINDS = ("unreadable", "non_finite", "wrong_dtype", "wrong_shape", "too_small", "degenerate", "grid_mismatch", "label_values",
-         "duplicate", "missing_pair")  # fmt: skip
+KINDS = ("unreadable", "non_finite", "wrong_dtype", "wrong_shape", "too_small", "degenerate", "grid_mismatch",
+         "label_values", "duplicate", "missing_pair")
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles")
 
 
@@ -116,8 +117,8 @@ def check_unit(unit: dict[str, Any]) -> dict[str, Any]:
 
             dtype = nib.load(path).get_data_dtype()
             if dtype.kind == "c" or dtype.names:
-                problems.append({"file": path, "kind": "wrong_dtype",
-                                 "detail": f"voxel type {dtype} (loading keeps only the real part of complex values)"})  # fmt: skip
+                detail = f"voxel type {dtype} (loading keeps only the real part of complex values)"
+                problems.append({"file": path, "kind": "wrong_dtype", "detail": detail})
         arrays[role] = (arr, affine)
         if role in unit.get("labels", ()):
             ref = None if role in unit.get("same_grid", ()) else arrays.get(unit["labels"][role], (None,))[0]
@@ -152,8 +153,8 @@ def units_for(bundle: str, root: str, args: argparse.Namespace) -> tuple[list[di
         for case in sorted(set(ct) | set(pet)):
             if case not in ct or case not in pet:
                 have = ct.get(case) or pet.get(case)
-                problems.append({"file": have, "kind": "missing_pair",
-                                 "detail": f"case {case} has no {'CT (_0000)' if case not in ct else 'PET (_0001)'}"})  # fmt: skip
+                lacks = "CT (_0000)" if case not in ct else "PET (_0001)"
+                problems.append({"file": have, "kind": "missing_pair", "detail": f"case {case} has no {lacks}"})
                 continue
             unit = {"case": case, "ct": ct[case], "pet": pet[case], "read": ["pet", "ct"], "min_size": [patch] * 3,
                     "channels": [1], "grid_ref": "pet", "same_grid": ["ct"]}  # fmt: skip
@@ -228,8 +229,8 @@ def units_for(bundle: str, root: str, args: argparse.Namespace) -> tuple[list[di
                         problems.append({"file": path, "kind": "missing_pair",
                                          "detail": f"subject {subject}: {col} file listed but missing"})  # fmt: skip
                 elif col not in ORGANS and col != "subject" and value not in ("", "0", "1"):
-                    problems.append({"file": table, "kind": "label_values",
-                                     "detail": f"subject {subject}: label {col}={value!r}, expected 0 or 1"})  # fmt: skip
+                    detail = f"subject {subject}: label {col}={value!r}, expected 0 or 1"
+                    problems.append({"file": table, "kind": "label_values", "detail": detail})
     return units, problems
 
 

@@ -57,7 +57,9 @@ def _spad(data: str, bad: dict | None) -> dict[str, str]:
         good2d = sorted(glob.glob(os.path.join(images, "*.png")))[0]
         bad.update(bad_files.volumes(images, good3d, prefix="bad_"))
         bad.update(bad_files.images_2d(images, good2d))
-        bad["good_dicom"] = bad_files.good_dicom(os.path.join(images, "mr_dicom.dcm"))
+        dicom = bad_files.good_dicom(os.path.join(images, "mr_dicom.dcm"))
+        if dicom:
+            bad["good_dicom"] = dicom
     return {_stem(p): p for p in glob.glob(os.path.join(images, "*"))}
 
 
@@ -67,7 +69,9 @@ def _midol(data: str, bad: dict | None) -> dict[str, str]:
     if bad is not None:
         good = sorted(glob.glob(os.path.join(folder, "*.png")))[0]
         bad.update(bad_files.images_2d(folder, good))
-        bad["good_dicom"] = bad_files.good_dicom(os.path.join(folder, "dicom_good.dcm"))
+        dicom = bad_files.good_dicom(os.path.join(folder, "dicom_good.dcm"))
+        if dicom:
+            bad["good_dicom"] = dicom
         bad["volume"] = bad_files.nifti(os.path.join(folder, "volume.nii.gz"), bad_files.np.ones((4, 4, 4), "f4"))
     return {_stem(p): p for p in glob.glob(os.path.join(folder, "*"))}
 

@@ -94,7 +94,8 @@ def test_error_reason_skips_monai_wrappers():
 
 def test_min_spatial_size_names_the_file_and_the_minimum():
     img = MetaTensor(torch.zeros(1, 1, 1, 1), meta={"filename_or_obj": "/d/tiny.nii.gz"})
-    with pytest.raises(ValueError, match=r"/d/tiny.nii.gz: 'image' of spatial shape \(1, 1, 1\).*at least \(1, 16, 16\)"):
+    msg = r"/d/tiny.nii.gz: 'image' of spatial shape \(1, 1, 1\).*at least \(1, 16, 16\)"
+    with pytest.raises(ValueError, match=msg):
         MinSpatialSized("image", [1, 16, 16])({"image": img})
     ok = MetaTensor(torch.zeros(1, 1, 16, 20))
     assert MinSpatialSized("image", [1, 16, 16])({"image": ok})["image"] is ok

@@ -73,12 +73,15 @@ def test_damaged_volumes_are_reported_by_kind(tmp_path, capsys):
         os.path.basename(label): "label_values", "orphan.nii.gz": "missing_pair", "copy_of_good.nii.gz": "duplicate",
     }  # fmt: skip
     for name, kind in expected.items():
+        if not os.path.exists(os.path.join(images, name)) and name.endswith(".dcm"):
+            continue  # nibabel installed without its test DICOM
         if name == "copy_of_good.nii.gz":  # the later of the two identical files in path order is flagged
             name = max(name, os.path.basename(good))
         assert kind in kinds.get(name, set()), (name, kinds.get(name))
     assert "rgb_png.png" not in kinds  # an 8-bit RGB image is a valid SPAD-ViT input
     data = json.load(open(report))
-    assert data["ok"] is False and data["summary"]["unreadable"] == 4 and data["summary"]["label_values"] == 1
+    unreadable = 3 + os.path.exists(os.path.join(images, "dicom_truncated.dcm"))
+    assert data["ok"] is False and data["summary"]["unreadable"] == unreadable and data["summary"]["label_values"] == 1
     assert "label_values        1" in out and "problems found" in out
 
 

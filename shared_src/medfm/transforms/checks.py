@@ -31,7 +31,8 @@ class LoadImageNamedd(LoadImaged):
         try:
             return super().__call__(data, reader)
         except Exception as e:
-            files = [os.fspath(data[k]) for k in self.key_iterator(dict(data)) if isinstance(data[k], (str, os.PathLike))]
+            d = dict(data)
+            files = [os.fspath(d[k]) for k in self.key_iterator(d) if isinstance(d[k], (str, os.PathLike))]
             name = ", ".join(files) if files else str([k for k in self.keys])
             cause = " ".join(str(e).split())[:500]
             raise ValueError(f"{name}: cannot be read (corrupt, truncated or not an image): "
