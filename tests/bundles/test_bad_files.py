@@ -198,7 +198,7 @@ def test_fuzz_inference_names_or_predicts_every_file(bundle, tmp_path, weights):
         must_fail.discard("tiny")  # resized to the model's input size: any size is taken (the check tool flags it)
     for kind in must_fail & set(bad):
         assert by_path.get(bad[kind], bad[kind]) in failed, (kind, failed)
-    for kind in {"good_dicom"} & set(bad):
+    for kind in {"good_dicom", "rgb_png"} & set(bad):  # valid inputs: an MR DICOM slice, an 8-bit RGB image
         assert by_path[bad[kind]] not in failed, failed[by_path[bad[kind]]]
     # the dataset check, run before, names every input the inference could not read
     report = check_data.check_dataset(bundle, data, check_data.main.__globals__["argparse"].Namespace(

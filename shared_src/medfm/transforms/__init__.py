@@ -11,7 +11,7 @@ from .panfm import (
     LoadOrgansd,
     organ_drop_draws,
 )
-from .planar import RowsFirstd, is_planar_file
+from .planar import NoChannelMetad, RowsFirstd, is_planar_file
 from .petct import (
     LoadPETCTd,
     PETCTChannelsd,
@@ -40,6 +40,7 @@ from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
 
 __all__ = [
+    "NoChannelMetad",
     "LoadImageNamedd",
     "MinSpatialSized",
     "source_name",
