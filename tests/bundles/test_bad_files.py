@@ -244,3 +244,11 @@ def test_training_stops_at_a_bad_file_and_names_it(bundle, tmp_path):
     text = error_text(e.value)
     assert any(f"{target}: " in line or f"{target} cannot be read" in line for line in text.splitlines()), text[-2000:]
     assert ids  # the data existed
+
+
+def test_clean_folder_writes_a_header_only_failed_csv(tmp_path, weights):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    ids = _midol(data, None)
+    assert _infer("midol_multimodal", data, out, weights("midol_multimodal")) is None
+    assert _predicted("midol_multimodal", out) == set(ids)
+    assert open(os.path.join(out, "failed.csv"), encoding="utf-8").read().splitlines() == ["file,reason"]
