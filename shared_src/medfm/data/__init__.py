@@ -1,6 +1,7 @@
 """Datalists, prompts and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
+from .failures import FAILED_KEY, LOAD_ERROR_KEY, FileErrorDataset, collate_skip_failed, error_reason, item_source
 from .group_sampler import GroupBatchSampler, length_buckets, shuffle_batch_sampler
 from .seeded import SeededDataset, SeededSample, seeded_random_state
 from .autopet import (
@@ -41,6 +42,12 @@ from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 
 __all__ = [
+    "FAILED_KEY",
+    "LOAD_ERROR_KEY",
+    "FileErrorDataset",
+    "collate_skip_failed",
+    "error_reason",
+    "item_source",
     "LABELS_SUBDIR",
     "export_petct_studies",
     "studies_datalist",

@@ -126,6 +126,7 @@ def build_image_folder_datalist(
     masks_subdir: str | None = None,
     require_labels: bool = False,
     check_images: bool = True,
+    unreadable: str = "raise",
 ) -> list[dict[str, Any]]:
     """Datalist of the 2D images in ``<dataset_dir>/<modality>/`` folders (layout: module doc).
 
@@ -147,6 +148,9 @@ def build_image_folder_datalist(
         masks_subdir: folder of the masks inside ``dataset_dir``; when given, every image needs a mask.
         require_labels: the classes file must exist and list every image.
         check_images: open each image's header (catches unreadable files and multi-frame DICOM up front).
+        unreadable: ``"raise"``: an unreadable image or a file of another type is an error; ``"record"`` (batch
+            inference): it becomes an item with the reason under ``load_error``
+            (:class:`medfm.data.FileErrorDataset` reports it as failed without loading it).
 
     Returns:
         The datalist, sorted by modality (in ``modalities`` order), then path.
@@ -157,6 +161,8 @@ def build_image_folder_datalist(
             unsupported suffix or an unreadable image (naming the file), a missing class or mask, a malformed
             classes table, repeated modality names.
     """
+    if unreadable not in ("raise", "record"):
+        raise ValueError(f"unreadable must be 'raise' or 'record', got {unreadable!r}.")
     root = os.path.abspath(dataset_dir)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"M-IDoL dataset directory {root} does not exist (or is not a directory).")
@@ -164,10 +170,14 @@ def build_image_folder_datalist(
     if not modalities or len(set(modalities)) != len(modalities):
         raise ValueError(f"modalities must be distinct folder names, got {modalities}.")
     found: list[tuple[int, str, str]] = []  # (modality index, modality, path relative to root)
+    rejected: list[tuple[int, str, str]] = []  # files of another type, kept as failed items with "record"
     for index, modality in enumerate(modalities):
         folder = os.path.join(root, modality)
         images, others = find_modality_images(folder)
-        if others:
+        bad = []
+        if others and unreadable == "record":
+            bad = [os.path.normpath(os.path.join(modality, rel)) for rel in others]
+        elif others:
             raise ValueError(
                 f"{os.path.join(folder, others[0])}: unsupported file type ({len(others)} such files in {folder}); "
                 f"images must end with one of {IMAGE_SUFFIXES}."
@@ -175,6 +185,7 @@ def build_image_folder_datalist(
         if not images and not require_any:
             raise ValueError(f"modality {modality!r} has no images in {folder} (require_any=False).")
         found += [(index, modality, os.path.normpath(os.path.join(modality, rel))) for rel in images]
+        rejected += [(index, modality, rel) for rel in bad]
     _warn_unread_folders(root, modalities, masks_subdir)
     if not found:
         raise ValueError(
@@ -190,11 +201,21 @@ def build_image_folder_datalist(
             raise FileNotFoundError(f"classes file {classes_file} does not exist (nor inside {root}).")
     elif require_labels:
         raise ValueError("require_labels=True needs a classes_file.")
-    datalist = []
+    datalist: list[dict[str, Any]] = [
+        {"image": os.path.join(root, rel), "modality": modality, "modality_index": index,
+         "load_error": f"unsupported file type; images must end with one of {IMAGE_SUFFIXES}"}
+        for index, modality, rel in rejected
+    ]  # fmt: skip
     for index, modality, rel in found:
         item: dict[str, Any] = {"image": os.path.join(root, rel), "modality": modality, "modality_index": index}
         if check_images:
-            _check_image(item["image"])
+            try:
+                _check_image(item["image"])
+            except ValueError as e:
+                if unreadable == "raise":
+                    raise
+                datalist.append({**item, "load_error": str(e)})
+                continue
         if classes is not None:
             if rel not in classes and require_labels:
                 raise ValueError(f"{path}: no class for image {rel} (require_labels=True).")

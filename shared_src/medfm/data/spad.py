@@ -171,6 +171,7 @@ def build_spad_datalist(
     require_labels: bool = False,
     classes_file: str | None = None,
     max_in_plane: int | None = None,
+    unreadable: str = "raise",
 ) -> list[dict[str, Any]]:
     """Datalist of the 2D images and 3D volumes under ``<dataset_dir>/<images_subdir>`` (layout: module doc).
 
@@ -192,6 +193,9 @@ def build_spad_datalist(
         max_in_plane: the shorter in-plane side a pipeline limits images to
             (:class:`medfm.transforms.LimitInPlaneSized`): ``aniso_d``, ``spacing`` and ``shape`` are then given
             after that resize. ``None``: as in the file.
+        unreadable: ``"raise"``: an unreadable header is an error; ``"record"`` (batch inference): the item keeps
+            ``image`` (and ``label``) with the reason under ``load_error`` instead of the header fields
+            (:class:`medfm.data.FileErrorDataset` reports it as failed without loading it).
 
     Returns:
         The datalist, sorted by image path.
@@ -201,6 +205,8 @@ def build_spad_datalist(
         ValueError: no image found, a label missing while ``require_labels``, an unreadable header (naming the
             file), or a malformed classes table.
     """
+    if unreadable not in ("raise", "record"):
+        raise ValueError(f"unreadable must be 'raise' or 'record', got {unreadable!r}.")
     root = os.path.abspath(dataset_dir)
     images_dir, labels_dir = os.path.join(root, images_subdir), os.path.join(root, labels_subdir)
     if not os.path.isdir(root):
@@ -227,7 +233,12 @@ def build_spad_datalist(
             item["label"] = label
         elif require_labels:
             raise ValueError(f"image {item['image']} has no label {os.path.join(labels_dir, _stem(rel))}.* .")
-        item.update(_read_header(item["image"], max_in_plane))
+        try:
+            item.update(_read_header(item["image"], max_in_plane))
+        except ValueError as e:
+            if unreadable == "raise":
+                raise
+            item["load_error"] = str(e)
         if classes is not None:
             item["class"] = classes[rel]
         datalist.append(item)

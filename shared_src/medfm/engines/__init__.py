@@ -1,5 +1,6 @@
 from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
+from .failures import FailedItemsError, FailedItemsWriter, SkipFailedIteration, failed_items
 from .distributed import EVERY_RANK_HANDLERS, end_distributed, handlers_for_rank
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
 from .iteration import SSLIteration, loss_scalar, loss_terms
@@ -18,6 +19,10 @@ from .tokenizer_iteration import TokenizerIteration
 from .tracking import executed_config, mlflow_settings
 
 __all__ = [
+    "FailedItemsError",
+    "FailedItemsWriter",
+    "SkipFailedIteration",
+    "failed_items",
     "EVERY_RANK_HANDLERS",
     "AtomicCheckpointSaver",
     "BestModelSaver",

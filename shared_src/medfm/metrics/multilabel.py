@@ -89,6 +89,8 @@ class SubjectProbabilityWriter:
 
     def collect(self, engine: Engine) -> None:
         batch, out = engine.state.batch, engine.state.output
+        if out is None:  # every item of the batch failed (medfm.engines.SkipFailedIteration recorded them)
+            return
         logits = out["pred"] if isinstance(out, dict) else torch.stack([o["pred"] for o in out])
         probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
         if probs.shape[1] != len(self.label_names):

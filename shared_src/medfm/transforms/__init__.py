@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .checks import LoadImageNamedd, MinSpatialSized, source_name
 from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
 from .panfm import (
     SUPPORTED_DROP_MODES,
@@ -10,7 +11,7 @@ from .panfm import (
     LoadOrgansd,
     organ_drop_draws,
 )
-from .planar import RowsFirstd, is_planar_file
+from .planar import NoChannelMetad, RowsFirstd, is_planar_file
 from .petct import (
     LoadPETCTd,
     PETCTChannelsd,
@@ -39,6 +40,10 @@ from .stacks import RandStackCrop, RandStackCropd, StackCrop, stack_crop_starts
 from .text import TokenizePromptd
 
 __all__ = [
+    "NoChannelMetad",
+    "LoadImageNamedd",
+    "MinSpatialSized",
+    "source_name",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropd",

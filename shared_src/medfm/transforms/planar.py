@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform
 from monai.utils import TraceKeys
 
-__all__ = ["RowsFirstd", "is_planar_file"]
+__all__ = ["NoChannelMetad", "RowsFirstd", "is_planar_file"]
 
 _DICOM_ROWS_TAG = "0028|0010"
 
@@ -104,4 +104,28 @@ class RowsFirstd(MapTransform, InvertibleTransform):
                 out = out.unsqueeze(-1)
             out.affine = affine
             d[key] = out
+        return d
+
+
+class NoChannelMetad(MapTransform):
+    """Mark images as coming from a file without a channel axis (``meta["original_channel_dim"] = NaN``, what MONAI's
+    readers write for a grey image).
+
+    A label map predicted for an RGB PNG inherits the PNG's ``original_channel_dim = -1`` (through ``Invertd``),
+    and MONAI 1.6's NIfTI and ITK writers then fail to save it (``SaveImage cannot find a suitable writer``); marked
+    like a grey image's prediction, it is saved like one. Place it right before ``SaveImaged``.
+
+    Args:
+        keys: channel-first MetaTensors (the predictions).
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["original_channel_dim"] = float("nan")
         return d
