@@ -19,7 +19,8 @@ absent) and prints, every ``--every`` steps, with ``T`` the step's teacher tempe
 - ``d_student``: norm of the student's parameter change at that step.
 
 Before training it prints the mean cosine similarity between subjects of the teacher's CLS feature and of its
-head's bottleneck, on the subjects that have all organs. ``--invert-half`` replaces every second subject's images
+head's bottleneck, on the subjects that have all organs (with ``input_centering``, on images centred by the
+cohort's mean images, which the run's running means reach after one epoch). ``--invert-half`` replaces every second subject's images
 ``x`` by ``1 - x`` (a large difference in content) to tell a too-small input difference from a broken mechanism.
 Two variants that the bundle does not ship can be tried: ``--freeze-last-layer N`` drops the gradients of the
 student heads' prototypes for the first N steps (DINO and iBOT freeze them during the first epoch), and
@@ -194,8 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     full = [it for it in items if bool(torch.as_tensor(it["present"]).all())][:16]
     batch = default_collate(full) if len(full) >= 2 else None
     if batch is not None:
+        encoder = net.teacher.encoder
+        if getattr(net, "input_centering", False):  # the mean images the run reaches after one epoch
+            import copy
+
+            encoder = copy.deepcopy(encoder)
+            every = default_collate(items)
+            encoder.update_input_mean({o: every["image_" + o].float() for o in organs}, every["present"].bool())
         with torch.no_grad():
-            out = net.teacher.encoder({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
+            out = encoder({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
             print(f"init, {len(full)} subjects with every organ: mean cosine between subjects of the teacher's CLS "
                   f"{mean_offdiag_cosine(out.cls):.4f}, of its head bottleneck "
                   f"{mean_offdiag_cosine(net.teacher.head.mlp(out.cls)):.4f}")  # fmt: skip
@@ -235,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 @torch.no_grad()
 def _print_final(net, loss, batch, organs: Sequence[str], temp: float) -> None:
     """The teacher's CLS target on the subjects with every organ (differences from the images only)."""
+    net.eval()  # the teacher computes as in training; evaluation mode only keeps its mean images as they are
     t = net.forward_teacher({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
     t = t["cls_logits"].float()
     q = F.softmax((t - loss.cls_loss.center) / temp, -1)

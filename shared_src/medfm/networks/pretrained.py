@@ -189,12 +189,16 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
 def load_panfm_encoder(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
     """Copy a Pan-FM encoder into a downstream model's ``encoder``: from a pre-training checkpoint (the EMA
     teacher's encoder, ``teacher.encoder.*``, as DINO evaluates) or from a fine-tuned model (``encoder.*``);
-    same checks and report as :func:`load_fratmae_encoders`."""
+    same checks and report as :func:`load_fratmae_encoders`. A checkpoint without the encoder's ``pos_scale`` and
+    mean-image buffers (written before they existed) loads with scale 1 and zero means, as it was trained."""
     state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
     if any(k.startswith("teacher.encoder.") for k in state):
         state = {
             "encoder." + k[len("teacher.encoder.") :]: v for k, v in state.items() if k.startswith("teacher.encoder.")
         }
+    encoder = getattr(network, "encoder", None)
+    if hasattr(encoder, "legacy_state") and "encoder.cls_token" in state and "encoder.pos_scale" not in state:
+        state = {**encoder.legacy_state("encoder."), **state}  # written before the scale and mean buffers existed
     return _load_part(network, path, state, ("encoder.",), "Pan-FM")
 
 
