@@ -391,6 +391,19 @@ def test_checkpoints_without_the_new_buffers_load_as_they_were_trained(tmp_path)
     load_panfm_encoder(clf, tmp_path / "old.pt")
     assert float(clf.encoder.pos_scale) == 1.0
     assert torch.allclose(clf.encoder.eval()(images, present).cls, enc(images, present).cls, atol=1e-6)
+    # a fine-tuned model written before the buffers: strict loading by file, and the release check
+    from medfm.networks import load_weights
+    from medfm.utils.release import check_weights_fit
+
+    old_clf = {k: v for k, v in clf.state_dict().items() if k.split(".")[-1] not in new}
+    torch.save(old_clf, tmp_path / "old_clf.pt")
+    clf2 = PanFMClassifier(2, organs=ORG, organ_shapes=SHAPES, pos_embed_scale=0.25, **SMALL)
+    check_weights_fit(clf2, old_clf, tmp_path / "old_clf.pt")
+    load_weights(clf2, tmp_path / "old_clf.pt")
+    assert float(clf2.encoder.pos_scale) == 1.0
+    assert torch.allclose(clf2.eval()(images, present), clf.eval()(images, present), atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):  # a file missing real weights is still refused
+        check_weights_fit(clf2, {k: v for k, v in old_clf.items() if k != "head.weight"}, "x.pt")
     torch.save(model.state_dict(), tmp_path / "new.pt")  # a new checkpoint brings its scale and means along
     load_panfm_encoder(clf, tmp_path / "new.pt")
     assert float(clf.encoder.pos_scale) == 0.25
