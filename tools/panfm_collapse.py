@@ -2,7 +2,8 @@
 """Where Pan-FM's demo pre-training collapses: per-step diagnostics of the self-distillation targets.
 
     python tools/panfm_collapse.py [--data DIR] [--subjects 96] [--steps 144] [--seed 0] [--every 12]
-                                   [--invert-half] [--freeze-last-layer N] [--koleo W] [--set KEY=VALUE ...]
+                                   [--invert-half] [--freeze-last-layer N] [--koleo W] [--pos-scale S]
+                                   [--embed-norm] [--set KEY=VALUE ...]
 
 Pre-trains ``train.json`` + ``demo.json`` in-process (same network, loss, optimizer, sampler, schedules and
 :class:`medfm.engines.PanFMIteration` as the bundle; ``--set`` overrides config ids, e.g.
@@ -18,12 +19,20 @@ absent) and prints, every ``--every`` steps, with ``T`` the step's teacher tempe
 - ``d_student``: norm of the student's parameter change at that step.
 
 Before training it prints the mean cosine similarity between subjects of the teacher's CLS feature and of its
-head's bottleneck, on the subjects that have all organs. ``--invert-half`` replaces every second subject's images
+head's bottleneck, on the subjects that have all organs (with ``input_centering``, on images centred by the
+cohort's mean images, which the run's running means reach after one epoch). ``--invert-half`` replaces every second subject's images
 ``x`` by ``1 - x`` (a large difference in content) to tell a too-small input difference from a broken mechanism.
 Two variants that the bundle does not ship can be tried: ``--freeze-last-layer N`` drops the gradients of the
 student heads' prototypes for the first N steps (DINO and iBOT freeze them during the first epoch), and
 ``--koleo W`` adds ``W`` times DINOv2's KoLeo term (``-mean_b log min_{b' != b} ||x_b - x_b'||`` over the
-L2-normalised student CLS features of the batch) to the loss.
+L2-normalised student CLS features of the batch) to the loss. Two encoder variants: ``--pos-scale S`` multiplies
+the fixed sine-cosine position embeddings of student and teacher by ``S`` (0 removes them), and ``--embed-norm``
+puts a LayerNorm (one per branch, shared by the organs) after each organ's patch embedding.
+
+At the end it prints the teacher's CLS target on the same subjects with every organ (one presence pattern, so any
+difference between their targets comes from the images): ``MI_t`` over them, their mean ``H_t`` and the mean
+cosine between their centred teacher logits. Within a training batch ``MI_t`` also counts differences that come
+from which organs are present.
 """
 
 from __future__ import annotations
@@ -69,6 +78,34 @@ def koleo(x: torch.Tensor) -> torch.Tensor:
     return -torch.log(d.min(1).values + 1e-8).mean()
 
 
+class _NormedEmbed(torch.nn.Module):
+    """A patch embedding followed by a LayerNorm over its tokens (``--embed-norm``)."""
+
+    def __init__(self, embed: torch.nn.Module, norm: torch.nn.LayerNorm) -> None:
+        super().__init__()
+        self.embed, self.norm = embed, norm
+
+    def forward(self, x: torch.Tensor, *args):
+        tok, grid = self.embed(x, *args)
+        return self.norm(tok), grid
+
+
+def _change_encoder(net, pos_scale: float, embed_norm: bool) -> None:
+    """Scale the position embeddings of both branches by ``pos_scale``; with ``embed_norm`` give each branch a
+    LayerNorm after its patch embeddings (the teacher a copy of the student's, so EMA keeps them paired)."""
+    import copy
+
+    for branch in (net.student, net.teacher):
+        enc = branch.encoder
+        for o in enc.organs:
+            getattr(enc, f"pos_{o}").mul_(pos_scale)
+    if embed_norm:
+        norm = torch.nn.LayerNorm(net.student.encoder.hidden_size, eps=1e-6)
+        for branch, ln in ((net.student, norm), (net.teacher, copy.deepcopy(norm).requires_grad_(False))):
+            for o in branch.encoder.organs:
+                branch.encoder.patch_embed[o] = _NormedEmbed(branch.encoder.patch_embed[o], ln)
+
+
 def _add_variants(net, loss, optimizer, state, freeze_steps: int, koleo_weight: float) -> None:
     """Wrap the optimizer step (prototype gradients dropped while ``state.iteration <= freeze_steps``) and the
     loss (plus ``koleo_weight`` x KoLeo of the student CLS features, read by a hook on the student's head)."""
@@ -105,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--invert-half", action="store_true", help="x -> 1 - x for every second subject's images")
     p.add_argument("--freeze-last-layer", type=int, default=0, help="steps with frozen prototypes (default 0)")
     p.add_argument("--koleo", type=float, default=0.0, help="weight of a KoLeo term on the student CLS (default 0)")
+    p.add_argument("--pos-scale", type=float, default=1.0, help="factor on the position embeddings (default 1)")
+    p.add_argument("--embed-norm", action="store_true", help="LayerNorm after the patch embeddings")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (Python literals)")
     args = p.parse_args(argv)
     import tempfile
@@ -132,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser[key] = ast.literal_eval(value)
     set_determinism(seed=args.seed)
     net = parser.get_parsed_content("network_def")
+    _change_encoder(net, args.pos_scale, args.embed_norm)
     loss = parser.get_parsed_content("loss_def")
     optimizer = parser.get_parsed_content("optimizer")
     iteration = parser.get_parsed_content("train#iteration")
@@ -153,10 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _add_variants(net, loss, optimizer, state, args.freeze_last_layer, args.koleo)
     full = [it for it in items if bool(torch.as_tensor(it["present"]).all())][:16]
-    if len(full) >= 2:
-        batch = default_collate(full)
+    batch = default_collate(full) if len(full) >= 2 else None
+    if batch is not None:
+        encoder = net.teacher.encoder
+        if getattr(net, "input_centering", False):  # the mean images the run reaches after one epoch
+            import copy
+
+            encoder = copy.deepcopy(encoder)
+            every = default_collate(items)
+            encoder.update_input_mean({o: every["image_" + o].float() for o in organs}, every["present"].bool())
         with torch.no_grad():
-            out = net.teacher.encoder({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
+            out = encoder({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
             print(f"init, {len(full)} subjects with every organ: mean cosine between subjects of the teacher's CLS "
                   f"{mean_offdiag_cosine(out.cls):.4f}, of its head bottleneck "
                   f"{mean_offdiag_cosine(net.teacher.head.mlp(out.cls)):.4f}")  # fmt: skip
@@ -184,10 +231,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{mean_offdiag_cosine(net.student.head.last_weight().detach()):10.3f} {moved ** 0.5:10.4f}",
                       flush=True)  # fmt: skip
             if n >= args.steps:
-                tmp.cleanup()
-                return 0
+                break
+        if state.iteration >= args.steps:
+            break
+    if batch is not None:
+        _print_final(net, loss, batch, organs, out["terms"]["teacher_temp"])
     tmp.cleanup()
     return 0
+
+
+@torch.no_grad()
+def _print_final(net, loss, batch, organs: Sequence[str], temp: float) -> None:
+    """The teacher's CLS target on the subjects with every organ (differences from the images only)."""
+    net.eval()  # the teacher computes as in training; evaluation mode only keeps its mean images as they are
+    t = net.forward_teacher({o: batch["image_" + o].float() for o in organs}, batch["present"].bool())
+    t = t["cls_logits"].float()
+    q = F.softmax((t - loss.cls_loss.center) / temp, -1)
+    print(f"end, {t.shape[0]} subjects with every organ: MI_t {subject_information(q):.3f}, H_t "
+          f"{float(entropy(q).mean()):.2f}, mean cosine between subjects of the centred teacher logits "
+          f"{mean_offdiag_cosine(t - t.mean(0)):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

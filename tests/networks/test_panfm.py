@@ -330,3 +330,81 @@ def test_panfm_network_def_builds_from_the_config_alone(tmp_path):
         parser[f"network_def#{k}"] = v
     net = parser.get_parsed_content("network_def")
     assert parser["num_labels"] == 4 and net.head.out_features == 4
+
+
+# ---------------------------------------------------------------- position scale, input centring, old checkpoints
+
+
+def test_input_centring_mean_and_position_scale_match_a_naive_embedding():
+    model = _pair(drop_path_rate=0.0, pos_embed_scale=0.25, input_centering=True).train()
+    rows = ([[1, 1, 0], [1, 0, 1], [0, 1, 1]], [[1, 1, 1]] * 3)
+    batches = [(_images(3, seed=s), _present(p)) for s, p in zip((1, 2), rows)]
+    for images, present in batches:
+        model.forward_teacher(images, present)
+    for i, o in enumerate(ORG):  # the mean of every present image seen, by a naive loop
+        seen = [images[o][b] for images, present in batches for b in range(3) if present[b, i]]
+        naive = torch.stack(seen).mean(0)
+        for enc in (model.teacher.encoder, model.student.encoder):
+            assert torch.allclose(getattr(enc, f"input_mean_{o}"), naive, atol=1e-6), o
+            assert enc.input_count[i] == len(seen)
+    model.eval()
+    before = model.teacher.encoder.input_mean_brain.clone()
+    images, present = _images(2, seed=3), _present([[1, 1, 1], [1, 0, 1]])
+    model.forward_teacher(images, present)  # evaluation mode: the means stay
+    assert torch.equal(model.teacher.encoder.input_mean_brain, before)
+    enc = model.teacher.encoder
+    tokens, _, _ = enc.pack(images, present)
+    for b, row in enumerate(present.tolist()):
+        ref = []
+        for i, (o, p) in enumerate(zip(ORG, row)):
+            if p:
+                x = images[o][b : b + 1] - getattr(enc, f"input_mean_{o}")
+                conv = enc.patch_embed[o].proj(x).flatten(2)[0].t()
+                ref.append(conv + 0.25 * getattr(enc, f"pos_{o}") + enc.organ_embed[i])
+        ref = torch.cat(ref)
+        assert torch.allclose(tokens[b, : len(ref)], ref, atol=1e-5)
+    with pytest.raises(ValueError, match="pos_embed_scale"):
+        _encoder(pos_embed_scale=-1.0)
+
+
+def test_checkpoints_without_the_new_buffers_load_as_they_were_trained(tmp_path):
+    from medfm.networks import load_panfm_encoder
+    from medfm.networks.nets import PanFMClassifier
+
+    new = {"pos_scale", "input_count", *(f"input_mean_{o}" for o in ORG)}
+    model = _pair(drop_path_rate=0.0, pos_embed_scale=0.25, input_centering=True).train()
+    model.forward_teacher(_images(2), _present([[1, 1, 1], [1, 0, 1]]))  # non-zero means
+    old = {k: v for k, v in model.state_dict().items() if k.split(".")[-1] not in new}
+    assert len(old) == len(model.state_dict()) - 2 * len(new)
+    fresh = _pair(drop_path_rate=0.0, pos_embed_scale=0.25)
+    fresh.load_state_dict(old)  # strict
+    images, present = _images(2, seed=4), _present([[1, 1, 1], [0, 1, 1]])
+    for enc in (fresh.student.encoder, fresh.teacher.encoder):
+        assert float(enc.pos_scale) == 1.0 and all(not getattr(enc, f"input_mean_{o}").any() for o in ORG)
+    # what the code before these buffers computed: images as they are, the full sine-cosine embedding
+    tokens, _, _ = fresh.teacher.encoder.pack(images, present)
+    enc = fresh.teacher.encoder
+    conv = enc.patch_embed["brain"].proj(images["brain"][:1]).flatten(2)[0].t()
+    assert torch.allclose(tokens[0, :8], conv + enc.pos_brain + enc.organ_embed[0], atol=1e-5)
+    torch.save(old, tmp_path / "old.pt")
+    clf = PanFMClassifier(2, organs=ORG, organ_shapes=SHAPES, **SMALL)
+    load_panfm_encoder(clf, tmp_path / "old.pt")
+    assert float(clf.encoder.pos_scale) == 1.0
+    assert torch.allclose(clf.encoder.eval()(images, present).cls, enc(images, present).cls, atol=1e-6)
+    # a fine-tuned model written before the buffers: strict loading by file, and the release check
+    from medfm.networks import load_weights
+    from medfm.utils.release import check_weights_fit
+
+    old_clf = {k: v for k, v in clf.state_dict().items() if k.split(".")[-1] not in new}
+    torch.save(old_clf, tmp_path / "old_clf.pt")
+    clf2 = PanFMClassifier(2, organs=ORG, organ_shapes=SHAPES, pos_embed_scale=0.25, **SMALL)
+    check_weights_fit(clf2, old_clf, tmp_path / "old_clf.pt")
+    load_weights(clf2, tmp_path / "old_clf.pt")
+    assert float(clf2.encoder.pos_scale) == 1.0
+    assert torch.allclose(clf2.eval()(images, present), clf.eval()(images, present), atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):  # a file missing real weights is still refused
+        check_weights_fit(clf2, {k: v for k, v in old_clf.items() if k != "head.weight"}, "x.pt")
+    torch.save(model.state_dict(), tmp_path / "new.pt")  # a new checkpoint brings its scale and means along
+    load_panfm_encoder(clf, tmp_path / "new.pt")
+    assert float(clf.encoder.pos_scale) == 0.25
+    assert torch.equal(clf.encoder.input_mean_heart, model.teacher.encoder.input_mean_heart)

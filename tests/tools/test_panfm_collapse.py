@@ -32,10 +32,72 @@ def test_subject_information_and_cosine(module):
 @pytest.mark.slow
 def test_two_steps_print_every_column(module, tmp_path, capsys):
     args = ["--data", str(tmp_path / "data"), "--subjects", "16", "--steps", "2", "--freeze-last-layer", "1"]
-    assert module.main([*args, "--koleo", "0.1"]) == 0
+    assert module.main([*args, "--koleo", "0.1", "--pos-scale", "0.1", "--embed-norm"]) == 0
     out = capsys.readouterr().out
     assert "mean cosine between subjects of the teacher's CLS" in out
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in ("1", "2")]
     assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 11 for r in rows)
     assert all(0.0 <= float(r[4]) <= math.log(256) + 1e-3 for r in rows)  # H_t within [0, log out_dim]
     assert float(rows[0][10]) > 0  # the student moved
+    end = [line for line in out.splitlines() if line.startswith("end, ")]
+    assert len(end) == 1 and "subjects with every organ: MI_t" in end[0]
+    assert 0.0 <= float(end[0].split("MI_t ")[1].split(",")[0]) <= math.log(256) + 1e-3
+
+
+def test_encoder_variants_scale_positions_and_norm_patch_tokens(module):
+    from medfm.networks.blocks import sincos_pos_embed
+    from medfm.networks.nets import PanFMSelfDistill
+
+    torch.manual_seed(0)
+    shapes = {"brain": (8, 8, 8), "heart": (8, 8, 4)}
+    net = PanFMSelfDistill(
+        ("brain", "heart"), shapes, patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+        out_dim=8, patch_out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4,
+    )  # fmt: skip
+    module._change_encoder(net, 0.25, True)
+    for branch in (net.student, net.teacher):
+        assert torch.allclose(branch.encoder.pos_brain, 0.25 * sincos_pos_embed((2, 2, 2), 16))
+        assert torch.allclose(branch.encoder.pos_heart, 0.25 * sincos_pos_embed((2, 2, 1), 16))
+    images = {o: torch.rand(2, 1, *s) for o, s in shapes.items()}
+    present = torch.ones(2, 2, dtype=torch.bool)
+    enc = net.student.encoder
+    tokens, organ, _ = enc.pack(images, present)
+    content = tokens - enc.organ_embed[organ]  # remove the organ embedding, then the positions
+    content[:, :8] -= enc.pos_brain
+    content[:, 8:] -= enc.pos_heart
+    # a LayerNorm with its initial affine (1, 0): every patch token has mean 0 and (biased) variance 1
+    assert torch.allclose(content.mean(-1), torch.zeros(2, 12), atol=1e-5)
+    assert torch.allclose(content.var(-1, unbiased=False), torch.ones(2, 12), atol=1e-3)
+    s_params, t_params = list(net.student.parameters()), list(net.teacher.parameters())
+    assert [p.shape for p in s_params] == [p.shape for p in t_params]  # EMA pairs them one to one
+    assert all(not p.requires_grad for p in t_params)
+    assert s_params[0] is not t_params[0] and net.student.encoder.patch_embed["brain"].norm is not (
+        net.teacher.encoder.patch_embed["brain"].norm
+    )
+
+
+def _run_rows(module, capsys, data, extra=()):
+    """Run the demo pre-training (32 subjects, 48 steps) and parse the printed rows and the end-of-run line."""
+    assert module.main(["--data", str(data), "--subjects", "32", "--steps", "48", "--every", "8", *extra]) == 0
+    out = capsys.readouterr().out
+    rows = [[float(v) for v in line.split()] for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    end = next(line for line in out.splitlines() if line.startswith("end, "))
+    return rows, float(end.split("MI_t ")[1].split(",")[0]), float(end.split("H_t ")[1].split(",")[0])
+
+
+def test_demo_pretraining_does_not_collapse(module, tmp_path, capsys):
+    """The shipped demo recipe (train.json + demo.json), 48 steps on a 32-subject synthetic cohort: both loss terms
+    end clearly below log out_dim (256 prototypes: what a collapsed, uniform target and student give), and the
+    teacher's target on the subjects with every organ depends on their images. The same run without the input
+    centring and with the full position embedding collapses."""
+    uniform = math.log(256)
+    rows, mi, h = _run_rows(module, capsys, tmp_path / "data")
+    late = [r for r in rows if r[0] >= 16]  # after the teacher-temperature warm-up (16 steps)
+    assert len(late) == 5
+    assert sum(r[1] for r in late) / len(late) < uniform - 0.5  # cls
+    assert sum(r[2] for r in late) / len(late) < uniform - 0.4  # patch
+    assert mi > 0.3 and h < uniform - 0.5
+    old = ["--set", "network_def#input_centering=False", "network_def#pos_embed_scale=1.0"]
+    rows, mi, h = _run_rows(module, capsys, tmp_path / "data", old)
+    late = [r for r in rows if r[0] >= 16]
+    assert sum(r[2] for r in late) / len(late) > uniform - 0.2 and mi < 0.05 and h > uniform - 0.05

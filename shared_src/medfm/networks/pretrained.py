@@ -18,6 +18,7 @@ __all__ = [
     "init_panfm_from_pretraining",
     "init_spad_vit_from_pretraining",
     "count_matching",
+    "with_legacy_buffers",
     "load_checkpoint_file",
     "load_fratmae_encoders",
     "load_midol_backbone",
@@ -163,10 +164,26 @@ def init_spad_vit_from_pretraining(network: nn.Module, path: str | os.PathLike |
     return init_from_pretraining(network, path, load_spad_vit_encoder)
 
 
+def with_legacy_buffers(network: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus, for every submodule of ``network`` with a ``legacy_state(prefix)`` method whose weights are in
+    ``state`` but whose newer buffers are not (a checkpoint written before they existed), those buffers at the values
+    the checkpoint was trained with (e.g. :meth:`medfm.networks.nets.PanFMEncoder.legacy_state`)."""
+    out = dict(state)
+    for name, module in network.named_modules():
+        if hasattr(module, "legacy_state"):
+            prefix = f"{name}." if name else ""
+            legacy = module.legacy_state(prefix)
+            if any(k.startswith(prefix) for k in out) and not any(k in out for k in legacy):
+                out.update(legacy)
+    return out
+
+
 def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     """``network`` with every tensor loaded from ``path`` (bare weights or a training checkpoint's ``model``),
-    strictly: a missing, unexpected or differently shaped tensor is a ValueError naming the file."""
+    strictly: a missing, unexpected or differently shaped tensor is a ValueError naming the file (buffers that a
+    checkpoint predates are filled by :func:`with_legacy_buffers`)."""
     state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
+    state = with_legacy_buffers(network, state)
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -189,13 +206,14 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
 def load_panfm_encoder(network: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
     """Copy a Pan-FM encoder into a downstream model's ``encoder``: from a pre-training checkpoint (the EMA
     teacher's encoder, ``teacher.encoder.*``, as DINO evaluates) or from a fine-tuned model (``encoder.*``);
-    same checks and report as :func:`load_fratmae_encoders`."""
+    same checks and report as :func:`load_fratmae_encoders`. A checkpoint without the encoder's ``pos_scale`` and
+    mean-image buffers (written before they existed) loads with scale 1 and zero means, as it was trained."""
     state = {k.removeprefix("module."): v for k, v in _read_state(path).items()}
     if any(k.startswith("teacher.encoder.") for k in state):
         state = {
             "encoder." + k[len("teacher.encoder.") :]: v for k, v in state.items() if k.startswith("teacher.encoder.")
         }
-    return _load_part(network, path, state, ("encoder.",), "Pan-FM")
+    return _load_part(network, path, with_legacy_buffers(network, state), ("encoder.",), "Pan-FM")
 
 
 def init_panfm_from_pretraining(network: nn.Module, path: str | os.PathLike | None) -> nn.Module:

@@ -59,9 +59,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 def check_weights_fit(network, state: Mapping, path: str | os.PathLike) -> None:
     """Raise a ValueError naming ``path`` and the matched/total tensor count unless ``state`` holds every tensor of
     ``network`` (same name and shape) and nothing else."""
-    from ..networks.pretrained import count_matching
+    from ..networks.pretrained import count_matching, with_legacy_buffers
 
     own = network.state_dict()
+    state = with_legacy_buffers(network, state)
     matched = count_matching(own, state)
     extra = [k for k in state if k not in own]
     if matched != len(own) or extra:
@@ -259,16 +260,19 @@ def load_bundle(name: str, bundle_dir: str | os.PathLike, workflow_type: str = "
     import torch
     from monai.bundle import load
 
-    from ..networks.pretrained import count_matching
+    from ..networks.pretrained import count_matching, with_legacy_buffers
 
     net = load(name, bundle_dir=str(bundle_dir), workflow_type=workflow_type, **kwargs)
     path = Path(bundle_dir) / name / "models" / "model.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = net.state_dict()
-    matched = count_matching(own, state)
+    filled = with_legacy_buffers(net, state)
+    matched = count_matching(own, filled)
     if matched != len(own):
         raise ValueError(
             f"{path} does not fit the {workflow_type}.json network {type(net).__name__}: it matches {matched} of "
             f"{len(own)} tensors; the rest would keep their random initialisation."
         )
+    if len(filled) != len(state):  # buffers the file predates: their values as it was trained, not the config's
+        net.load_state_dict(filled)
     return net

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 from torch import nn
@@ -75,6 +76,12 @@ class PanFMEncoder(nn.Module):
         mlp_dim: MLP width (ViT-B: 3072).
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this rate.
         qkv_bias: bias on q, k, v.
+        pos_embed_scale: factor on the sine-cosine position embeddings, kept in the buffer ``pos_scale`` (saved
+            with the weights, so a checkpoint keeps the factor it was trained with).
+
+    Each organ also has a mean image (buffer ``input_mean_<organ>``, zeros unless
+    :meth:`update_input_mean` fills it) that is subtracted from its images before the patch embedding. Checkpoints
+    written before these buffers existed load with ``pos_scale`` 1 and zero means, which is how they were trained.
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class PanFMEncoder(nn.Module):
         mlp_dim: int = 3072,
         drop_path_rate: float = 0.0,
         qkv_bias: bool = True,
+        pos_embed_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.organs = tuple(organs)
@@ -96,6 +104,8 @@ class PanFMEncoder(nn.Module):
             raise ValueError(f"organs must be distinct names, at least one, got {list(organs)}.")
         if num_layers < 1:
             raise ValueError(f"num_layers must be positive, got {num_layers}.")
+        if not math.isfinite(pos_embed_scale) or pos_embed_scale < 0:
+            raise ValueError(f"pos_embed_scale must be finite and >= 0, got {pos_embed_scale}.")
         missing = [o for o in self.organs if o not in organ_shapes]
         if missing:
             raise ValueError(f"organ_shapes has no shape for {missing} (given: {sorted(organ_shapes)}).")
@@ -118,6 +128,10 @@ class PanFMEncoder(nn.Module):
             self.patch_embed[o] = PatchEmbed(in_channels, hidden_size, p, spatial_dims=len(shape))
             self.num_tokens[o] = math.prod(grid)
             self.register_buffer(f"pos_{o}", sincos_pos_embed(grid, hidden_size), persistent=False)
+            self.register_buffer(f"input_mean_{o}", torch.zeros(in_channels, *shape))
+        self.register_buffer("pos_scale", torch.tensor(float(pos_embed_scale)))
+        self.register_buffer("input_count", torch.zeros(len(self.organs)))
+        self._register_load_state_dict_pre_hook(self._fill_legacy_state)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.organ_embed = nn.Parameter(torch.zeros(len(self.organs), hidden_size))
@@ -131,6 +145,51 @@ class PanFMEncoder(nn.Module):
             m.apply(init_transformer_weights)
         for p in (self.cls_token, self.mask_token, self.organ_embed):
             nn.init.normal_(p, std=0.02)
+
+    def legacy_state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The buffers that checkpoints from before ``pos_scale`` and the mean images lack, with the values under
+        which those checkpoints were trained (scale 1, zero means), keyed ``prefix + name``."""
+        out = {prefix + "pos_scale": torch.tensor(1.0), prefix + "input_count": torch.zeros_like(self.input_count)}
+        for o in self.organs:
+            out[prefix + f"input_mean_{o}"] = torch.zeros_like(getattr(self, f"input_mean_{o}"))
+        return out
+
+    def _fill_legacy_state(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Load hook: a state dict with this encoder's weights but none of the new buffers gets the legacy values."""
+        if prefix + "cls_token" in state_dict and prefix + "pos_scale" not in state_dict:
+            for k, v in self.legacy_state(prefix).items():
+                state_dict.setdefault(k, v)
+
+    @torch.no_grad()
+    def update_input_mean(self, images: Mapping[str, torch.Tensor], present: torch.Tensor) -> None:
+        """Add the present organs' images to each organ's running mean image (the mean of every image seen so far,
+        over all DDP ranks).
+
+        Args:
+            images: organ -> (B, in_channels, *organ_shape); only the rows where the organ is present are read.
+            present: (B, O) bool.
+        """
+        pres = self._check(images, present, None)
+        sums = []
+        for o, organ in enumerate(self.organs):
+            rows = pres[:, o].nonzero().flatten()
+            mean = getattr(self, f"input_mean_{organ}")
+            if rows.numel():
+                sums.append(images[organ].index_select(0, rows.to(mean.device)).float().sum(0).flatten())
+            else:
+                sums.append(torch.zeros_like(mean).flatten())
+        counts = pres.sum(0).to(self.input_count)
+        flat = torch.cat([*sums, counts])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+        *sums, counts = flat.split([*(t.numel() for t in sums), len(self.organs)])
+        for o, organ in enumerate(self.organs):
+            n = float(counts[o])
+            if n > 0:
+                mean = getattr(self, f"input_mean_{organ}")
+                total = self.input_count[o] + n
+                mean.add_((sums[o].view_as(mean) - n * mean) / total)
+                self.input_count[o] = total
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that an optimiser should not decay."""
@@ -195,11 +254,12 @@ class PanFMEncoder(nn.Module):
                 continue  # missing from the whole batch: its embedding never runs
             n = self.num_tokens[organ]
             x = images[organ].index_select(0, rows.to(device))
+            x = x - getattr(self, f"input_mean_{organ}").to(x.dtype)
             tok, _ = self.patch_embed[organ](x)  # (B_o, n, C)
             if organ_mask is not None:
                 hide = organ_mask[:, o].index_select(0, rows.to(device))
                 tok = torch.where(hide[:, None, None], self.mask_token.to(tok.dtype), tok)
-            pos = getattr(self, f"pos_{organ}").to(tok.dtype)
+            pos = (getattr(self, f"pos_{organ}") * self.pos_scale).to(tok.dtype)
             tok = tok + pos + self.organ_embed[o].to(tok.dtype)
             chunks.append(tok.reshape(-1, self.hidden_size))
             dest = (rows * lmax + offsets[rows, o]).unsqueeze(1) + torch.arange(n)  # (B_o, n)
@@ -378,6 +438,9 @@ class PanFMSelfDistill(EMATeacherPair):
         out_dim: prototypes of the CLS head (DINO: 65536).
         patch_out_dim: prototypes of the patch head (iBOT: 8192).
         head_hidden_dim, head_bottleneck_dim, head_nlayers, norm_last_layer: of both :class:`DINOHead`.
+        pos_embed_scale: of the :class:`PanFMEncoder`.
+        input_centering: in training mode, :meth:`forward_teacher` adds each batch to the encoders' running mean
+            images, which the encoders subtract from their inputs (teacher and student share the same means).
         shared_head: one head for CLS and patch tokens (needs ``patch_out_dim == out_dim``); the default, our
             proposal, gives patch tokens their own head (as DINOv2's larger models), so the two objectives do
             not compete for one set of prototypes.
@@ -395,6 +458,8 @@ class PanFMSelfDistill(EMATeacherPair):
         mlp_dim: int = 3072,
         drop_path_rate: float = 0.1,
         qkv_bias: bool = True,
+        pos_embed_scale: float = 1.0,
+        input_centering: bool = False,
         out_dim: int = 65536,
         patch_out_dim: int = 8192,
         head_hidden_dim: int = 2048,
@@ -408,7 +473,7 @@ class PanFMSelfDistill(EMATeacherPair):
             raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {patch_out_dim} and {out_dim}.")
         encoder = PanFMEncoder(
             organs, organ_shapes, patch_size, in_channels, hidden_size, num_layers, num_heads, mlp_dim,
-            drop_path_rate, qkv_bias,
+            drop_path_rate, qkv_bias, pos_embed_scale,
         )  # fmt: skip
         head_kw: dict[str, Any] = {
             "hidden_dim": head_hidden_dim, "bottleneck_dim": head_bottleneck_dim, "nlayers": head_nlayers,
@@ -417,17 +482,24 @@ class PanFMSelfDistill(EMATeacherPair):
         head = DINOHead(hidden_size, out_dim, **head_kw)
         patch_head = None if shared_head else DINOHead(hidden_size, patch_out_dim, **head_kw)
         self.organs = encoder.organs
+        self.input_centering = input_centering
         self.student = _Branch(encoder, head, patch_head)
         self.init_teacher()
 
     @torch.no_grad()
     def forward_teacher(self, images: Mapping[str, torch.Tensor], present: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher on every present organ, without gradient.
+        """Teacher on every present organ, without gradient. With ``input_centering``, in training mode, the
+        images first update the mean images of both encoders (:meth:`PanFMEncoder.update_input_mean`).
 
         Returns:
             ``cls_logits`` (B, out_dim), ``tokens`` (B, Lmax, C) (project the wanted ones with
             :meth:`teacher_patch_logits`), ``token_organ``, ``valid`` (B, Lmax), ``organ_attention`` (B, O).
         """
+        if self.input_centering and self.training:
+            self.teacher.encoder.update_input_mean(images, present)
+            for name, buf in self.teacher.encoder.named_buffers():
+                if name.startswith("input_"):
+                    self.student.encoder.get_buffer(name).copy_(buf)
         out = self.teacher.encoder(images, present, return_attention=True)
         return {
             "cls_logits": self.teacher.head(out.cls),
