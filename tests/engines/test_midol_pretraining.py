@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
@@ -75,7 +76,17 @@ def _routing_loss(model: MIDoLSelfDistill, crops: list[torch.Tensor]) -> float:
     return float(MIDoLLoss(out_dim=256).routing(student["router_logits"], teacher["router_logits"], 0.04))
 
 
-def test_short_pretraining_lowers_both_loss_terms_clearly(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads; on a loaded 2-core machine two threads made this test 10x
+    slower (174 s against 17 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_short_pretraining_lowers_both_loss_terms_clearly(tmp_path, one_thread):
     images = tiny_images(str(tmp_path), per_modality=16)  # 80 images, batch 20: 40 steps
     crop = MultiCropd("image", global_size=32, local_size=16, num_local=2).set_random_state(123)
     views = [crop({"image": d["image"]}) for d in images]
