@@ -2,13 +2,16 @@
 """M-IDoL with and without the routing loss at demo scale: routing purity, expert balance and modality separation.
 
     python tools/midol_routing.py [--seeds 0 1 2] [--steps 100] [--per-modality 32] [--batch-size 32]
-                                  [--out-dir DIR] [--write-docs]
+                                  [--variants routing no_routing] [--set ID=JSON ...] [--out-dir DIR] [--write-docs]
 
 For each variant and seed, pre-train on the synthetic five-modality demo (:func:`medfm.data.generate_synthetic_midol`,
 ``--per-modality`` images per modality, generated once) with ``demo.json``'s model at ``--batch-size``:
 
 - ``routing``: ``train.json`` + ``demo.json`` (the bundle's routing-loss weight);
 - ``no_routing``: ``train.json`` + ``demo.json`` + ``no_routing.json`` (``route_weight`` 0);
+
+``--variants`` runs a subset; ``--set ID=VALUE`` (repeatable) overrides a config id in every variant, VALUE read as
+JSON when it parses (``--set loss_def#iterations=50 --set loss_def#route_teacher_temp=1.0``), else as a string;
 
 then pass every demo image, as one deterministic view (the bundle's loading and scaling, then
 :class:`medfm.transforms.ResizeNormalized` at the demo's global crop size), through the TEACHER and the STUDENT of
@@ -33,6 +36,7 @@ Prints a Markdown block (mean and 95% t-interval over seeds) between ``<!-- rout
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -194,29 +198,51 @@ def _measure(pretrain_ckpt: str, data_dir: str, wf) -> dict:
     return out
 
 
-def _prepare(data_dir: str, per_modality: int, batch_size: int) -> dict:
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["ID=VALUE", ...]`` -> ``{ID: value}``, VALUE parsed as JSON when it parses, else kept as a string.
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty id.
+    """
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes ID=VALUE, got {item!r}.")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _prepare(data_dir: str, per_modality: int, batch_size: int, overrides: dict | None = None) -> dict:
     """Generate the demo images if missing (``per_modality`` per modality) and read how the configs count training
     length: ``{"max_steps": bool, "iterations_per_epoch": int}``."""
     if not os.path.isdir(data_dir):
         from medfm.data import generate_synthetic_midol
 
         generate_synthetic_midol(data_dir, per_modality=per_modality, seed=0)
-    probe = _workflow(VARIANTS["routing"], dataset_dir=data_dir, batch_size=batch_size)
+    probe = _workflow(VARIANTS["routing"], dataset_dir=data_dir, batch_size=batch_size, **(overrides or {}))
     if "max_steps" in probe.parser:
         return {"max_steps": True, "iterations_per_epoch": 0}
     key = "train#batch_sampler" if "train#batch_sampler" in probe.parser else "train#dataloader"
     return {"max_steps": False, "iterations_per_epoch": max(1, len(probe.parser.get_parsed_content(key)))}
 
 
-def _run(variant: str, seed: int, steps: int, data_dir: str, out: str, length: dict, batch_size: int) -> dict:
-    """Pre-train one variant, then measure its final teacher. Without a ``max_steps`` id the run takes the fewest
-    whole epochs that hold ``steps`` iterations; ``steps_done`` records the iterations actually run."""
+def _run(
+    variant: str, seed: int, steps: int, data_dir: str, out: str, length: dict, batch_size: int,
+    overrides: dict | None = None,
+) -> dict:
+    """Pre-train one variant (config ids in ``overrides`` replaced), then measure its final teacher. Without a
+    ``max_steps`` id the run takes the fewest whole epochs that hold ``steps`` iterations; ``steps_done`` records
+    the iterations actually run."""
     if length["max_steps"]:
         count = {"max_steps": steps}
     else:
         count = {"epochs": max(1, math.ceil(steps / length["iterations_per_epoch"]))}
     pre = _workflow(VARIANTS[variant], dataset_dir=data_dir, output_dir=f"{out}/pretrain", seed=seed, resume=False,
-                    batch_size=batch_size, **count)  # fmt: skip
+                    batch_size=batch_size, **count, **(overrides or {}))  # fmt: skip
     pre.initialize()
     from ignite.engine import Events
 
@@ -297,9 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="pre-training steps per run (default 100)")
     p.add_argument("--per-modality", type=int, default=32, help="demo images per modality (default 32)")
     p.add_argument("--batch-size", type=int, default=32, help="pre-training batch size (default 32)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="variants to run (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID=VALUE",
+                   help="override a config id in every variant (VALUE as JSON if it parses); repeatable")
     p.add_argument("--out-dir", default=None, help="run folder (default: a temporary folder)")
     p.add_argument("--write-docs", action="store_true", help="write the block into the bundle's docs/README.md")
     args = p.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
     if args.write_docs and not _has_block():  # fail before the runs, not after
         raise SystemExit(f"{DOCS} has no {START} ... {END} block to fill.")
 
@@ -307,10 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="midol_routing_") as tmp:
         root = args.out_dir or tmp
         data = os.path.join(root, "data")
-        length = _prepare(data, args.per_modality, args.batch_size)
+        length = _prepare(data, args.per_modality, args.batch_size, overrides)
         results = {
-            v: [_run(v, s, args.steps, data, f"{root}/{v}_seed{s}", length, args.batch_size) for s in args.seeds]
-            for v in VARIANTS
+            v: [
+                _run(v, s, args.steps, data, f"{root}/{v}_seed{s}", length, args.batch_size, overrides)
+                for s in args.seeds
+            ]
+            for v in args.variants
         }
         num_images = len(_datalist(data))
         for r in (r for rs in results.values() for r in rs):

@@ -131,3 +131,29 @@ def test_training_balance_from_logged_terms():
     assert out["target_mass_last"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
         _load().training_balance([], 3)
+
+
+def test_overrides_parse_json_values_else_strings():
+    module = _load()
+    got = module.parse_overrides(["loss_def#iterations=50", "momentum_start=0.99", "flag=true", "name=abc", "a=b=c"])
+    assert got == {"loss_def#iterations": 50, "momentum_start": 0.99, "flag": True, "name": "abc", "a": "b=c"}
+    assert isinstance(got["loss_def#iterations"], int)
+    for bad in ("no_equals", "=1"):
+        with pytest.raises(ValueError, match="ID=VALUE"):
+            module.parse_overrides([bad])
+
+
+@pytest.mark.slow
+def test_overrides_reach_the_run_and_variants_select(tmp_path, capsys):
+    # converged Sinkhorn (50 iterations at r_T / 1): every expert gets 1/E of the targets' mass in every step, where
+    # the shipped 3 iterations at r_T / 0.04 leave 0.09 (README "Routing purity")
+    module = _load()
+    args = ["--seeds", "0", "--steps", "2", "--per-modality", "4", "--batch-size", "8", "--out-dir", str(tmp_path),
+            "--variants", "routing", "--set", "loss_def#iterations=50", "--set", "loss_def#route_teacher_temp=1.0"]
+    assert module.main(args) == 0
+    block = capsys.readouterr().out
+    assert "| measure | routing |" in block and "no_routing" not in block.split("Variants:")[1]
+    rows = {line.split("|")[1].strip(): line for line in block.splitlines() if line.startswith("| ")}
+    for when in ("first", "last"):
+        assert abs(float(rows[f"target mass, {when} 10 steps"].split("|")[2]) - 0.2) < 2e-3
+    assert not (tmp_path / "no_routing_seed0").exists()
