@@ -268,7 +268,8 @@ def _expected_standalone(server, study: str, run: str = "standalone") -> np.ndar
     wf.initialize()
     wf.run()
     wf.finalize()
-    (written,) = [str(out / f) for f in os.listdir(out)]
+    assert (out / "failed.csv").read_text(encoding="utf-8").count("\n") == 1, "an input failed"  # header only
+    (written,) = [str(out / f) for f in os.listdir(out) if f != "failed.csv"]
     label = _read(written)[0]
     if study.endswith(".png") and not written.endswith(".png"):
         # a 2D label saved as NIfTI keeps MONAI's PNG axes (width first); PIL reads PNGs height first
