@@ -18,16 +18,16 @@ absent) and prints, every ``--every`` steps, with ``T`` the step's teacher tempe
 - ``proto_cos``: mean cosine between distinct prototypes of the student's CLS head;
 - ``d_student``: norm of the student's parameter change at that step.
 
-Before training it prints the mean cosine similarity between subjects of the teacher's CLS feature and of its
-head's bottleneck, on the subjects that have all organs (with ``input_centering``, on images centred by the
-cohort's mean images, which the run's running means reach after one epoch). ``--invert-half`` replaces every second subject's images
-``x`` by ``1 - x`` (a large difference in content) to tell a too-small input difference from a broken mechanism.
-Two variants that the bundle does not ship can be tried: ``--freeze-last-layer N`` drops the gradients of the
-student heads' prototypes for the first N steps (DINO and iBOT freeze them during the first epoch), and
+Before training it prints the mean cosine similarity between subjects of the teacher's CLS feature and of its head's
+bottleneck, on the subjects that have all organs (with ``input_centering``, on images centred by the cohort's mean
+images, which the run's running means reach after one epoch). ``--invert-half`` replaces every second subject's
+images ``x`` by ``1 - x`` (a large difference in content) to tell a too-small input difference from a broken
+mechanism. Two variants that the bundle does not ship can be tried: ``--freeze-last-layer N`` drops the gradients of
+the student heads' prototypes for the first N steps (DINO and iBOT freeze them during the first epoch), and
 ``--koleo W`` adds ``W`` times DINOv2's KoLeo term (``-mean_b log min_{b' != b} ||x_b - x_b'||`` over the
-L2-normalised student CLS features of the batch) to the loss. Two encoder variants: ``--pos-scale S`` multiplies
-the fixed sine-cosine position embeddings of student and teacher by ``S`` (0 removes them), and ``--embed-norm``
-puts a LayerNorm (one per branch, shared by the organs) after each organ's patch embedding.
+L2-normalised student CLS features of the batch) to the loss. Two encoder variants: ``--pos-scale S`` multiplies the
+fixed sine-cosine position embeddings of student and teacher by ``S`` (0 removes them), and ``--embed-norm`` puts a
+LayerNorm (one per branch, shared by the organs) after each organ's patch embedding.
 
 At the end it prints the teacher's CLS target on the same subjects with every organ (one presence pattern, so any
 difference between their targets comes from the images): ``MI_t`` over them, their mean ``H_t`` and the mean

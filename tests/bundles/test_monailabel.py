@@ -34,6 +34,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.inferers import SlidingWindowInferer
+from PIL import Image
+
 from medfm.data import (
     generate_synthetic_midol,
     generate_synthetic_petct,
@@ -41,9 +45,6 @@ from medfm.data import (
     write_petct_study,
 )
 from medfm.data.nifti import save_nifti
-from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.inferers import SlidingWindowInferer
-from PIL import Image
 
 from .helpers import REPO
 

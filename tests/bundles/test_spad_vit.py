@@ -12,9 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from medfm.data import build_spad_datalist, ensure_demo_spad
 from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
-from PIL import Image
 
 from .helpers import (
     REPO,

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from medfm.data import ORGANS, GroupBatchSampler, length_buckets, subject_token_counts, token_bucket_sampler
 
 # tokens per organ with train.json's grids and patch 16

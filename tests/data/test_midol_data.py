@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from medfm.data import (
     MIDOL_MASK_VALUE,
     MODALITIES,
@@ -17,7 +19,6 @@ from medfm.data import (
     ensure_demo_midol,
     generate_synthetic_midol,
 )
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from medfm.data import (
     DEFAULT_ORGAN_SHAPES,
     DEFAULT_ORGAN_SPACINGS,

@@ -12,6 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from PIL import Image
+
 from medfm.data import (
     SPAD_LABELS,
     AnisoBatchSampler,
@@ -21,9 +25,6 @@ from medfm.data import (
     generate_synthetic_spad,
 )
 from medfm.transforms import ReorientToDepthd, RowsFirstd, ScaleIntensitySpadd
-from monai.bundle import ConfigParser
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-from PIL import Image
 
 SPAD_CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "spad_vit" / "configs"
 

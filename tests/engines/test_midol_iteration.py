@@ -4,12 +4,13 @@ import math
 import pytest
 import torch
 from ignite.engine import Events
-from medfm.engines import MIDoLIteration, MIDoLPrepareBatch, cosine_schedule, loss_terms
-from medfm.losses import MIDoLLoss
-from medfm.networks.nets.midol import MIDoLSelfDistill
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from torch import nn
+
+from medfm.engines import MIDoLIteration, MIDoLPrepareBatch, cosine_schedule, loss_terms
+from medfm.losses import MIDoLLoss
+from medfm.networks.nets.midol import MIDoLSelfDistill
 
 from ..losses.test_routing import _naive_floored_sinkhorn
 

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+
 from medfm.engines import (
     AtomicCheckpointSaver,
     OrganAttentionPlot,
@@ -17,9 +21,6 @@ from medfm.engines import (
 )
 from medfm.losses import PanFMLoss, momentum_schedule
 from medfm.networks.nets import PANFM_ORGANS, PanFMSelfDistill
-from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents
 
 ORG = ("brain", "heart", "liver")
 SHAPES = {"brain": (8, 8, 8), "heart": (16, 8, 8), "liver": (8, 8, 8)}

@@ -4,6 +4,10 @@ import math
 import pytest
 import torch
 from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+
 from medfm.engines import (
     AtomicCheckpointSaver,
     ResumeFromCheckpoint,
@@ -13,9 +17,6 @@ from medfm.engines import (
 )
 from medfm.losses import SpadVTLoss
 from medfm.networks.nets import SpadPatchDiscriminator, SpadVT
-from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents
 
 
 def _parts():

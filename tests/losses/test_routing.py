@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from medfm.losses import MIDoLLoss, RoutingConsistencyLoss, sinkhorn_knopp
 
 

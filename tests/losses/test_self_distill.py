@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from medfm.losses import DINOLoss, IBOTPatchLoss, PanFMLoss, momentum_schedule, teacher_temp_schedule
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medfm.losses import (
     PerceptualLoss,
     SpadVTLoss,

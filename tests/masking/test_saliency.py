@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+
 from medfm.masking import (
     organ_attention_share,
     organ_masking,

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from medfm.networks.blocks import MoEProjector
-from medfm.losses import MIDoLLoss
-from medfm.networks.nets.midol import MIDoLHead, MIDoLSelfDistill, midol_backbone_state
 from torch import nn
+
+from medfm.losses import MIDoLLoss
+from medfm.networks.blocks import MoEProjector
+from medfm.networks.nets.midol import MIDoLHead, MIDoLSelfDistill, midol_backbone_state
 
 
 def _naive_moe(moe: MoEProjector, x: torch.Tensor) -> torch.Tensor:

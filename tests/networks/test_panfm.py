@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
 from medfm.networks.blocks import SelfAttention, TransformerBlock
 from medfm.networks.nets import DINOHead, PanFMEncoder, PanFMSelfDistill, panfm_encoder_state
-from torch.utils.flop_counter import FlopCounterMode
 
 ORG = ("brain", "heart", "liver")
 SHAPES = {"brain": (8, 8, 8), "heart": (16, 8, 8), "liver": (8, 8, 8)}

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medfm.networks.blocks.rope import Rope3D, apply_rope, rope_frequencies
 from medfm.networks.blocks.spad import (
     MAX_ANISO_D,

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medfm.engines.spad_mim import SpadMIMPrepareBatch, batch_aniso_d
 from medfm.losses.soft_ce import SoftTokenCELoss
 from medfm.networks.nets.spad_vit import SpadViT, SpadViTMIM, resample_pos_embed

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from medfm.networks.blocks import SoftQuantizer
 from medfm.networks.nets import SpadPatchDiscriminator, SpadVT
 from medfm.networks.pumit_release import convert_pumit_tokenizer, read_release_checkpoint

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from medfm.networks.blocks.swin import SwinBackbone
 from medfm.networks.midol_release import convert_midol_backbone
 

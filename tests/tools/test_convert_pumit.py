@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+
 from medfm.networks.nets import SpadViTMIM, SpadVT
 from medfm.networks.pumit_release import convert_pumit_tokenizer
 

@@ -7,7 +7,6 @@ import math
 from monai.bundle import ConfigParser
 
 from ..bundles.helpers import REPO
-
 from . import load_tool
 
 

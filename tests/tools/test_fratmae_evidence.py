@@ -12,7 +12,6 @@ from scipy import stats
 from . import load_tool
 
 
-
 @pytest.fixture(scope="module")
 def tool():
     return load_tool("fratmae_evidence")

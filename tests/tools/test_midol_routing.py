@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scipy.spatial.distance import cosine, euclidean
@@ -11,7 +10,6 @@ from scipy.spatial.distance import cosine, euclidean
 from medfm.data import MODALITIES
 
 from . import load_tool
-
 
 
 def _load():

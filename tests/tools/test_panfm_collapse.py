@@ -10,7 +10,6 @@ import torch
 from . import load_tool
 
 
-
 @pytest.fixture(scope="module")
 def module():
     return load_tool("panfm_collapse")

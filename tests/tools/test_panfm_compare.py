@@ -13,7 +13,6 @@ from medfm.data import ORGANS
 from . import load_tool
 
 
-
 @pytest.fixture(scope="module")
 def module():
     return load_tool("panfm_compare")

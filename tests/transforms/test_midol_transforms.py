@@ -7,10 +7,11 @@ import colorsys
 import numpy as np
 import pytest
 import torch
-from medfm.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
-from medfm.transforms.midol import adjust_hue, adjust_saturation, dino_crop_box, grey, solarize
 from monai.data import MetaTensor
 from PIL import Image, ImageOps
+
+from medfm.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
+from medfm.transforms.midol import adjust_hue, adjust_saturation, dino_crop_box, grey, solarize
 
 # every random step off: only the crop (full image, same size), the normalisation and what a test turns on
 PLAIN = {

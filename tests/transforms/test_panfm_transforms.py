@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from medfm.data import ORGANS, read_subject_table
-from medfm.transforms import DropOrgansd, LoadOrgansd
 from monai.data import list_data_collate
 from monai.transforms import Compose
+
+from medfm.data import ORGANS, read_subject_table
+from medfm.transforms import DropOrgansd, LoadOrgansd
 
 # target shapes (D, H, W) per organ, all different and tiny
 SHAPES = {o: (4 + i, 5, 3 + (i % 3)) for i, o in enumerate(ORGANS)}

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from monai.data import DataLoader, MetaTensor
+
 from medfm.data import AnisoBatchSampler, SeededSample, SpadDrawDataset
 from medfm.transforms import SpadRandAffineCropd, SpadScaleAugment
-from monai.data import DataLoader, MetaTensor
 
 
 def _level(sz: float, sy: float, sx: float) -> int:

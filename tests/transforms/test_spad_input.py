@@ -6,6 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged
+from PIL import Image
+
 from medfm.data import build_spad_datalist
 from medfm.transforms import (
     CropForegroundSpadd,
@@ -15,9 +19,6 @@ from medfm.transforms import (
     ScaleIntensitySpadd,
     spad_limit_in_plane,
 )
-from monai.data import MetaTensor
-from monai.transforms import LoadImaged
-from PIL import Image
 
 
 def test_limit_rule_by_hand():

@@ -8,6 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
+from PIL import Image
+
 from medfm.transforms import (
     ReorientToDepthd,
     ScaleIntensitySpadd,
@@ -17,9 +21,6 @@ from medfm.transforms import (
     spad_roi_size,
     through_plane_axis,
 )
-from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
-from PIL import Image
 
 
 def _rotation(seed: int) -> np.ndarray:

@@ -58,9 +58,10 @@ class _SyntheticPETCTd:
 
 
 def _run_crop_cache(args: argparse.Namespace) -> int:
-    from medfm.data import CropCacheDataset, transform_state_hash
     from monai.data import PersistentDataset
     from monai.transforms import Compose, RandCropByPosNegLabeld
+
+    from medfm.data import CropCacheDataset, transform_state_hash
 
     for name, cls in (("PersistentDataset", PersistentDataset), ("CropCacheDataset", CropCacheDataset)):
         with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
@@ -113,14 +114,15 @@ def _seg_flops_per_sample(parser: Any) -> int:
 
 def _run_data_scale(args: argparse.Namespace) -> int:
     """FratMAE's data paths on whole-body cases of real size (module doc of the ``data`` subcommand)."""
+    from monai.bundle import ConfigParser
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose
+
     from medfm.data import (
         CropCacheDataset,
         generate_synthetic_petct,
         transform_state_hash,
     )
-    from monai.bundle import ConfigParser
-    from monai.data import PersistentDataset
-    from monai.transforms import Compose
 
     seg = ConfigParser(globals={"medfm": "medfm"})
     seg.read_config(str(FRATMAE_TRAIN_CONFIG.parent / "finetune_seg.json"))

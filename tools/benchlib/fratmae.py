@@ -354,8 +354,9 @@ def _fratmae_pipeline(cfg: FratMAESize) -> tuple[Any, list[str]]:
 
 
 def _run_data(args: argparse.Namespace, cfg: FratMAESize, train_step: float, bf16_step: float | None) -> list[dict]:
-    from medfm.data import build_autopet_datalist, generate_synthetic_petct
     from monai.data import Dataset, PersistentDataset
+
+    from medfm.data import build_autopet_datalist, generate_synthetic_petct
 
     b = args.batch
     train_rate = b / train_step

@@ -147,9 +147,10 @@ def _run_midol(args: argparse.Namespace) -> int:
 def _run_midol_data(args: argparse.Namespace, cfg: MidolSize, train_rate: float) -> list[dict[str, Any]]:
     """The pre-training pipeline of bundles/midol_multimodal/configs/train.json (decoded images cached, then the
     multi-crop views) at ``--workers`` loader processes, against what an M-IDoL step consumes."""
-    from medfm.data import build_image_folder_datalist, generate_synthetic_midol
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, PersistentDataset
+
+    from medfm.data import build_image_folder_datalist, generate_synthetic_midol
 
     parser = ConfigParser(globals={"medfm": "medfm"})
     parser.read_config(str(MIDOL_TRAIN_CONFIG))

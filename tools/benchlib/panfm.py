@@ -156,8 +156,9 @@ def _panfm_eval_child(mode: str, n: int, batch: int) -> None:
     """One measurement in this (fresh) process: peak RSS of the robustness protocol over ``n`` subjects."""
     import resource
 
-    from medfm.metrics import missing_organ_robustness
     from monai.bundle import ConfigParser
+
+    from medfm.metrics import missing_organ_robustness
 
     shapes = ConfigParser.load_config_file(str(PANFM_TRAIN_CONFIG))["organ_shapes"]
     data: Any = _OrganVolumes(n, shapes)

@@ -180,10 +180,11 @@ def _run_spad(args: argparse.Namespace) -> int:
 
 def _run_spad_data(args: argparse.Namespace, cfg: SpadSize, train_rate: float) -> list[dict[str, Any]]:
     """The MIM training pipeline of bundles/spad_vit/configs/train.json on synthetic 2D and 3D images."""
-    from medfm.data import build_spad_datalist, generate_synthetic_spad
     from monai.bundle import ConfigParser
     from monai.data import Dataset, PersistentDataset
     from monai.transforms import Compose
+
+    from medfm.data import build_spad_datalist, generate_synthetic_spad
 
     parser = ConfigParser(globals={"medfm": "medfm"})
     parser.read_config(str(SPAD_TRAIN_CONFIG))

@@ -1,9 +1,6 @@
 """Datalists, prompts and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
-from .failures import FAILED_KEY, LOAD_ERROR_KEY, FileErrorDataset, collate_skip_failed, error_reason, item_source
-from .group_sampler import GroupBatchSampler, length_buckets, shuffle_batch_sampler
-from .seeded import SeededDataset, SeededSample, seeded_random_state
 from .autopet import (
     build_autopet_datalist,
     exclude_split_cases,
@@ -16,6 +13,8 @@ from .autopet_metadata import autopet_clinical_metadata, tracer_from_case_id
 from .cache import transform_state_hash
 from .chunked import ChunkedArray, save_chunked
 from .crop_cache import CropCacheDataset
+from .failures import FAILED_KEY, LOAD_ERROR_KEY, FileErrorDataset, collate_skip_failed, error_reason, item_source
+from .group_sampler import GroupBatchSampler, length_buckets, shuffle_batch_sampler
 from .midol import MODALITIES, UNLABELLED, build_image_folder_datalist, find_modality_images
 from .panfm import (
     ORGANS,
@@ -27,9 +26,11 @@ from .panfm import (
 )
 from .petct_studies import export_petct_studies, write_petct_study
 from .prompt import PromptTokenizer, build_prompt
+from .seeded import SeededDataset, SeededSample, seeded_random_state
 from .spad import SpadHeaderd, build_spad_datalist, find_spad_images, with_spad_headers
 from .splits import finetune_splits, label_fraction_subset, with_class_label
 from .studies import LABELS_SUBDIR, STUDY_SUFFIXES, studies_datalist
+from .synthetic_midol import MIDOL_MASK_VALUE, ensure_demo_midol, generate_synthetic_midol
 from .synthetic_panfm import (
     DEFAULT_ORGAN_SHAPES,
     DEFAULT_ORGAN_SPACINGS,
@@ -37,7 +38,6 @@ from .synthetic_panfm import (
     ensure_demo_panfm,
     generate_synthetic_panfm,
 )
-from .synthetic_midol import MIDOL_MASK_VALUE, ensure_demo_midol, generate_synthetic_midol
 from .synthetic_petct import ensure_demo_petct, generate_synthetic_petct
 from .synthetic_spad import SPAD_LABELS, ensure_demo_spad, generate_synthetic_spad
 

@@ -6,17 +6,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.utils.enums import CommonKeys as Keys
 
 from medfm.losses.self_distill import teacher_temp_schedule
 from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
 from medfm.networks.nets.panfm import PANFM_ORGANS
-from medfm.utils.seeding import derive_seed
+from medfm.utils.dist import rank_generator
 
-from .schedules import cosine_schedule, set_weight_decay
 from .prepare_batch import plain_tensor
+from .schedules import cosine_schedule, set_weight_decay
 
 __all__ = ["PanFMIteration", "PanFMPrepareBatch"]
 
@@ -194,9 +193,7 @@ class PanFMIteration:
         """The mask generator on ``device`` (seeded ``seed + rank``, or ``(seed, rank, step)``, on first use)."""
         dev = torch.device(device)
         if str(dev) not in self._generators:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            seed = self.seed + rank if self._step is None else derive_seed(self.seed, rank, self._step)
-            self._generators[str(dev)] = torch.Generator(device=dev).manual_seed(seed)
+            self._generators[str(dev)] = rank_generator(self.seed, dev, self._step)
         return self._generators[str(dev)]
 
     def schedules(self, engine: Any) -> dict[str, float]:

@@ -17,12 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfm.losses.self_distill import DINOLoss
+from medfm.utils.dist import is_distributed
 
 __all__ = ["SINKHORN_FLOOR", "MIDoLLoss", "RoutingConsistencyLoss", "sinkhorn_knopp"]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 SINKHORN_FLOOR = 1e-12
@@ -69,14 +66,14 @@ def sinkhorn_knopp(
     q = torch.exp((x - x.max(dim=1, keepdim=True).values) / epsilon).clamp_min(floor)
     total = q.sum()
     n = torch.tensor(float(q.shape[0]), device=q.device)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(total)
         dist.all_reduce(n)
     q = q / (total + floor)
     num_experts = q.shape[1]
     for _ in range(iterations):
         col = q.sum(0, keepdim=True)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(col)
         q = q / (col + floor) / num_experts
         q = q / (q.sum(1, keepdim=True) + floor) / n

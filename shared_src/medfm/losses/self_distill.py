@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medfm.utils.dist import is_distributed
+
 __all__ = ["DINOLoss", "IBOTPatchLoss", "PanFMLoss", "momentum_schedule", "teacher_temp_schedule"]
 
 
@@ -38,7 +40,7 @@ def momentum_schedule(step: int, total_steps: int, start: float = 0.992, end: fl
 
 def _global_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Sum over DDP ranks (identity without an initialised process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
         return list(flat.split([t.numel() for t in tensors]))

@@ -3,8 +3,8 @@
 from .bootstrap import bootstrap_ci
 from .classification import accuracy, confusion_matrix, macro_sensitivity, per_class_recall, recall_from_confusion
 from .handlers import ClassificationReport, SegmentationReport
-from .robustness import missing_organ_conditions, missing_organ_robustness
 from .multilabel import SubjectProbabilityWriter, auroc, multilabel_auroc, write_auroc_table
+from .robustness import missing_organ_conditions, missing_organ_robustness
 from .segmentation import (
     as_binary_mask,
     dice_iou,

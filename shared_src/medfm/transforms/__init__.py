@@ -11,7 +11,6 @@ from .panfm import (
     LoadOrgansd,
     organ_drop_draws,
 )
-from .planar import NoChannelMetad, RowsFirstd, is_planar_file
 from .petct import (
     LoadPETCTd,
     PETCTChannelsd,
@@ -22,6 +21,7 @@ from .petct import (
     grid_mismatch,
     resample_to_reference,
 )
+from .planar import NoChannelMetad, RowsFirstd, is_planar_file
 from .spad import (
     SUPPORTED_INTENSITY,
     ReorientToDepthd,

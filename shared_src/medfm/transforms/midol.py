@@ -3,8 +3,8 @@
 M-IDoL (public code LYH-hh/M-IDoL) pre-trains with DINO's augmentation (Caron et al., `arXiv:2104.14294
 <https://arxiv.org/abs/2104.14294>`_, ``DataAugmentationDINO``) with its own local-crop size: two global crops
 (scale 0.4-1, 224 px) and two local crops (scale 0.05-0.4) also of 224 px (DINO: eight of 96 px; a window-7
-Swin's last stage would be 3x3 tokens padded to 7x7), each with a horizontal flip (p 0.5), colour jitter (brightness 0.4,
-contrast 0.4, saturation 0.2, hue 0.1, in random order, p 0.8), greyscale (p 0.2), Gaussian blur (sigma
+Swin's last stage would be 3x3 tokens padded to 7x7), each with a horizontal flip (p 0.5), colour jitter (brightness
+0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order, p 0.8), greyscale (p 0.2), Gaussian blur (sigma
 0.1-2 px; p 1.0 and 0.1 for the two global crops, 0.5 for local crops), solarisation (p 0.2, second global
 crop only), then ImageNet normalisation.
 
@@ -39,8 +39,8 @@ from monai.transforms import (
     RandScaleIntensity,
     RandScaleIntensityFixedMean,
     Resize,
+    ScaleIntensity,
 )
-from monai.transforms import ScaleIntensity
 from monai.utils import convert_to_tensor
 
 __all__ = [

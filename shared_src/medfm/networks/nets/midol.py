@@ -1,9 +1,10 @@
 """M-IDoL: multi-modality self-distillation with a mixture-of-experts head (``notes/METHODS.md`` section 4).
 
-M-IDoL (information decomposition for multimodal representation learning) pre-trains one backbone (Swin-B, global-average-pooled 1024-d) on five imaging modalities
-with DINO-style self-distillation whose projection head is a per-image mixture of experts; a routing loss asks
-the student's routing of every view to match the teacher's equipartitioned (Sinkhorn) routing of the other
-global view. The backbone is any module ``forward(x) -> (B, D)``; the loss is :class:`medfm.losses.MIDoLLoss`.
+M-IDoL (information decomposition for multimodal representation learning) pre-trains one backbone (Swin-B,
+global-average-pooled 1024-d) on five imaging modalities with DINO-style self-distillation whose projection head is
+a per-image mixture of experts; a routing loss asks the student's routing of every view to match the teacher's
+equipartitioned (Sinkhorn) routing of the other global view. The backbone is any module ``forward(x) -> (B, D)``;
+the loss is :class:`medfm.losses.MIDoLLoss`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from medfm.masking.saliency import organ_attention_share
 from medfm.networks.blocks import PatchEmbed, TransformerBlock, init_transformer_weights, sincos_pos_embed, token_grid
 from medfm.networks.blocks.ema import EMATeacherPair
+from medfm.utils.dist import is_distributed
 
 __all__ = ["PANFM_ORGANS", "DINOHead", "PanFMEncoder", "PanFMOutput", "PanFMSelfDistill", "panfm_encoder_state"]
 
@@ -180,7 +181,7 @@ class PanFMEncoder(nn.Module):
                 sums.append(torch.zeros_like(mean).flatten())
         counts = pres.sum(0).to(self.input_count)
         flat = torch.cat([*sums, counts])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(flat)
         *sums, counts = flat.split([*(t.numel() for t in sums), len(self.organs)])
         for o, organ in enumerate(self.organs):
