@@ -58,3 +58,39 @@ def test_device_mode_runs_each_model_and_its_peer_on_the_cpu():
     assert b["ratio_vs_monai"] == pytest.approx(b["mfu"] / a["mfu"], rel=1e-2)
     # MONAI's MaskedAutoEncoderViT fails under bf16 autocast: recorded, not hidden; FratMAE still runs
     assert "error" in recs["gpu_monai_mae"] and recs["gpu_fratmae"]["mfu"] > 0
+
+
+def test_data_case_records_both_datasets_and_the_gpu_estimate(monkeypatch):
+    """``bench.py data`` in this process on one small generated case (the segmentation network's FLOP count,
+    which costs a ViT-B step at the real crop size, is replaced by a fixed figure)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    from benchlib import data_paths
+
+    records = []
+    monkeypatch.setattr(data_paths, "_emit", records.append)
+    monkeypatch.setattr(data_paths, "_seg_flops_per_sample", lambda parser: 10**12)
+    args = argparse.Namespace(cases=1, shape=[48, 40, 32], spacing=[4.0, 4.0, 4.0], workers=[0], epochs=1)
+    assert data_paths._run_data_scale(args) == 0
+    recs = {(r["pipeline"], r["dataset"]): r for r in records}
+    assert set(recs) == {("segmentation", "PersistentDataset"), ("segmentation", "CropCacheDataset"),
+                         ("pretraining", "PersistentDataset")}  # fmt: skip
+    seg = recs[("segmentation", "CropCacheDataset")]
+    gpu = data_paths.GPU_MFU_ASSUMED * data_paths.H100_BF16_DENSE_FLOPS / 10**12
+    assert seg["h100_samples_per_s_at_40pct"] == pytest.approx(gpu, rel=1e-3)
+    assert seg["ratio_vs_h100"] == pytest.approx(seg["samples_per_s"] / gpu, rel=1e-2)
+    assert seg["cache_mb_per_case"] < recs[("segmentation", "PersistentDataset")]["cache_mb_per_case"]
+    assert all(r["samples_per_s"] > 0 and r["cases"] == 1 and r["workers"] == 0 for r in records)
+
+
+def test_panfm_eval_memory_follows_the_test_set_only_when_materialised():
+    """``bench.py panfm-eval``: four fresh processes; 12 more subjects (8.3 MB of voxels each) raise the peak RSS of
+    the materialised protocol by about their size, and of the streamed (shipped) one by far less."""
+    recs = {(r["mode"], r["subjects"]): r["peak_rss_mb"] for r in _records("panfm-eval", "--subjects", "4", "16",
+                                                                             "--batch", "2")}  # fmt: skip
+    data_mb = 12 * 8.3
+    grown = {m: recs[(m, 16)] - recs[(m, 4)] for m in ("streamed", "materialised")}
+    assert grown["materialised"] > 0.7 * data_mb, grown
+    assert grown["streamed"] < 0.3 * data_mb, grown
+
