@@ -87,20 +87,19 @@ def run_bundle(bundle: str, cwd, names: list[str], *overrides: str, mode: str | 
 
 def zoo_checks_and_export(bundle: str, ckpt_file: str, input_shape: list[int], cwd) -> str:
     """``verify_metadata`` (when the schema is beside the repo), ``verify_net_in_out`` and a traced ``ckpt_export``
-    of ``ckpt_file`` on ``inference.json`` + ``demo_inference.json``; asserts each succeeds; returns the
-    TorchScript file."""
+    of ``ckpt_file`` on ``inference.json`` + ``demo_inference.json``, called in this process as the model zoo's CI
+    calls them (each raises on failure); returns the TorchScript file."""
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
     meta = configs(bundle, "metadata.json")[0]
     if os.path.isfile(SCHEMA):
-        res = run_cli(["verify_metadata", "--meta_file", meta, "--filepath", SCHEMA], cwd=str(cwd))
-        assert res.returncode == 0, res.stderr[-2000:]
-    files = config_list(bundle, "inference.json", "demo_inference.json")
-    res = run_cli(["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", files], cwd=str(cwd))
-    assert res.returncode == 0, res.stderr[-3000:]
+        verify_metadata(meta_file=meta, filepath=SCHEMA)
+    files = configs(bundle, "inference.json", "demo_inference.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=files)
     ts = os.path.join(str(cwd), "model.ts")
-    res = run_cli(["ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", ckpt_file, "--meta_file", meta,
-                   "--config_file", files, "--use_trace", "True", "--input_shape", str(list(input_shape))],
-                  cwd=str(cwd))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt_export(net_id="network_def", filepath=ts, ckpt_file=ckpt_file, meta_file=meta, config_file=files,
+                use_trace=True, input_shape=list(input_shape))  # fmt: skip
+    assert os.path.isfile(ts), f"ckpt_export wrote no {ts}"
     return ts
 
 
