@@ -287,3 +287,18 @@ def test_dominant_organs_carry_the_strong_signal(cohort: dict, dominant: str, la
     assert power(dominant) > 0.25
     for weak in ("kidney", "spleen"):
         assert power(dominant) > power(weak) + 0.15, weak
+
+
+def test_one_organ_tuple_for_every_layer():
+    """Data, transforms, network and iteration default to the same tuple object (``medfm.organs``)."""
+    import inspect
+
+    from medfm.data.panfm import ORGANS
+    from medfm.engines import PanFMPrepareBatch
+    from medfm.networks.nets import PANFM_ORGANS as net_organs
+    from medfm.organs import PANFM_ORGANS
+    from medfm.transforms.panfm import LoadOrgansd
+
+    assert ORGANS is PANFM_ORGANS and net_organs is PANFM_ORGANS and len(PANFM_ORGANS) == 7
+    assert inspect.signature(PanFMPrepareBatch).parameters["organs"].default is PANFM_ORGANS
+    assert inspect.signature(LoadOrgansd).parameters["organs"].default is PANFM_ORGANS

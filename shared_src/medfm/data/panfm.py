@@ -22,6 +22,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medfm.organs import PANFM_ORGANS
+
 from .group_sampler import GroupBatchSampler, length_buckets
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
     "token_bucket_sampler",
 ]
 
-ORGANS = ("brain", "heart", "adipose", "liver", "kidney", "spleen", "pancreas")
+ORGANS = PANFM_ORGANS  # the one organ tuple (medfm.organs), under the name the data layer has always used
 PANFM_TABLE = "subjects.csv"
 """File name of the subject table inside a Pan-FM dataset directory."""
 

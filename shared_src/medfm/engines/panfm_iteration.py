@@ -11,7 +11,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from medfm.losses.self_distill import teacher_temp_schedule
 from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
-from medfm.networks.nets.panfm import PANFM_ORGANS
+from medfm.organs import PANFM_ORGANS
 from medfm.utils.dist import rank_generator
 
 from .prepare_batch import plain_tensor

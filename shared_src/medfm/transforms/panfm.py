@@ -1,7 +1,7 @@
 """Pan-FM organ loading and the test-time missing-organ protocol (dictionary transforms on subject items).
 
 Pan-FM (Wu et al., `arXiv:2605.07055 <https://arxiv.org/abs/2605.07055>`_) takes up to seven organ volumes
-per subject (:data:`medfm.data.panfm.ORGANS`), each on its own grid. The items come from
+per subject (:data:`medfm.organs.PANFM_ORGANS`), each on its own grid. The items come from
 :func:`medfm.data.panfm.read_subject_table` (``subject``, one path or ``None`` per organ, ``present``,
 optional ``labels``).
 
@@ -24,7 +24,7 @@ import torch
 from monai.data import NibabelReader
 from monai.transforms import LoadImage, Resize, Transform
 
-from medfm.data.panfm import ORGANS
+from medfm.organs import PANFM_ORGANS as ORGANS
 
 from .petct import check_single_channel_3d
 

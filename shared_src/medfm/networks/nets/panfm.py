@@ -24,11 +24,11 @@ from torch.utils.checkpoint import checkpoint
 from medfm.masking.saliency import organ_attention_share
 from medfm.networks.blocks import PatchEmbed, TransformerBlock, init_transformer_weights, sincos_pos_embed, token_grid
 from medfm.networks.blocks.ema import EMATeacherPair
+from medfm.organs import PANFM_ORGANS
 from medfm.utils.dist import is_distributed
 
 __all__ = ["PANFM_ORGANS", "DINOHead", "PanFMEncoder", "PanFMOutput", "PanFMSelfDistill", "panfm_encoder_state"]
 
-PANFM_ORGANS: tuple[str, ...] = ("brain", "heart", "adipose", "liver", "kidney", "spleen", "pancreas")
 
 
 class PanFMOutput(NamedTuple):
