@@ -84,7 +84,7 @@ def test_cross_attention_queries_from_x_keys_values_from_context():
 
 
 def test_encoder_ignores_masked_voxels_and_is_permutation_equivariant():
-    enc = ViTEncoder(1, 4, 32, 2, 4, 64).eval()
+    enc = ViTEncoder(in_channels=1, patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64).eval()
     x = torch.randn(1, 1, 8, 8, 8)  # 8 tokens
     keep = torch.tensor([[6, 1, 3]])
     out = enc(x, keep)["tokens"]
@@ -99,10 +99,10 @@ def test_encoder_ignores_masked_voxels_and_is_permutation_equivariant():
 
 
 def test_forward_intermediates():
-    enc = ViTEncoder(1, 4, 16, 3, 2, 32).eval()
+    enc = ViTEncoder(in_channels=1, patch_size=4, hidden_size=16, num_layers=3, num_heads=2, mlp_dim=32).eval()
     x = torch.randn(2, 1, 8, 8, 4)
-    final, inter, grid = enc.forward_intermediates(x, [0, -1])
-    assert grid == (2, 2, 1) and len(inter) == 2
+    final, inter = enc.forward_intermediates(x, [0, -1])
+    assert enc.token_grid(x) == (2, 2, 1) and len(inter) == 2
     assert torch.allclose(enc.norm(inter[1]), final, atol=1e-6)
     with pytest.raises(ValueError, match="out of range"):
         enc.forward_intermediates(x, [3])

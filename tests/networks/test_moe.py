@@ -90,7 +90,9 @@ def test_dino_loss_gives_the_gate_no_gradient_under_top1(top_k, normalize):
     # p_e * f_e(x), so normalise(p_e f_e) = normalise(f_e) and L_cst does not depend on the gate (d/dW_g = 0 exactly;
     # rounding only), renormalised weights or not. Under top-2 the ratio p_1 : p_2 survives the norm.
     torch.manual_seed(5)
-    model = MIDoLSelfDistill(_backbone(), 5, 3, top_k=top_k, out_dim=7, hidden_dim=6, normalize_gate=normalize)
+    model = MIDoLSelfDistill(
+        _backbone(), 5, num_experts=3, top_k=top_k, out_dim=7, hidden_dim=6, normalize_gate=normalize
+    )
     model = model.double().eval()
     crops = [torch.randn(4, 3, 8, 8).double(), torch.randn(4, 3, 8, 8).double(), torch.randn(4, 3, 4, 4).double()]
     MIDoLLoss(out_dim=7, route_weight=0.0)(model(crops), model.forward_teacher(crops[:2]), 0.04).backward()
@@ -180,7 +182,8 @@ def test_head_is_moe_then_normalised_weight_norm_layer(bottleneck):
     torch.testing.assert_close(logits, expected)
     assert router.shape == (4, 3)
     assert head.last_layer_parameters() == [v]
-    assert len(MIDoLHead(6, 3, 1, 11, 8, norm_last_layer=False).last_layer_parameters()) == 2
+    free = MIDoLHead(6, num_experts=3, top_k=1, out_dim=11, hidden_dim=8, norm_last_layer=False)
+    assert len(free.last_layer_parameters()) == 2
 
 
 def _backbone():

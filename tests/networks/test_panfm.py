@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from medfm.networks.blocks import SelfAttention, TransformerBlock
-from medfm.networks.nets import DINOHead, PanFMEncoder, PanFMSelfDistill, panfm_encoder_state
+from medfm.networks.blocks import DINOHead, SelfAttention, TransformerBlock
+from medfm.networks.nets import PanFMEncoder, PanFMSelfDistill, panfm_encoder_state
 
 ORG = ("brain", "heart", "liver")
 SHAPES = {"brain": (8, 8, 8), "heart": (16, 8, 8), "liver": (8, 8, 8)}
@@ -200,7 +200,7 @@ def test_clear_errors():
 def test_per_organ_patch_size_and_intermediates():
     enc = PanFMEncoder(ORG, SHAPES, **{**SMALL, "patch_size": {"brain": 4, "heart": 8, "liver": (2, 4, 4)}}).eval()
     assert enc.num_tokens == {"brain": 8, "heart": 2, "liver": 16}
-    out, inter = enc.forward_intermediates(_images(2), _present([[1, 1, 1], [1, 1, 0]]), indices=[-1])
+    out, inter = enc.forward_intermediates(_images(2), [-1], present=_present([[1, 1, 1], [1, 1, 0]]))
     assert out.tokens.shape == (2, 26, 16)
     assert torch.allclose(enc.norm(inter[0])[:, 1:], out.tokens, atol=1e-6)
     assert enc.no_weight_decay() == {"cls_token", "mask_token", "organ_embed"}

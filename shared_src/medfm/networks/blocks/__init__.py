@@ -1,7 +1,8 @@
 from .attention import SelfAttention
 from .cross_attention import CrossAttention
+from .dino_head import DINOHead
 from .ema import EMATeacherPair
-from .eva_block import EvaAttention, EvaBlock, SwiGLU
+from .eva_block import eva_block
 from .mae_decoder import MAEDecoder
 from .moe import MoEProjector
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
@@ -21,16 +22,17 @@ from .spad import (
 )
 from .swin import PatchMerging, SwinBackbone, SwinBlock, SwinStage, WindowAttention
 from .text_encoder import TextEncoder, filter_clip_text_state_dict, load_clip_text_weights
-from .transformer_block import Mlp, TransformerBlock
+from .transformer_block import Mlp, SwiGLU, TransformerBlock
+from .trunk import FEATURE_API, TransformerTrunk, resolve_indices
 from .twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
-from .vit_encoder import ViTEncoder, init_transformer_weights
+from .vit_encoder import VIT_SIZES, ViTEncoder, init_transformer_weights, init_trunc_normal_weights
 
 __all__ = [
     "EMATeacherPair",
     "MAX_ANISO_D",
     "CrossAttention",
-    "EvaAttention",
-    "EvaBlock",
+    "DINOHead",
+    "FEATURE_API",
     "MAEDecoder",
     "Mlp",
     "MoEProjector",
@@ -51,17 +53,22 @@ __all__ = [
     "SwinStage",
     "TextEncoder",
     "TransformerBlock",
+    "TransformerTrunk",
+    "VIT_SIZES",
     "ViTEncoder",
     "WindowAttention",
     "aniso_d_from_spacing",
     "apply_rope",
     "default_aniso_d",
+    "eva_block",
     "evenly_spaced_layers",
     "filter_clip_text_state_dict",
     "inflate_2d_weight",
     "init_transformer_weights",
+    "init_trunc_normal_weights",
     "load_clip_text_weights",
     "patchify",
+    "resolve_indices",
     "rope_frequencies",
     "sincos_pos_embed",
     "token_grid",

@@ -7,6 +7,7 @@ and released weights load into each other by name.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,25 +29,14 @@ def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
     return [max(0, round((i + 1) * num_layers / count) - 1) for i in range(count)]
 
 
-def twin_vit_encoders(
-    in_channels: int = 1,
-    patch_size: int | Sequence[int] = 16,
-    hidden_size: int = 768,
-    num_layers: int = 12,
-    num_heads: int = 12,
-    mlp_dim: int = 3072,
-    qkv_bias: bool = True,
-    drop_path_rate: float = 0.0,
-    spatial_dims: int = 3,
-) -> nn.ModuleDict:
-    """``{"pet": ViTEncoder, "ct": ViTEncoder}`` of one size: FratMAE's fraternal twins."""
-    return nn.ModuleDict(
-        {
-            m: ViTEncoder(in_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
-                          drop_path_rate, spatial_dims)  # fmt: skip
-            for m in MODALITIES
-        }
-    )
+def twin_vit_encoders(**encoder_kwargs: Any) -> nn.ModuleDict:
+    """``{"pet": ViTEncoder, "ct": ViTEncoder}`` of one size: FratMAE's fraternal twins.
+
+    Args:
+        encoder_kwargs: keyword arguments of :class:`ViTEncoder` (``in_channels``, ``patch_size``,
+            ``hidden_size``, ...), the same for both.
+    """
+    return nn.ModuleDict({m: ViTEncoder(**encoder_kwargs) for m in MODALITIES})
 
 
 def twin_features(
@@ -70,7 +60,8 @@ def twin_features(
     finals, inters = [], []
     grid: tuple[int, ...] = ()
     for c, m in enumerate(MODALITIES):
-        final, inter, grid = encoders[m].forward_intermediates(image[:, c : c + 1], indices, stop_early=stop_early)
+        final, inter = encoders[m].forward_intermediates(image[:, c : c + 1], indices, stop_early=stop_early)
+        grid = encoders[m].token_grid(image)
         finals.append(final)
         inters.append(inter)
     merged = [torch.cat([p, c], dim=-1) for p, c in zip(inters[0], inters[1])]

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from .patch_embed import PatchEmbed
+from .patch_embed import PatchEmbed, token_grid
 from .pos_embed import sincos_pos_embed
 from .transformer_block import TransformerBlock
+from .trunk import TransformerTrunk
 
-__all__ = ["ViTEncoder", "init_transformer_weights", "init_trunc_normal_weights"]
+__all__ = ["VIT_SIZES", "ViTEncoder", "init_transformer_weights", "init_trunc_normal_weights"]
 
 
 def init_transformer_weights(module: nn.Module) -> None:
@@ -37,12 +37,24 @@ def init_trunc_normal_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 192, "num_layers": 12, "num_heads": 3, "mlp_dim": 768},
+    "small": {"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536},
+    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
+    "large": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
+}
+"""ViT sizes by name (Dosovitskiy et al.; DeiT for tiny/small): ``ViTEncoder(**VIT_SIZES["base"], patch_size=16)``."""
+
+
 class ViTEncoder(nn.Module):
     """Vision Transformer encoder (Dosovitskiy et al., arXiv:2010.11929) as used by MAE (He et al.,
     arXiv:2111.06377): patch embedding, fixed sine-cosine position embedding computed from the token grid,
-    CLS token, pre-norm blocks with SDPA attention, final LayerNorm.
+    CLS token, pre-norm blocks with SDPA attention (a :class:`~medfm.networks.blocks.TransformerTrunk`), final
+    LayerNorm.
 
     Masked tokens never enter: pass ``ids_keep`` and only those tokens are embedded and encoded.
+
+    All arguments are keywords (sizes by name: :data:`VIT_SIZES`).
 
     Args:
         in_channels: image channels.
@@ -58,6 +70,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: int = 1,
         patch_size: int | Sequence[int] = 16,
         hidden_size: int = 768,
@@ -76,12 +89,12 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(in_channels, hidden_size, patch_size, spatial_dims)
         self.patch_size = self.patch_embed.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
-        self.blocks = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, mlp_dim, qkv_bias=qkv_bias, drop_path=r) for r in rates
+        self.blocks = TransformerTrunk(
+            lambda r: TransformerBlock(hidden_size, num_heads, mlp_dim, qkv_bias=qkv_bias, drop_path=r),
+            num_layers,
+            drop_path_rate,
         )
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.grad_checkpointing = False
         for m in (self.blocks, self.norm):
             m.apply(init_transformer_weights)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -92,7 +105,11 @@ class ViTEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
+        self.blocks.set_grad_checkpointing(enable)
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, ...]:
+        """Token grid of an image (B, C, *spatial)."""
+        return token_grid(x.shape[2:], self.patch_size)
 
     def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Tokens with position embedding and CLS: (B, 1 + L, hidden_size), and the token grid."""
@@ -105,42 +122,32 @@ class ViTEncoder(nn.Module):
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1), grid
 
-    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training:
-            return checkpoint(self.blocks[i], x, use_reentrant=False)
-        return self.blocks[i](x)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Sequence[int],
+        indices: int | Sequence[int] = (),
+        *,
         ids_keep: torch.Tensor | None = None,
         stop_early: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
-        """Run the encoder and keep the outputs of the blocks in ``indices``.
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the encoder and keep the outputs of the blocks in ``indices`` (the contract of
+        :mod:`medfm.networks.blocks.trunk`).
 
         Args:
             x: (B, C, *spatial).
-            indices: block indices (0-based; negative counts from the end) whose outputs to return.
+            indices: block indices (0-based; negative counts from the end) or a count of last blocks.
             ids_keep: (B, L) indices of the tokens to keep, or None for all.
             stop_early: run only up to the deepest requested block; the first return value is then the final
                 norm applied to that block's output (callers that stop early normally use the intermediates).
 
         Returns:
-            final normed tokens (B, 1 + L, hidden_size), the requested block outputs (B, 1 + L, hidden_size)
-            in the order asked, and the token grid.
+            final normed tokens (B, 1 + L, hidden_size) and the requested block outputs (B, 1 + L, hidden_size)
+            in the order asked.
         """
-        wanted = [i % self.num_layers for i in indices]
-        if any(not -self.num_layers <= i < self.num_layers for i in indices):
-            raise ValueError(f"block indices {list(indices)} out of range for {self.num_layers} blocks.")
-        h, grid = self.embed(x, ids_keep)
-        kept: dict[int, torch.Tensor] = {}
-        depth = max(wanted) + 1 if stop_early and wanted else self.num_layers
-        for i in range(depth):
-            h = self._run_block(i, h)
-            if i in wanted:
-                kept[i] = h
-        return self.norm(h), [kept[i] for i in wanted], grid
+        self.blocks.resolve(indices)  # bad indices fail before any work
+        h, _ = self.embed(x, ids_keep)
+        h, kept = self.blocks(h, indices, stop_early=stop_early)
+        return self.norm(h), kept
 
     def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """
@@ -151,7 +158,7 @@ class ViTEncoder(nn.Module):
         Returns:
             ``tokens`` (B, 1 + L, hidden_size) normed, CLS first; ``cls`` (B, hidden_size).
         """
-        tokens, _, _ = self.forward_intermediates(x, (), ids_keep)
+        tokens, _ = self.forward_intermediates(x, ids_keep=ids_keep)
         return {"tokens": tokens, "cls": tokens[:, 0]}
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
+from ..blocks.dino_head import DINOHead
 from .fratmae import FratMAE
 from .fratmae_downstream import FratMAEClassifier, FratMAESegmenter
 from .midol import MIDoLHead, MIDoLSelfDistill, midol_backbone_state
 from .midol_downstream import MIDoLClassifier, MIDoLSegmenter
-from .panfm import PANFM_ORGANS, DINOHead, PanFMEncoder, PanFMOutput, PanFMSelfDistill, panfm_encoder_state
+from .panfm import PANFM_ORGANS, PanFMEncoder, PanFMOutput, PanFMSelfDistill, panfm_encoder_state
 from .panfm_downstream import PanFMClassifier
 from .spad_vit import SpadViT, SpadViTMIM
 from .spad_vit_downstream import SpadViTClassifier, SpadViTSegmenter

@@ -80,17 +80,19 @@ class FratMAE(nn.Module):
         self.context_align = context_align
         self.in_channels = in_channels
         self.encoders = twin_vit_encoders(
-            in_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate,
-            spatial_dims,
-        )  # fmt: skip
+            in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
+            num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
+            spatial_dims=spatial_dims,
+        )
         self.patch_size = self.encoders["pet"].patch_size
         self.patch_dim = in_channels * math.prod(self.patch_size)
         self.decoders = nn.ModuleDict(
             {
                 m: MAEDecoder(
-                    hidden_size, self.patch_dim, decoder_hidden_size, decoder_num_layers, decoder_num_heads,
-                    decoder_mlp_dim, cross_attention=cross_modal, qkv_bias=qkv_bias,
-                )  # fmt: skip
+                    encoder_size=hidden_size, patch_dim=self.patch_dim, hidden_size=decoder_hidden_size,
+                    num_layers=decoder_num_layers, num_heads=decoder_num_heads, mlp_dim=decoder_mlp_dim,
+                    cross_attention=cross_modal, qkv_bias=qkv_bias,
+                )
                 for m in MODALITIES
             }
         )
@@ -98,9 +100,9 @@ class FratMAE(nn.Module):
         self.image_projection: nn.Linear | None = None
         if context_align:
             self.text_encoder = TextEncoder(
-                text_vocab_size, text_eot_id, text_context_length, text_width, text_num_layers, text_num_heads,
-                embed_dim,
-            )  # fmt: skip
+                vocab_size=text_vocab_size, eot_id=text_eot_id, context_length=text_context_length, width=text_width,
+                num_layers=text_num_layers, num_heads=text_num_heads, output_dim=embed_dim,
+            )
             self.image_projection = nn.Linear(hidden_size, embed_dim, bias=False)
             nn.init.normal_(self.image_projection.weight, std=hidden_size**-0.5)
             if clip_text_weights:
@@ -150,12 +152,10 @@ class FratMAE(nn.Module):
             raise ValueError(f"masks for unknown modalities {sorted(unknown)}; expected {list(MODALITIES)}.")
         images = {"pet": pet, "ct": ct}
         feats: dict[str, torch.Tensor] = {}
-        grid: tuple[int, ...] = ()
         for m in MODALITIES:
-            mk = masks.get(m)
-            enc = self.encoders[m]
-            tokens, _, grid = enc.forward_intermediates(images[m], (), None if mk is None else mk.ids_keep)
-            feats[m] = tokens
+            ids_keep = None if masks.get(m) is None else masks[m].ids_keep
+            feats[m], _ = self.encoders[m].forward_intermediates(images[m], ids_keep=ids_keep)
+        grid = self.encoders["pet"].token_grid(pet)
         out: dict[str, torch.Tensor] = {"pet_cls": feats["pet"][:, 0]}
         for m in MODALITIES:
             mk = masks.get(m)

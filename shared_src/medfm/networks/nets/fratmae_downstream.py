@@ -68,8 +68,10 @@ class FratMAESegmenter(nn.Module):
                 f"got {layers}."
             )
         self.feature_layers, self.num_layers = layers, num_layers
-        self.encoders = twin_vit_encoders(1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
-                                          drop_path_rate)  # fmt: skip
+        self.encoders = twin_vit_encoders(
+            in_channels=1, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+            mlp_dim=mlp_dim, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
+        )
         h2 = 2 * hidden_size
         f = feature_size
         self.stem = UnetrBasicBlock(3, 2, f, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
@@ -134,8 +136,10 @@ class FratMAEClassifier(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
-        self.encoders = twin_vit_encoders(1, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
-                                          drop_path_rate)  # fmt: skip
+        self.encoders = twin_vit_encoders(
+            in_channels=1, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+            mlp_dim=mlp_dim, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
+        )
         self.head = nn.Sequential(
             nn.LayerNorm(2 * hidden_size),
             nn.Linear(2 * hidden_size, mlp_hidden),

@@ -15,20 +15,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfm.networks.blocks.dino_head import DINOHead
 from medfm.networks.blocks.ema import EMATeacherPair
 from medfm.networks.blocks.moe import MoEProjector
-from medfm.networks.nets.panfm import DINOHead
 
 __all__ = ["MIDoLHead", "MIDoLSelfDistill", "midol_backbone_state"]
+
+
+def _skip_projection_draws(in_dim: int) -> None:
+    """Advance the global RNG by the draws of an initialised ``Linear(in_dim, in_dim)`` (default init, then
+    truncated normal): the prototypes of a head without bottleneck are initialised from the same random stream
+    as those of the head with a square bottleneck, as this head's releases have always been, so a seeded run
+    reproduces them."""
+    torch.empty(2 * in_dim * in_dim + in_dim).uniform_()
 
 
 class MIDoLHead(nn.Module):
     """M-IDoL projection head: :class:`~medfm.networks.blocks.MoEProjector` -> L2-normalise -> weight-normalised
     linear layer without bias (DINO's last layer, arXiv:2104.14294).
 
-    The normalise + last layer is :class:`~medfm.networks.nets.panfm.DINOHead` with its MLP swapped for
-    ``nn.Identity`` (reference code: the 1024-d MoE output goes straight to the 65536 prototypes) or, with
-    ``bottleneck_dim``, kept as DINOHead's single Linear(in_dim -> bottleneck_dim) (our option).
+    The normalise + last layer is :class:`~medfm.networks.blocks.DINOHead` without MLP (``nlayers=0``; reference
+    code: the 1024-d MoE output goes straight to the 65536 prototypes) or, with ``bottleneck_dim``, with a single
+    Linear(in_dim -> bottleneck_dim) (``nlayers=1``, our option).
 
     Args:
         in_dim: feature width D of the backbone.
@@ -57,19 +65,22 @@ class MIDoLHead(nn.Module):
         super().__init__()
         if bottleneck_dim is not None and bottleneck_dim < 1:
             raise ValueError(f"bottleneck_dim must be positive or None, got {bottleneck_dim}.")
-        self.moe = MoEProjector(in_dim, hidden_dim, num_experts, top_k, normalize_gate, gate_noise)
-        self.last_layer = DINOHead(
-            in_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim or in_dim, nlayers=1,
-            norm_last_layer=norm_last_layer,
-        )  # fmt: skip
+        self.moe = MoEProjector(
+            in_dim=in_dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
+            normalize_gate=normalize_gate, gate_noise=gate_noise,
+        )
         if bottleneck_dim is None:
-            self.last_layer.mlp = nn.Identity()
+            _skip_projection_draws(in_dim)
+        self.last_layer = DINOHead(
+            in_dim, out_dim, bottleneck_dim=bottleneck_dim, nlayers=0 if bottleneck_dim is None else 1,
+            norm_last_layer=norm_last_layer,
+        )
         self.num_experts = num_experts
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """The prototype weights (``last_v`` and, without ``norm_last_layer``, ``last_g``): DINO freezes them
         during the first epoch."""
-        return [p for p in (self.last_layer.last_v, self.last_layer.last_g) if p is not None]
+        return self.last_layer.last_layer_parameters()
 
     def cancel_last_layer_grad(self) -> None:
         """Drop the gradients of :meth:`last_layer_parameters` (call after backward, before the optimiser step):
@@ -125,33 +136,19 @@ class MIDoLSelfDistill(EMATeacherPair):
     Args:
         backbone: module ``forward(x) -> (B, embed_dim)`` pooled features (reference: Swin-B, 1024).
         embed_dim: D.
-        num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate, gate_noise: of
-            the :class:`MIDoLHead`.
         teacher_train_mode: the teacher follows the pair's train/eval mode (reference) instead of staying in eval.
+        head_kwargs: keyword arguments of the :class:`MIDoLHead` (``num_experts``, ``top_k``, ``out_dim``,
+            ``hidden_dim``, ``bottleneck_dim``, ``norm_last_layer``, ``normalize_gate``, ``gate_noise``).
     """
 
     ema_buffers = True  # float buffers follow the EMA, counters are copied
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        embed_dim: int,
-        num_experts: int = 5,
-        top_k: int = 1,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int | None = None,
-        norm_last_layer: bool = True,
-        normalize_gate: bool = False,
-        gate_noise: float = 1.0,
-        teacher_train_mode: bool = True,
+        self, backbone: nn.Module, embed_dim: int, *, teacher_train_mode: bool = True, **head_kwargs: Any
     ) -> None:
         super().__init__()
-        head = MIDoLHead(
-            embed_dim, num_experts, top_k, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, normalize_gate,
-            gate_noise,
-        )  # fmt: skip
-        self.num_experts = num_experts
+        head = MIDoLHead(embed_dim, **head_kwargs)
+        self.num_experts = head.num_experts
         self.teacher_train_mode = teacher_train_mode
         self.student = _MIDoLBranch(backbone, head)
         self.init_teacher()

@@ -9,26 +9,24 @@ tokens, replaced by a learned mask token that still carries its position and org
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from medfm.masking.saliency import organ_attention_share
 from medfm.networks.blocks import PatchEmbed, TransformerBlock, init_transformer_weights, sincos_pos_embed, token_grid
+from medfm.networks.blocks.dino_head import DINOHead
 from medfm.networks.blocks.ema import EMATeacherPair
+from medfm.networks.blocks.trunk import TransformerTrunk
 from medfm.organs import PANFM_ORGANS
 from medfm.utils.dist import is_distributed
 
-__all__ = ["PANFM_ORGANS", "DINOHead", "PanFMEncoder", "PanFMOutput", "PanFMSelfDistill", "panfm_encoder_state"]
-
+__all__ = ["PANFM_ORGANS", "PanFMEncoder", "PanFMOutput", "PanFMSelfDistill", "panfm_encoder_state"]
 
 
 class PanFMOutput(NamedTuple):
@@ -89,6 +87,7 @@ class PanFMEncoder(nn.Module):
         self,
         organs: Sequence[str],
         organ_shapes: Mapping[str, Sequence[int]],
+        *,
         patch_size: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 8,
         in_channels: int = 1,
         hidden_size: int = 768,
@@ -136,12 +135,12 @@ class PanFMEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.organ_embed = nn.Parameter(torch.zeros(len(self.organs), hidden_size))
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
-        self.blocks = nn.ModuleList(
-            TransformerBlock(hidden_size, num_heads, mlp_dim, qkv_bias=qkv_bias, drop_path=r) for r in rates
+        self.blocks = TransformerTrunk(
+            lambda r: TransformerBlock(hidden_size, num_heads, mlp_dim, qkv_bias=qkv_bias, drop_path=r),
+            num_layers,
+            drop_path_rate,
         )
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.grad_checkpointing = False
         for m in (self.blocks, self.norm):
             m.apply(init_transformer_weights)
         for p in (self.cls_token, self.mask_token, self.organ_embed):
@@ -198,7 +197,7 @@ class PanFMEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
+        self.blocks.set_grad_checkpointing(enable)
 
     def _check(
         self, images: Mapping[str, torch.Tensor], present: torch.Tensor, organ_mask: torch.Tensor | None
@@ -277,62 +276,38 @@ class PanFMEncoder(nn.Module):
             masked = valid & organ_mask.gather(1, token_organ.clamp_min(0))
         return tokens, token_organ, masked
 
-    def _run_block(self, i: int, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.grad_checkpointing and self.training:
-            return checkpoint(self.blocks[i], x, attn_mask=key_mask, use_reentrant=False)
-        return self.blocks[i](x, attn_mask=key_mask)
-
-    @torch.no_grad()
-    def _cls_attention(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None, token_organ: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
-        """CLS -> token attention of the last block on its input ``x`` (B, 1 + Lmax, C): mean over heads, then the
-        mean per token of each organ, normalised over the present organs (:func:`organ_attention_share`; a sum per
-        organ would grow with the organ's token count). Detached (a saliency, not a training signal)."""
-        attn = self.blocks[-1].attn
-        c, h = self.hidden_size, attn.num_heads
-        xn = self.blocks[-1].norm1(x)
-        w, bias = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(xn[:, :1], w[:c], None if bias is None else bias[:c])  # CLS query only
-        k = F.linear(xn, w[c : 2 * c], None if bias is None else bias[c : 2 * c])
-        b, n = x.shape[:2]
-        q = q.reshape(b, 1, h, c // h).transpose(1, 2).float()
-        k = k.reshape(b, n, h, c // h).transpose(1, 2).float()
-        logits = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(c // h)  # (B, H, 1 + Lmax)
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
-        a = logits.softmax(-1).mean(1)[:, 1:]  # (B, Lmax); padding gets 0
-        return organ_attention_share(a, token_organ, present)
-
     def forward_intermediates(
         self,
         images: Mapping[str, torch.Tensor],
+        indices: int | Sequence[int] = (),
+        *,
         present: torch.Tensor,
-        indices: Sequence[int] = (),
         organ_mask: torch.Tensor | None = None,
         return_attention: bool = False,
+        stop_early: bool = False,
     ) -> tuple[PanFMOutput, list[torch.Tensor]]:
-        """:meth:`forward`, also returning the (B, 1 + Lmax, C) outputs of the blocks in ``indices``
-        (0-based; negative counts from the end), in the order asked."""
-        if any(not -self.num_layers <= i < self.num_layers for i in indices):
-            raise ValueError(f"block indices {list(indices)} out of range for {self.num_layers} blocks.")
-        wanted = [i % self.num_layers for i in indices]
+        """:meth:`forward`, also returning the (B, 1 + Lmax, C) outputs of the blocks in ``indices`` (the contract
+        of :mod:`medfm.networks.blocks.trunk`: 0-based, negative counts from the end, in the order asked).
+        ``stop_early`` runs only up to the deepest requested block (then without ``return_attention``, which reads
+        the last block)."""
+        wanted = self.blocks.resolve(indices)
+        if stop_early and return_attention:
+            raise ValueError("return_attention reads the last block: it cannot be combined with stop_early.")
         tokens, token_organ, masked = self.pack(images, present, organ_mask)
         valid = token_organ >= 0
         b = tokens.shape[0]
         x = torch.cat([self.cls_token.to(tokens.dtype).expand(b, -1, -1), tokens], dim=1)
         key_mask = None if bool(valid.all()) else torch.cat([valid.new_ones(b, 1), valid], dim=1)
-        kept: dict[int, torch.Tensor] = {}
+        last_input = [self.num_layers - 2] if return_attention and self.num_layers > 1 else []
+        h, kept = self.blocks(x, wanted + last_input, stop_early=stop_early, attn_mask=key_mask)
         attention = None
-        for i in range(self.num_layers):
-            if return_attention and i == self.num_layers - 1:
-                attention = self._cls_attention(x, key_mask, token_organ, present)
-            x = self._run_block(i, x, key_mask)
-            if i in wanted:
-                kept[i] = x
-        x = self.norm(x)
-        out = PanFMOutput(x[:, 0], x[:, 1:], token_organ, valid, masked, attention)
-        return out, [kept[i] for i in wanted]
+        if return_attention:
+            # CLS -> token attention of the last block on its input: mean over heads, then the mean per token of
+            # each organ, normalised over the present organs (a sum per organ would grow with its token count)
+            cls_attn = self.blocks[-1].cls_attention(kept.pop() if last_input else x, key_mask)
+            attention = organ_attention_share(cls_attn.mean(1)[:, 1:], token_organ, present)
+        h = self.norm(h)
+        return PanFMOutput(h[:, 0], h[:, 1:], token_organ, valid, masked, attention), kept
 
     def forward(
         self,
@@ -350,61 +325,9 @@ class PanFMEncoder(nn.Module):
                 the organ is missing. None hides nothing.
             return_attention: also compute ``organ_attention`` (B, O) from the last block.
         """
-        return self.forward_intermediates(images, present, (), organ_mask, return_attention)[0]
-
-
-class DINOHead(nn.Module):
-    """DINO projection head (Caron et al., arXiv:2104.14294): MLP -> bottleneck -> L2-normalise ->
-    weight-normalised linear layer without bias.
-
-    The last layer's weight is ``g * v / ||v||`` row-wise, written out here (no ``nn.utils.weight_norm``). With
-    ``norm_last_layer=True`` (DINO's default) ``g`` is fixed at 1 and not a parameter.
-
-    Args:
-        in_dim: input width.
-        out_dim: prototypes (DINO: 65536).
-        hidden_dim: MLP width (DINO: 2048).
-        bottleneck_dim: width before the last layer (DINO: 256).
-        nlayers: linear layers before the last one (DINO: 3).
-        norm_last_layer: fix the last layer's row norms at 1.
-    """
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
-        norm_last_layer: bool = True,
-    ) -> None:
-        super().__init__()
-        if nlayers < 1 or out_dim < 1:
-            raise ValueError(f"nlayers and out_dim must be positive, got {nlayers} and {out_dim}.")
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(itertools.pairwise(dims)):
-            layers.append(nn.Linear(a, b))
-            if i < nlayers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        self.last_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
-        self.last_g = None if norm_last_layer else nn.Parameter(torch.ones(out_dim, 1))
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.last_v, std=0.02)
-
-    def last_weight(self) -> torch.Tensor:
-        """(out_dim, bottleneck_dim) weight of the last layer: rows of v scaled to norm g."""
-        w = F.normalize(self.last_v, dim=1)
-        return w if self.last_g is None else w * self.last_g
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_dim) -> (..., out_dim) logits."""
-        x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, self.last_weight().to(x.dtype))
+        return self.forward_intermediates(
+            images, present=present, organ_mask=organ_mask, return_attention=return_attention
+        )[0]
 
 
 class _Branch(nn.Module):
@@ -473,9 +396,10 @@ class PanFMSelfDistill(EMATeacherPair):
         if shared_head and patch_out_dim != out_dim:
             raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {patch_out_dim} and {out_dim}.")
         encoder = PanFMEncoder(
-            organs, organ_shapes, patch_size, in_channels, hidden_size, num_layers, num_heads, mlp_dim,
-            drop_path_rate, qkv_bias, pos_embed_scale,
-        )  # fmt: skip
+            organs, organ_shapes, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim, drop_path_rate=drop_path_rate,
+            qkv_bias=qkv_bias, pos_embed_scale=pos_embed_scale,
+        )
         head_kw: dict[str, Any] = {
             "hidden_dim": head_hidden_dim, "bottleneck_dim": head_bottleneck_dim, "nlayers": head_nlayers,
             "norm_last_layer": norm_last_layer,

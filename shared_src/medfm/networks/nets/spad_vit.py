@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from medfm.networks.blocks.eva_block import EvaBlock
+from medfm.networks.blocks.eva_block import eva_block
 from medfm.networks.blocks.rope import Rope3D
 from medfm.networks.blocks.spad import SpadConv3d, default_aniso_d
+from medfm.networks.blocks.trunk import TransformerTrunk
 from medfm.networks.blocks.vit_encoder import init_trunc_normal_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SpadViT", "SpadViTMIM", "resample_pos_embed"]
@@ -98,13 +98,14 @@ class SpadViT(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = _PatchEmbed(in_channels, hidden_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, hidden_size, *pos_embed_shape))
         self.rope = Rope3D(hidden_size // num_heads, rope_base_z, rope_base_xy)
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
-        self.blocks = nn.ModuleList(EvaBlock(hidden_size, num_heads, mlp_dim, r) for r in rates)
+        self.blocks = TransformerTrunk(
+            lambda r: eva_block(hidden_size, num_heads, mlp_dim, drop_path=r), num_layers, drop_path_rate
+        )
+        self.blocks.set_grad_checkpointing(grad_checkpointing)
         self.norm = nn.LayerNorm(hidden_size)
         if input_mean is not None:
             shape = (1, in_channels, 1, 1, 1)
@@ -121,7 +122,7 @@ class SpadViT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
-        self.grad_checkpointing = enable
+        self.blocks.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (tokens, position embedding, q/v biases)."""
@@ -151,33 +152,45 @@ class SpadViT(nn.Module):
         return tokens.flatten(2).transpose(1, 2), grid
 
     def encode(
-        self, tokens: torch.Tensor, grid: Sequence[int], indices: Sequence[int] = ()
+        self, tokens: torch.Tensor, grid: Sequence[int], indices: int | Sequence[int] = (), stop_early: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Prepend CLS, run the blocks; returns the normed sequence (N, 1+L, C) and the raw outputs of ``indices``."""
+        """Prepend CLS and run the blocks on embedded tokens (N, L, C) of the token ``grid``.
+
+        Returns:
+            the normed sequence (N, 1+L, C) and the raw outputs (N, 1+L, C) of the blocks in ``indices`` (see
+            :func:`~medfm.networks.blocks.resolve_indices`; out-of-range indices are a ValueError).
+        """
+        self.blocks.resolve(indices)
         x = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens), dim=1)
-        rope = self.rope(grid)
-        wanted = {int(i) % len(self.blocks) for i in indices}
-        kept: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
-            if i in wanted:
-                kept[i] = x
-        return self.norm(x), [kept[int(i) % len(self.blocks)] for i in indices]
+        x, kept = self.blocks(x, indices, stop_early=stop_early, rope=self.rope(grid))
+        return self.norm(x), kept
 
     def forward_intermediates(
-        self, x: torch.Tensor, aniso_d: int | None = None, indices: Sequence[int] = ()
-    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int, int]]:
-        """Normed final sequence (N, 1+L, C), outputs of blocks ``indices`` (N, 1+L, C), token grid."""
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] = (),
+        *,
+        aniso_d: int | None = None,
+        stop_early: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The contract of :mod:`medfm.networks.blocks.trunk`.
+
+        Args:
+            x: (N, C, D, H, W).
+            indices: block indices (negative from the end) or a count of last blocks.
+            aniso_d: anisotropy level (None: from the input's depth, see ``default_aniso_d``).
+            stop_early: run only up to the deepest requested block.
+
+        Returns:
+            normed final sequence (N, 1+L, C) and the outputs (N, 1+L, C) of blocks ``indices``, in that order.
+        """
+        self.blocks.resolve(indices)
         tokens, grid = self.embed(x, aniso_d)
-        final, feats = self.encode(tokens, grid, indices)
-        return final, feats, grid
+        return self.encode(tokens, grid, indices, stop_early)
 
     def forward(self, x: torch.Tensor, aniso_d: int | None = None) -> torch.Tensor:
         """Normed token sequence (N, 1+L, C); index 0 is CLS."""
-        return self.forward_intermediates(x, aniso_d)[0]
+        return self.forward_intermediates(x, aniso_d=aniso_d)[0]
 
 
 class SpadViTMIM(SpadViT):

@@ -122,7 +122,8 @@ class SpadViTSegmenter(nn.Module):
         in training with deep supervision."""
         aniso_d = default_aniso_d(x, aniso_d)
         p = self.patch_level
-        _, feats, grid = self.encoder.forward_intermediates(x, aniso_d, self.feature_layers)
+        _, feats = self.encoder.forward_intermediates(x, self.feature_layers, aniso_d=aniso_d)
+        grid = self.encoder.token_grid(x, aniso_d)
         skips: dict[int, torch.Tensor] = {}
         for i, (feat, norm, block) in enumerate(zip(feats, self.feature_norms, self.pyramid)):
             fmap = norm(feat[:, 1:]).transpose(1, 2).reshape(feat.shape[0], -1, *grid)
