@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from medfm.losses.tokenizer import token_entropy, usage_entropy_loss
+from .code_usage import token_entropy, usage_entropy_loss
 
 __all__ = ["SoftQuantizer", "SoftQuantizerOutput"]
 
