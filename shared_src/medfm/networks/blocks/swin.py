@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .transformer_block import Mlp
+from .trunk import resolve_indices
 from .vit_encoder import init_trunc_normal_weights
 
 __all__ = [
@@ -327,6 +328,37 @@ class SwinBackbone(nn.Module):
         """Parameter names exempt from weight decay (the relative position bias tables, as in Swin)."""
         return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
 
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] = (), *, stop_early: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The contract of :mod:`medfm.networks.blocks.trunk`, over stages instead of blocks.
+
+        Args:
+            x: (B, in_channels, H, W), H and W multiples of ``patch_size * 2**(stages-1)``.
+            indices: stage indices (negative from the end) or a count of last stages.
+            stop_early: run only up to the deepest requested stage; ``final`` is then that stage's map without the
+                final LayerNorm (which has the last stage's width).
+
+        Returns:
+            ``final`` (B, num_features, H / stride, W / stride), the last stage's map after the final LayerNorm,
+            and the maps of the stages in ``indices`` in the order asked, stage i
+            (B, embed_dim * 2**i, H / (patch_size * 2**i), W / (patch_size * 2**i)), taken before the stage's
+            patch merging and without the final LayerNorm.
+        """
+        wanted = resolve_indices(indices, len(self.layers))
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        if x.shape[2] % self.stride or x.shape[3] % self.stride:
+            raise ValueError(f"H and W must be multiples of {self.stride}, got {tuple(x.shape[2:])}.")
+        depth = max(wanted) + 1 if stop_early and wanted else len(self.layers)
+        x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+        outs = []
+        for layer in self.layers[:depth]:
+            out, x = layer(x)
+            outs.append(out)
+        final = self.norm(outs[-1]) if depth == len(self.layers) else outs[-1]
+        return final.permute(0, 3, 1, 2), [outs[i].permute(0, 3, 1, 2) for i in wanted]
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """
         Args:
@@ -336,17 +368,8 @@ class SwinBackbone(nn.Module):
             one map per stage, (B, embed_dim * 2**i, H / (patch_size * 2**i), W / (patch_size * 2**i)), taken
             before the stage's patch merging; the last one after the final LayerNorm.
         """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        if x.shape[2] % self.stride or x.shape[3] % self.stride:
-            raise ValueError(f"H and W must be multiples of {self.stride}, got {tuple(x.shape[2:])}.")
-        x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
-        feats = []
-        for layer in self.layers:
-            out, x = layer(x)
-            feats.append(out)
-        feats[-1] = self.norm(feats[-1])
-        return [f.permute(0, 3, 1, 2) for f in feats]
+        final, stages = self.forward_intermediates(x, range(len(self.layers) - 1))
+        return [*stages, final]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) -> (B, num_features) average-pooled normalised last-stage feature."""
