@@ -23,7 +23,7 @@ from .spad import (
 from .swin import PatchMerging, SwinBackbone, SwinBlock, SwinStage, WindowAttention
 from .text_encoder import TextEncoder, filter_clip_text_state_dict, load_clip_text_weights
 from .transformer_block import Mlp, SwiGLU, TransformerBlock
-from .trunk import FEATURE_API, TransformerTrunk, resolve_indices
+from .trunk import TransformerTrunk, resolve_indices
 from .twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
 from .vit_encoder import VIT_SIZES, ViTEncoder, init_transformer_weights, init_trunc_normal_weights
 
@@ -32,7 +32,6 @@ __all__ = [
     "MAX_ANISO_D",
     "CrossAttention",
     "DINOHead",
-    "FEATURE_API",
     "MAEDecoder",
     "Mlp",
     "MoEProjector",

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["FEATURE_API", "TransformerTrunk", "resolve_indices"]
+__all__ = ["TransformerTrunk", "resolve_indices"]
 
-FEATURE_API = __doc__
 
 
 def resolve_indices(indices: int | Sequence[int], num_layers: int) -> list[int]:

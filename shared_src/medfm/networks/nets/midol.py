@@ -23,11 +23,11 @@ __all__ = ["MIDoLHead", "MIDoLSelfDistill", "midol_backbone_state"]
 
 
 def _skip_projection_draws(in_dim: int) -> None:
-    """Advance the global RNG by the draws of an initialised ``Linear(in_dim, in_dim)`` (default init, then
-    truncated normal): the prototypes of a head without bottleneck are initialised from the same random stream
-    as those of the head with a square bottleneck, as this head's releases have always been, so a seeded run
-    reproduces them."""
-    torch.empty(2 * in_dim * in_dim + in_dim).uniform_()
+    """Advance the global RNG by the draws of an initialised ``Linear(in_dim, in_dim)`` (its default init, then
+    truncated normal), which the module is not kept: the prototypes of a head without bottleneck are initialised
+    from the same random stream as those of the head with a square bottleneck, as this head's earlier versions did,
+    so seeded runs reproduce them."""
+    nn.init.trunc_normal_(nn.Linear(in_dim, in_dim).weight, std=0.02)
 
 
 class MIDoLHead(nn.Module):
