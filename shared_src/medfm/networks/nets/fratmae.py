@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,8 +33,6 @@ class FratMAE(nn.Module):
 
     Args:
         in_channels: channels per modality image.
-        patch_size: ViT patch size.
-        hidden_size, num_layers, num_heads, mlp_dim: encoder size (ViT-B: 768, 12, 12, 3072).
         decoder_hidden_size, decoder_num_layers, decoder_num_heads, decoder_mlp_dim: decoder size
             (MAE's 512, 8, 16, 2048).
         cross_modal: FratMAE's cross-attention decoders (True) or independent MAE decoders (False).
@@ -44,19 +43,15 @@ class FratMAE(nn.Module):
             77 positions, 512, 12, 8; the prompt needs about 16 positions).
         embed_dim: width of the joint PET/text space (CLIP ViT-B: 512).
         clip_text_weights: optional path of local CLIP weights for the text encoder (never downloaded).
-        drop_path_rate: stochastic depth of the encoders.
-        qkv_bias: bias on q, k, v.
-        spatial_dims: 3 for volumes.
+        qkv_bias: bias on q, k, v (encoders and decoders).
+        encoder_kwargs: size of the twin encoders, keywords of :class:`~medfm.networks.blocks.ViTEncoder`:
+            ``patch_size``, ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim`` (ViT-B defaults: 16, 768,
+            12, 12, 3072), ``drop_path_rate`` (0), ``spatial_dims`` (3).
     """
 
     def __init__(
         self,
         in_channels: int = 1,
-        patch_size: int | Sequence[int] = 16,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
         decoder_hidden_size: int = 512,
         decoder_num_layers: int = 8,
         decoder_num_heads: int = 16,
@@ -71,19 +66,15 @@ class FratMAE(nn.Module):
         text_num_heads: int = 8,
         embed_dim: int = 512,
         clip_text_weights: str | None = None,
-        drop_path_rate: float = 0.0,
         qkv_bias: bool = True,
-        spatial_dims: int = 3,
+        **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
         self.cross_modal = cross_modal
         self.context_align = context_align
         self.in_channels = in_channels
-        self.encoders = twin_vit_encoders(
-            in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
-            num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
-            spatial_dims=spatial_dims,
-        )
+        self.encoders = twin_vit_encoders(in_channels=in_channels, qkv_bias=qkv_bias, **encoder_kwargs)
+        hidden_size = self.encoders["pet"].hidden_size
         self.patch_size = self.encoders["pet"].patch_size
         self.patch_dim = in_channels * math.prod(self.patch_size)
         self.decoders = nn.ModuleDict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,6 @@ class FratMAESegmenter(nn.Module):
     Args:
         out_channels: segmentation classes (2: background, lesion).
         patch_size: encoder patch size, a power of two >= 4, the same along every axis.
-        hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate: encoder size (ViT-B).
         feature_size: decoder width at full resolution (UNETR: 16).
         feature_layers: encoder blocks (0-based) giving the skips and the bottleneck, shallowest first;
             ``log2(patch)`` entries. Default: evenly spaced, ending with the last block. The last entry is the
@@ -40,27 +40,27 @@ class FratMAESegmenter(nn.Module):
             norm then get no gradient: multi-GPU runs need ``find_unused_parameters``).
         norm_name: decoder normalisation.
         res_block: residual decoder blocks.
+        encoder_kwargs: the rest of the encoder size, keywords of :class:`~medfm.networks.blocks.ViTEncoder`
+            (``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim``, ``qkv_bias``, ``drop_path_rate``; ViT-B
+            by default).
     """
 
     def __init__(
         self,
         out_channels: int = 2,
         patch_size: int = 16,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
-        qkv_bias: bool = True,
-        drop_path_rate: float = 0.0,
         feature_size: int = 16,
         feature_layers: Sequence[int] | None = None,
         norm_name: str | tuple = "instance",
         res_block: bool = True,
+        **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
         levels = int(round(math.log2(patch_size))) if patch_size > 0 else 0
         if patch_size < 4 or 2**levels != patch_size:
             raise ValueError(f"patch_size must be a power of two >= 4, got {patch_size}.")
+        self.encoders = twin_vit_encoders(in_channels=1, patch_size=patch_size, **encoder_kwargs)
+        num_layers = self.encoders["pet"].num_layers
         layers = list(feature_layers) if feature_layers is not None else evenly_spaced_layers(num_layers, levels)
         if len(layers) != levels or any(not 0 <= i < num_layers for i in layers):
             raise ValueError(
@@ -68,11 +68,7 @@ class FratMAESegmenter(nn.Module):
                 f"got {layers}."
             )
         self.feature_layers, self.num_layers = layers, num_layers
-        self.encoders = twin_vit_encoders(
-            in_channels=1, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-            mlp_dim=mlp_dim, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
-        )
-        h2 = 2 * hidden_size
+        h2 = 2 * self.encoders["pet"].hidden_size
         f = feature_size
         self.stem = UnetrBasicBlock(3, 2, f, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
         # skip j (1..levels-1) at 1/2^j resolution from hidden state j-1
@@ -115,31 +111,25 @@ class FratMAEClassifier(nn.Module):
 
     Args:
         num_classes: classes (2: early I/II, advanced III/IV).
-        patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate: encoder size.
         mlp_hidden: hidden width of the MLP head.
         dropout: dropout before the last layer.
+        encoder_kwargs: encoder size, keywords of :class:`~medfm.networks.blocks.ViTEncoder` (``patch_size``,
+            ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim``, ``qkv_bias``, ``drop_path_rate``; ViT-B/16
+            by default).
     """
 
     def __init__(
         self,
         num_classes: int = 2,
-        patch_size: int = 16,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
-        qkv_bias: bool = True,
-        drop_path_rate: float = 0.0,
         mlp_hidden: int = 512,
         dropout: float = 0.0,
+        **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
-        self.encoders = twin_vit_encoders(
-            in_channels=1, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-            mlp_dim=mlp_dim, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
-        )
+        self.encoders = twin_vit_encoders(in_channels=1, **encoder_kwargs)
+        hidden_size = self.encoders["pet"].hidden_size
         self.head = nn.Sequential(
             nn.LayerNorm(2 * hidden_size),
             nn.Linear(2 * hidden_size, mlp_hidden),

@@ -9,12 +9,13 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
+from medfm.networks.blocks.linear_probe import ProbedBackbone
 from medfm.networks.blocks.swin import SwinBackbone
 
 __all__ = ["MIDoLClassifier", "MIDoLSegmenter"]
 
 
-class MIDoLClassifier(nn.Module):
+class MIDoLClassifier(ProbedBackbone):
     """:class:`SwinBackbone` + a linear head on the pooled feature (fine-tuning, or a linear probe with the
     backbone frozen).
 
@@ -27,26 +28,11 @@ class MIDoLClassifier(nn.Module):
     def __init__(self, num_classes: int, linear_probe: bool = False, **backbone_kwargs: Any) -> None:
         super().__init__()
         self.backbone = SwinBackbone(**backbone_kwargs)
-        self.linear_probe = linear_probe
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        if linear_probe:
-            self.backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> MIDoLClassifier:
-        super().train(mode)
-        if self.linear_probe:
-            self.backbone.eval()
-        return self
+        self._init_probe("backbone", self.backbone.num_features, num_classes, linear_probe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear_probe:
-            with torch.no_grad():
-                feats = self.backbone(x)
-        else:
-            feats = self.backbone(x)
-        return self.head(feats)
+        """x: (B, in_channels, H, W) -> logits (B, num_classes)."""
+        return self.head(self.features(self.backbone, x))
 
 
 class MIDoLSegmenter(nn.Module):

@@ -357,32 +357,24 @@ class PanFMSelfDistill(EMATeacherPair):
     keeps its token slots), so for the same ``present`` token ``l`` of sample ``b`` is the same patch in both.
 
     Args:
-        organs, organ_shapes, patch_size, in_channels, hidden_size, num_layers, num_heads, mlp_dim,
-            drop_path_rate, qkv_bias: of the :class:`PanFMEncoder` (drop path acts in the student only).
+        organs, organ_shapes: of the :class:`PanFMEncoder`.
         out_dim: prototypes of the CLS head (DINO: 65536).
         patch_out_dim: prototypes of the patch head (iBOT: 8192).
         head_hidden_dim, head_bottleneck_dim, head_nlayers, norm_last_layer: of both :class:`DINOHead`.
-        pos_embed_scale: of the :class:`PanFMEncoder`.
         input_centering: in training mode, :meth:`forward_teacher` adds each batch to the encoders' running mean
             images, which the encoders subtract from their inputs (teacher and student share the same means).
         shared_head: one head for CLS and patch tokens (needs ``patch_out_dim == out_dim``); the default, our
             proposal, gives patch tokens their own head (as DINOv2's larger models), so the two objectives do
             not compete for one set of prototypes.
+        encoder_kwargs: the other keywords of the :class:`PanFMEncoder` (``patch_size``, ``in_channels``,
+            ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim``, ``qkv_bias``, ``pos_embed_scale``; ViT-B
+            by default) and ``drop_path_rate``, here 0.1 by default (it acts in the student only).
     """
 
     def __init__(
         self,
         organs: Sequence[str],
         organ_shapes: Mapping[str, Sequence[int]],
-        patch_size: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 8,
-        in_channels: int = 1,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
-        drop_path_rate: float = 0.1,
-        qkv_bias: bool = True,
-        pos_embed_scale: float = 1.0,
         input_centering: bool = False,
         out_dim: int = 65536,
         patch_out_dim: int = 8192,
@@ -391,15 +383,13 @@ class PanFMSelfDistill(EMATeacherPair):
         head_nlayers: int = 3,
         norm_last_layer: bool = True,
         shared_head: bool = False,
+        **encoder_kwargs: Any,
     ) -> None:
         super().__init__()
         if shared_head and patch_out_dim != out_dim:
             raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {patch_out_dim} and {out_dim}.")
-        encoder = PanFMEncoder(
-            organs, organ_shapes, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim, drop_path_rate=drop_path_rate,
-            qkv_bias=qkv_bias, pos_embed_scale=pos_embed_scale,
-        )
+        encoder = PanFMEncoder(organs, organ_shapes, **{"drop_path_rate": 0.1, **encoder_kwargs})
+        hidden_size = encoder.hidden_size
         head_kw: dict[str, Any] = {
             "hidden_dim": head_hidden_dim, "bottleneck_dim": head_bottleneck_dim, "nlayers": head_nlayers,
             "norm_last_layer": norm_last_layer,

@@ -8,12 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfm.networks.blocks.linear_probe import ProbedBackbone
+
 from .panfm import PanFMEncoder
 
 __all__ = ["PanFMClassifier"]
 
 
-class PanFMClassifier(nn.Module):
+class PanFMClassifier(ProbedBackbone):
     """:class:`PanFMEncoder` + a linear head on its normed CLS token, one logit per label (multi-label).
 
     Missing organs stay missing (their tokens are absent), so the model predicts from whatever organs a
@@ -34,25 +36,10 @@ class PanFMClassifier(nn.Module):
                 "Otherwise give the label names (e.g. --label_names \"['a', 'b']\")."
             )
         self.encoder = PanFMEncoder(**encoder_kwargs)
-        self.linear_probe = linear_probe
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.encoder.hidden_size, num_labels)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        if linear_probe:
-            self.encoder.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> PanFMClassifier:
-        super().train(mode)
-        if self.linear_probe:
-            self.encoder.eval()  # frozen features: no stochastic depth
-        return self
+        self._init_probe("encoder", self.encoder.hidden_size, num_labels, linear_probe)
 
     def forward(self, images: Mapping[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         """images: organ -> (B, C, *shape); present: (B, O) bool. Returns logits (B, num_labels)."""
-        if self.linear_probe:
-            with torch.no_grad():
-                cls = self.encoder(images, present).cls
-        else:
-            cls = self.encoder(images, present).cls
+        cls = self.features(lambda: self.encoder(images, present).cls)
         return self.head(self.dropout(cls))
