@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfm.networks.blocks import (
+    VIT_SIZES,
     DINOHead,
     Rope3D,
     SelfAttention,
@@ -239,3 +240,41 @@ def test_networks_do_not_import_losses_engines_data_or_transforms():
 
 
 _OUTSIDE = {"losses", "engines", "data", "transforms"}
+
+
+def _vit_block_keys(prefix: str, eva: bool) -> list[str]:
+    attn = ["attn.qkv.weight", "attn.q_bias", "attn.v_bias"] if eva else ["attn.qkv.weight", "attn.qkv.bias"]
+    mlp = ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.norm.weight", "mlp.norm.bias"] if eva else ["mlp.fc1.weight",
+                                                                                              "mlp.fc1.bias"]
+    names = ["norm1.weight", "norm1.bias", *attn, "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+             *mlp, "mlp.fc2.weight", "mlp.fc2.bias"]  # fmt: skip
+    return [prefix + n for n in names]
+
+
+def test_checkpoint_key_names_are_those_of_earlier_checkpoints():
+    """The block stack keeps the earlier layout (``blocks.<i>.{norm1,attn,norm2,mlp}.*``), so checkpoints written
+    before the shared trunk load without a converter."""
+    vit = ViTEncoder(in_channels=1, patch_size=4, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
+    expected = ["cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"]
+    expected += _vit_block_keys("blocks.0.", False) + _vit_block_keys("blocks.1.", False)
+    assert sorted(vit.state_dict()) == sorted(expected)
+    spad = SpadViT(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=24, pos_embed_shape=(1, 2, 2))
+    expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias"] + _vit_block_keys("blocks.0.", True) + _vit_block_keys("blocks.1.", True)  # fmt: skip
+    assert sorted(spad.state_dict()) == sorted(expected)
+    # an earlier-layout state dict written by hand (shapes from the sizes) loads strictly
+    shapes = {k: v.shape for k, v in spad.state_dict().items()}
+    spad.load_state_dict({k: torch.full(s, 0.5) for k, s in shapes.items()}, strict=True)
+    assert float(spad.blocks[1].attn.v_bias[0]) == 0.5
+    plain = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8)
+    assert sorted(k for k in plain.state_dict() if k.startswith("last_layer")) == ["last_layer.last_v"]
+    square = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=4)
+    assert sorted(k for k in square.state_dict() if k.startswith("last_layer")) == [
+        "last_layer.last_v", "last_layer.mlp.0.bias", "last_layer.mlp.0.weight"
+    ]  # fmt: skip
+
+
+def test_named_vit_size():
+    vit = ViTEncoder(**VIT_SIZES["tiny"], patch_size=16)
+    assert (vit.hidden_size, len(vit.blocks), vit.blocks[0].attn.num_heads) == (192, 12, 3)
+    assert vit.blocks[0].mlp.fc1.out_features == 4 * 192
