@@ -24,9 +24,9 @@ __all__ = ["MIDoLHead", "MIDoLSelfDistill", "midol_backbone_state"]
 
 def _skip_projection_draws(in_dim: int) -> None:
     """Advance the global RNG by the draws of an initialised ``Linear(in_dim, in_dim)`` (its default init, then
-    truncated normal), which the module is not kept: the prototypes of a head without bottleneck are initialised
-    from the same random stream as those of the head with a square bottleneck, as this head's earlier versions did,
-    so seeded runs reproduce them."""
+    the truncated normal), a module that is not kept. With it a seed gives the head without bottleneck the same
+    prototypes (and every later draw) as the head with a square bottleneck, ``bottleneck_dim=in_dim``, so the two
+    options start from the same point and seeded runs of either are reproducible against each other."""
     nn.init.trunc_normal_(nn.Linear(in_dim, in_dim).weight, std=0.02)
 
 
