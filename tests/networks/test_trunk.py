@@ -59,6 +59,7 @@ def test_trunk_forward_keeps_outputs_in_order_and_stops_early():
     assert float(out) == 4 and [float(k) for k in kept] == [3, 1, 4]
     out, kept = trunk(x, [1], stop_early=True)
     assert float(out) == 2 and [float(k) for k in kept] == [2]
+    assert isinstance(trunk[1], _AddOne) and len(trunk[1:3]) == 2 and trunk[-1] is trunk[3]
 
 
 class _AddOne(nn.Module):

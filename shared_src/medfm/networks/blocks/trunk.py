@@ -86,6 +86,12 @@ class TransformerTrunk(nn.ModuleList):
         super().__init__([make_block(r) for r in torch.linspace(0, drop_path_rate, num_layers).tolist()])
         self.grad_checkpointing = False
 
+    def __getitem__(self, idx: int | slice) -> nn.Module | nn.ModuleList:  # type: ignore[override]
+        """A block, or a plain ``nn.ModuleList`` of the blocks of a slice."""
+        if isinstance(idx, slice):
+            return nn.ModuleList(list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
         self.grad_checkpointing = enable
