@@ -11,9 +11,13 @@ Feature API of every backbone (``ViTEncoder``, ``SpadViT``, ``PanFMEncoder``, ``
   0-based indices, negative ones counting from the end, or an int ``n`` for the last ``n``. An index out of
   range is a ValueError.
 - ``stop_early``: run only up to the deepest requested block; ``final`` is then the final norm of that block's
-  output.
-- returns ``final``, what ``forward_features`` gives (the normed last output), and ``intermediates``, the raw
-  (un-normed) outputs of the requested blocks in the order asked.
+  output (Swin: that stage's map, un-normed; Pan-FM: not with ``return_attention``).
+- returns ``final``, the final norm of the last output (a tensor shaped as the blocks' outputs; Pan-FM: its
+  ``PanFMOutput``), and ``intermediates``, the raw (un-normed) outputs of the requested blocks, a list in the order
+  asked (``[]`` for no indices).
+
+Each model's ``forward`` keeps its own output (the ViT encoder: a dict of tokens and CLS, SPAD-ViT: the token
+sequence, Pan-FM: ``PanFMOutput``, Swin: the pooled feature).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["TransformerTrunk", "resolve_indices"]
-
 
 
 def resolve_indices(indices: int | Sequence[int], num_layers: int) -> list[int]:
