@@ -77,9 +77,10 @@ class SpadViTSegmenter(nn.Module):
             raise ValueError(
                 f"decoder_channels needs {p + 2} values (levels 0..{p + 1}), got {list(decoder_channels)}."
             )
-        num_layers = len(self.encoder.blocks)
-        if any(not -num_layers <= i < num_layers for i in feature_layers):
-            raise ValueError(f"feature_layers {list(feature_layers)} out of range for {num_layers} blocks.")
+        try:
+            self.encoder.blocks.resolve(feature_layers)
+        except ValueError as e:
+            raise ValueError(f"feature_layers: {e}") from None
         self.feature_layers = tuple(int(i) for i in feature_layers)
         self.patch_level = p
         c = self.encoder.hidden_size
