@@ -279,3 +279,11 @@ def test_named_vit_size():
     vit = ViTEncoder(**VIT_SIZES["tiny"], patch_size=16)
     assert (vit.hidden_size, len(vit.blocks), vit.blocks[0].attn.num_heads) == (192, 12, 3)
     assert vit.blocks[0].mlp.fc1.out_features == 4 * 192
+
+
+def test_panfm_attention_needs_the_whole_stack():
+    panfm, images, kw, _ = _backbones()[2]
+    out, _ = panfm.eval().forward_intermediates(images, [0], return_attention=True, **kw)
+    torch.testing.assert_close(out.organ_attention.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="stop_early"):
+        panfm.forward_intermediates(images, [0], return_attention=True, stop_early=True, **kw)
