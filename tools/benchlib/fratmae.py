@@ -127,7 +127,7 @@ DEFAULT_STEPS = {"base": (1, 3), "tiny": (1, 3)}  # (warmup, timed steps)
 
 
 def _prompt_ids(batch: int, context_length: int) -> tuple[torch.Tensor, Any]:
-    from medfm.data import PromptTokenizer, build_prompt
+    from medfm.transforms import PromptTokenizer, build_prompt
 
     tok = PromptTokenizer(context_length=context_length)
     prompts = [build_prompt("FDG", "melanoma", 61, "M"), build_prompt("PSMA", "prostate cancer", 70, "M")]
