@@ -132,7 +132,7 @@ def expert_balance(top1: np.ndarray, num_experts: int) -> float:
 
 def training_balance(curve: Sequence[dict], num_experts: int, last: int = 10) -> dict:
     """Per-step balance of the teacher's routing and of the routing loss's Sinkhorn targets in training, from the
-    logged terms (``expert_<e>``, ``target_<e>``, ``target_mass_<e>`` of :class:`medfm.engines.MIDoLIteration`):
+    logged terms (``expert_<e>``, ``target_<e>``, ``target_mass_<e>`` of :class:`medfm.engines.MIDoLPretrainIteration`):
     the smallest expert's share of the batch's global crops by teacher top-1 (``teacher``), by the targets'
     largest entry (``target``) and by the targets' mass (``target_mass``), each averaged over the first and the
     ``last`` steps (``<name>_first``, ``<name>_last``); 1/E when balanced."""

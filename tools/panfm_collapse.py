@@ -6,7 +6,7 @@
                                    [--embed-norm] [--set KEY=VALUE ...]
 
 Pre-trains ``train.json`` + ``demo.json`` in-process (same network, loss, optimizer, sampler, schedules and
-:class:`medfm.engines.PanFMIteration` as the bundle; ``--set`` overrides config ids, e.g.
+:class:`medfm.engines.PanFMPretrainIteration` as the bundle; ``--set`` overrides config ids, e.g.
 ``--set momentum_start=0.9``) on the synthetic cohort (``--data``, generated with ``--subjects`` and seed 0 when
 absent) and prints, every ``--every`` steps, with ``T`` the step's teacher temperature and ``c`` the CLS centre:
 

@@ -1,7 +1,7 @@
 from monai.transforms import Resized, ScaleIntensityRanged
 
-from medfm.data import PromptTokenizer, transform_state_hash
-from medfm.transforms import LoadPETCTd, TokenizePromptd
+from medfm.data import transform_state_hash
+from medfm.transforms import LoadPETCTd, PromptTokenizer, TokenizePromptd
 
 
 def _pipeline(size=(64, 64, 96), a_min=-1000, context_length=32):

@@ -294,11 +294,11 @@ def test_one_organ_tuple_for_every_layer():
     import inspect
 
     from medfm.data.panfm import ORGANS
-    from medfm.engines import PanFMPrepareBatch
+    from medfm.engines import PanFMPretrainPrepareBatch
     from medfm.networks.nets import PANFM_ORGANS as net_organs
     from medfm.organs import PANFM_ORGANS
     from medfm.transforms.panfm import LoadOrgansd
 
     assert ORGANS is PANFM_ORGANS and net_organs is PANFM_ORGANS and len(PANFM_ORGANS) == 7
-    assert inspect.signature(PanFMPrepareBatch).parameters["organs"].default is PANFM_ORGANS
+    assert inspect.signature(PanFMPretrainPrepareBatch).parameters["organs"].default is PANFM_ORGANS
     assert inspect.signature(LoadOrgansd).parameters["organs"].default is PANFM_ORGANS

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from medfm.data.autopet import build_autopet_datalist
-from medfm.data.prompt import build_prompt
 from medfm.data.synthetic_petct import ORGAN_LABELS, ensure_demo_petct, generate_synthetic_petct
+from medfm.transforms.prompt import build_prompt
 
 SHAPE, SPACING = (48, 32, 96), (10.0, 10.0, 20.0)  # the default field of view at half resolution
 N_CASES = 10

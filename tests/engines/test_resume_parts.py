@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from medfm.data import GroupBatchSampler, SeededDataset, SeededSample, shuffle_batch_sampler
 from medfm.engines import (
     BestModelSaver,
-    FratMAEPrepareBatch,
+    FratMAEPretrainPrepareBatch,
     ResumeFromCheckpoint,
     SamplerEpochHandler,
     StepSeedHandler,
@@ -132,7 +132,7 @@ def test_sampler_epoch_handler_refuses_a_changed_epoch_length():
 
 
 def test_step_seed_handler_makes_each_iteration_draw_by_its_number():
-    prep = FratMAEPrepareBatch(patch_size=2, seed=4, text_key=None)
+    prep = FratMAEPretrainPrepareBatch(patch_size=2, seed=4, text_key=None)
 
     def draws(start: int) -> list:
         engine = Engine(lambda e, b: (torch.rand(2), prep.generator("cpu").initial_seed()))

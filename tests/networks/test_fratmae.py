@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from medfm.data import PromptTokenizer
 from medfm.losses import FratMAELoss
 from medfm.masking import asymmetric_cross_modal_masking, independent_masking
 from medfm.networks.blocks import patchify
 from medfm.networks.nets import FratMAE
+from medfm.transforms import PromptTokenizer
 
 SHAPE = (2, 1, 16, 8, 16)  # 4 x 2 x 4 = 32 tokens with patch 4
 N = 32

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from medfm.data import generate_synthetic_petct
-from medfm.engines import FratMAEPrepareBatch
+from medfm.engines import FratMAEPretrainPrepareBatch
 from medfm.losses import FratMAELoss
 from medfm.losses.masked_mse import masked_mse
 from medfm.masking import random_masking
@@ -106,7 +106,7 @@ def _probe_log_loss(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float 
 
 
 def _pretrain(net: FratMAE, d: dict, seed: int) -> None:
-    prepare = FratMAEPrepareBatch(PATCH, mask_ratio=0.5, cross_modal=True, seed=seed, text_key=None)
+    prepare = FratMAEPretrainPrepareBatch(PATCH, mask_ratio=0.5, cross_modal=True, seed=seed, text_key=None)
     loss_fn = FratMAELoss(infonce_weight=0.0)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
     order = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medfm.engines.spad_mim import SpadMIMPrepareBatch, batch_aniso_d
+from medfm.engines import SpadMIMPrepareBatch, batch_aniso_d
 from medfm.losses.soft_ce import SoftTokenCELoss
 from medfm.networks.nets.spad_vit import SpadViT, SpadViTMIM, resample_pos_embed
 from medfm.networks.nets.spad_vit_downstream import SpadViTClassifier, SpadViTSegmenter

@@ -10,7 +10,7 @@ import torch
 from monai.data import DataLoader, MetaTensor
 
 from medfm.data import AnisoBatchSampler, SeededSample, SpadDrawDataset
-from medfm.transforms import SpadRandAffineCropd, SpadScaleAugment
+from medfm.transforms import SpadRandAffineCropd, SpadRandCropd, SpadScaleAugment
 
 
 def _level(sz: float, sy: float, sx: float) -> int:
@@ -189,3 +189,10 @@ def test_pretraining_configs_switch_the_augmentation(config, tmp_path):
             assert names == ["SpadRandAffineCropd", "EnsureTyped"]
             assert crop.rotate_prob == 0.0 and sampler.scale_augment is None
             assert all(isinstance(i, SeededSample) and i.draw is None for b in sampler for i in b)
+
+
+@pytest.mark.parametrize("transform", [SpadRandAffineCropd("image"), SpadRandCropd("image")])
+def test_depth_first_crops_refuse_a_2d_image_naming_the_file_and_the_transform(transform):
+    img = MetaTensor(torch.rand(1, 8, 8), meta={"filename_or_obj": "slice.png"})
+    with pytest.raises(ValueError, match=rf"slice\.png: {type(transform).__name__} expects \(C, D, H, W\)"):
+        transform({"image": img, "aniso_d": 0, "spacing": [1.0, 1.0, 1.0]})

@@ -48,7 +48,7 @@ def _place(t: Trainee, device: torch.device, bf16: bool) -> Trainee:
             part.to(device)
     t.device = device
     if isinstance(t, FratMAETrainee):
-        t.bf16 = bf16  # the forward under autocast, the loss outside, as SSLIteration(bf16=True)
+        t.bf16 = bf16  # the forward under autocast, the loss outside, as TrainingIteration(bf16=True)
     else:
         t.autocast_bf16 = bf16
     return t

@@ -18,11 +18,11 @@
     this case is left out.
 ``fratmae``
     ``medfm.networks.nets.FratMAE`` (cross_modal=True, context_align=True, paper sizes), a batch prepared by
-    ``medfm.engines.FratMAEPrepareBatch`` each step (mask drawn each step), ``FratMAELoss.forward_terms``,
+    ``medfm.engines.FratMAEPretrainPrepareBatch`` each step (mask drawn each step), ``FratMAELoss.forward_terms``,
     backward, AdamW. ``ratio_vs_monai`` = this MFU / MONAI's MFU; ``step_ratio_vs_monai`` = step times.
 ``fratmae_bf16`` (``--bf16``)
     The same step with the forward under ``torch.autocast(<device>, bfloat16)`` and the loss outside it, as
-    ``medfm.engines.SSLIteration(bf16=True)`` does; ``speedup_vs_fp32``; ``mfu`` against the bf16 matmul peak.
+    ``medfm.engines.TrainingIteration(bf16=True)`` does; ``speedup_vs_fp32``; ``mfu`` against the bf16 matmul peak.
 ``data_cold`` / ``data_warm`` (``--data``)
     The training data pipeline of ``bundles/fratmae_petct/configs/train.json`` (parsed from that file, so it
     is exactly the bundle's: LoadPETCTd, Orientationd RAS, Resized, ScaleIntensityRanged CT / PET,
@@ -127,7 +127,7 @@ DEFAULT_STEPS = {"base": (1, 3), "tiny": (1, 3)}  # (warmup, timed steps)
 
 
 def _prompt_ids(batch: int, context_length: int) -> tuple[torch.Tensor, Any]:
-    from medfm.data import PromptTokenizer, build_prompt
+    from medfm.transforms import PromptTokenizer, build_prompt
 
     tok = PromptTokenizer(context_length=context_length)
     prompts = [build_prompt("FDG", "melanoma", 61, "M"), build_prompt("PSMA", "prostate cancer", 70, "M")]
@@ -136,7 +136,7 @@ def _prompt_ids(batch: int, context_length: int) -> tuple[torch.Tensor, Any]:
 
 class FratMAETrainee(Trainee):
     def __init__(self, cfg: FratMAESize, batch: dict[str, torch.Tensor], tokenizer: Any, bf16: bool = False):
-        from medfm.engines import FratMAEPrepareBatch
+        from medfm.engines import FratMAEPretrainPrepareBatch
         from medfm.losses import FratMAELoss
         from medfm.networks.nets import FratMAE
 
@@ -151,7 +151,7 @@ class FratMAETrainee(Trainee):
             embed_dim=cfg.embed_dim,
         )  # fmt: skip
         self.module.train()
-        self.prepare = FratMAEPrepareBatch(cfg.patch, mask_ratio=cfg.mask_ratio, cross_modal=True, seed=0)
+        self.prepare = FratMAEPretrainPrepareBatch(cfg.patch, mask_ratio=cfg.mask_ratio, cross_modal=True, seed=0)
         self.loss_fn = FratMAELoss(infonce_weight=1.0, temperature=0.07)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.05, fused=FUSED_ADAMW)
         self.batch = batch

@@ -1,4 +1,4 @@
-"""Datalists, prompts and synthetic demo data."""
+"""Datalists and synthetic demo data."""
 
 from .aniso_sampler import AnisoBatchSampler, SpadDrawDataset, aniso_batch_sampler
 from .autopet import (
@@ -25,7 +25,6 @@ from .panfm import (
     token_bucket_sampler,
 )
 from .petct_studies import export_petct_studies, write_petct_study
-from .prompt import PromptTokenizer, build_prompt
 from .seeded import SeededDataset, SeededSample, seeded_random_state
 from .spad import SpadHeaderd, build_spad_datalist, find_spad_images, with_spad_headers
 from .splits import finetune_splits, label_fraction_subset, with_class_label
@@ -77,7 +76,6 @@ __all__ = [
     "seeded_random_state",
     "subject_token_counts",
     "token_bucket_sampler",
-    "PromptTokenizer",
     "aniso_batch_sampler",
     "autopet_clinical_metadata",
     "build_autopet_datalist",
@@ -85,7 +83,6 @@ __all__ = [
     "fratmae_pretraining_datalist",
     "require_informative_prompts",
     "tracer_from_case_id",
-    "build_prompt",
     "build_spad_datalist",
     "ensure_demo_panfm",
     "ensure_demo_petct",

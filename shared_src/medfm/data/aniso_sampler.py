@@ -30,7 +30,7 @@ class AnisoBatchSampler(GroupBatchSampler):
 
     Args:
         aniso_d: the level of every dataset item, in dataset order.
-        batch_size, shuffle, drop_last, seed, num_replicas, rank: of :class:`~medfm.data.GroupBatchSampler`.
+        batch_size: samples per batch.
         scale_augment: per-sample scale draws; each epoch every sample gets a draw from ``(seed, epoch)``, its
             level is the draw's ``aniso_d``, and batches hold ``(index, draw)`` pairs (for
             :class:`SpadDrawDataset`). The number of batches is then fixed at ``N // batch_size`` (``drop_last``)
@@ -38,23 +38,19 @@ class AnisoBatchSampler(GroupBatchSampler):
             repeats its first ones, one with more drops its last ones.
         spacing: depth-first spacing of every item (needed with ``scale_augment``).
         shape: depth-first spatial shape of every item (needed with ``scale_augment``).
-        seed_samples: yield :class:`~medfm.data.SeededSample` items (index, per-sample seed, draw) for
-            :class:`SpadDrawDataset` (see :class:`~medfm.data.GroupBatchSampler`).
+        **kw: further arguments of :class:`~medfm.data.GroupBatchSampler` (``shuffle``, ``drop_last``, ``seed``,
+            ``num_replicas``, ``rank``, ``align_replicas``; ``seed_samples`` yields :class:`~medfm.data.SeededSample`
+            items (index, per-sample seed, draw) for :class:`SpadDrawDataset`).
     """
 
     def __init__(
         self,
         aniso_d: Sequence[int],
         batch_size: int,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
         scale_augment: SpadScaleAugment | None = None,
         spacing: Sequence[Sequence[float]] | None = None,
         shape: Sequence[Sequence[int]] | None = None,
-        seed_samples: bool = False,
+        **kw: Any,
     ) -> None:
         levels = []
         for i, a in enumerate(aniso_d):
@@ -67,7 +63,7 @@ class AnisoBatchSampler(GroupBatchSampler):
             levels.append(int(a))
         if not levels:
             raise ValueError("aniso_d is empty: no samples to batch.")
-        super().__init__(levels, batch_size, shuffle, drop_last, seed, num_replicas, rank, seed_samples=seed_samples)
+        super().__init__(levels, batch_size, **kw)
         self.scale_augment = scale_augment
         if scale_augment is not None:
             n = len(levels)

@@ -21,8 +21,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from medfm.transforms.prompt import build_prompt
+
 from .autopet_metadata import autopet_clinical_metadata, is_autopet_clinical_table, tracer_from_case_id
-from .prompt import build_prompt
 
 __all__ = [
     "build_autopet_datalist", "exclude_split_cases", "fratmae_pretraining_datalist", "require_informative_prompts",
@@ -156,7 +157,7 @@ def build_autopet_datalist(
     Each item is ``{"case", "ct", "pet", "prompt"}`` plus ``"label"`` when ``labelsTr/<case>.nii[.gz]``
     exists, plus every metadata column of the case (``tracer``, ``diagnosis``, ``age``, ``sex``, ``stage``,
     ...) when a metadata table lists it. Paths are absolute. The prompt is
-    :func:`medfm.data.prompt.build_prompt` of the case's tracer, diagnosis, age and sex. The tracer falls back
+    :func:`medfm.transforms.prompt.build_prompt` of the case's tracer, diagnosis, age and sex. The tracer falls back
     to the AutoPET III case-id prefix (``fdg_`` -> FDG, ``psma_`` -> PSMA); other unknown fields are
     ``unknown``. Table values that spell numbers become ints/floats and empty cells become ``None``.
 

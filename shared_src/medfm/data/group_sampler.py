@@ -14,10 +14,9 @@ from collections.abc import Hashable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from medfm.utils.dist import in_process_group
+from medfm.utils.dist import get_rank, get_world_size
 from medfm.utils.seeding import derive_seed
 
 from .seeded import SeededSample
@@ -73,11 +72,8 @@ class GroupBatchSampler(Sampler[list[Any]]):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if len(groups) == 0:
             raise ValueError("groups is empty: no samples to batch.")
-        distributed = in_process_group()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
+        num_replicas = get_world_size() if num_replicas is None else num_replicas
+        rank = get_rank() if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}.")
         self.batch_size = int(batch_size)

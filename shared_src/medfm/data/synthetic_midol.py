@@ -29,21 +29,12 @@ import numpy as np
 from PIL import Image
 
 from .midol import MODALITIES, find_modality_images
+from .synthetic_shapes import chest_outline, ellipsoid_r2, ribs, to_uint8, unit_grid
 
 __all__ = ["MIDOL_MASK_VALUE", "ensure_demo_midol", "generate_synthetic_midol"]
 
 MIDOL_MASK_VALUE = 255
 """Foreground value of the demo lesion masks (background 0)."""
-
-
-def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column coordinates in ``[0, 1]``, broadcastable to ``(n, n)``."""
-    return np.linspace(0, 1, n)[:, None], np.linspace(0, 1, n)[None, :]
-
-
-def _r2(r: np.ndarray, c: np.ndarray, centre: tuple[float, float], semi: tuple[float, float]) -> np.ndarray:
-    """Normalised squared radius of an axis-aligned ellipse."""
-    return ((r - centre[0]) / semi[0]) ** 2 + ((c - centre[1]) / semi[1]) ** 2
 
 
 def _grey(v: np.ndarray) -> np.ndarray:
@@ -52,16 +43,13 @@ def _grey(v: np.ndarray) -> np.ndarray:
 
 
 def _xray(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
-    r, c = _grid(n)
+    r, c = unit_grid((n, n))
     k = rng.uniform(0.93, 1.07)
-    body = _r2(r, c, (0.55, 0.5), (0.6 * k, 0.46 * k)) <= 1
+    body, lungs, heart = chest_outline(r, c, k)
     img = np.where(body, 0.55 + 0.08 * (r - 0.5), 0.05)
-    sides = (0.29, 0.71)
-    lungs = [_r2(r, c, (0.45, s), (0.27 * k, 0.13 * k)) <= 1 for s in sides]
     img = np.where(lungs[0] | lungs[1], 0.18 + 0.1 * r, img)
-    img = np.where(_r2(r, c, (0.63, 0.57), (0.14 * k, 0.13 * k)) <= 1, 0.72, img)
-    for y in 0.2 + 0.085 * np.arange(7) + rng.uniform(-0.02, 0.02):
-        img = img + 0.1 * ((np.abs(r - y - 0.25 * (c - 0.5) ** 2) < 0.012) & body & (r < 0.8))
+    img = np.where(heart, 0.72, img)
+    img = ribs(img, r, c, body, rng.uniform(-0.02, 0.02))
     if cls:  # effusion-like opacity: the lower part of one lung turns bright
         side = int(rng.integers(2))
         level = 0.45 + rng.uniform(-0.08, 0.0)
@@ -70,12 +58,12 @@ def _xray(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
 
 
 def _fundus(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
-    r, c = _grid(n)
-    disc = _r2(r, c, (0.5, 0.5), (0.47, 0.47))
+    r, c = unit_grid((n, n))
+    disc = ellipsoid_r2((r, c), (0.5, 0.5), (0.47, 0.47))
     shade = np.clip(1.0 - 0.35 * disc, 0, 1)[..., None]
     img = np.where((disc <= 1)[..., None], np.array([0.85, 0.42, 0.12]) * shade, 0.0)
     od = (0.5 + rng.uniform(-0.05, 0.05), 0.72 + rng.uniform(-0.04, 0.04))
-    img = np.where((_r2(r, c, od, (0.08, 0.08)) <= 1)[..., None], np.array([0.98, 0.86, 0.55]), img)
+    img = np.where((ellipsoid_r2((r, c), od, (0.08, 0.08)) <= 1)[..., None], np.array([0.98, 0.86, 0.55]), img)
     t = np.linspace(0, 1, 80)[:, None]
     pts = []
     for angle in rng.uniform(0, 2 * np.pi, 6):  # vessels: wavy curves leaving the optic disc
@@ -88,13 +76,13 @@ def _fundus(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
     if cls:  # exudates: bright yellow spots on the retina
         for _ in range(12):
             rad, ang = np.sqrt(rng.uniform(0.0, 0.3**2)), rng.uniform(0, 2 * np.pi)
-            spot = _r2(r, c, (0.5 + rad * np.sin(ang), 0.45 + rad * np.cos(ang)), (0.028, 0.028)) <= 1
+            spot = ellipsoid_r2((r, c), (0.5 + rad * np.sin(ang), 0.45 + rad * np.cos(ang)), (0.028, 0.028)) <= 1
             img = np.where(spot[..., None], np.array([0.97, 0.92, 0.45]), img)
     return img + rng.normal(0, 0.015, (n, n, 3))
 
 
 def _oct(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
-    r, c = _grid(n)
+    r, c = unit_grid((n, n))
     top = 0.3 + 0.05 * np.sin(2 * np.pi * (c + rng.uniform(0, 1))) + rng.uniform(-0.03, 0.03)
     thick = rng.uniform(0.38, 0.44) if cls else rng.uniform(0.2, 0.24)
     depth = (r - top) / thick  # 0 at the inner surface, 1 at the pigment epithelium
@@ -106,27 +94,27 @@ def _oct(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
 
 
 def _dermoscopy(rng: np.random.Generator, n: int, cls: int) -> tuple[np.ndarray, np.ndarray]:
-    r, c = _grid(n)
+    r, c = unit_grid((n, n))
     skin = np.array([0.88, 0.68, 0.56]) + rng.uniform(-0.04, 0.04, 3)
-    img = skin * (1 - 0.08 * (_r2(r, c, (0.5, 0.5), (0.7, 0.7))))[..., None]
+    img = skin * (1 - 0.08 * (ellipsoid_r2((r, c), (0.5, 0.5), (0.7, 0.7))))[..., None]
     centre = tuple(0.5 + rng.uniform(-0.08, 0.08, 2))
     semi = rng.uniform(0.26, 0.32, 2) if cls else rng.uniform(0.1, 0.14, 2)
     angle = np.arctan2(r - centre[0], c - centre[1])
     wobble = 1 + 0.12 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))  # irregular border
-    lesion = _r2(r, c, centre, tuple(semi)) <= wobble**2
+    lesion = ellipsoid_r2((r, c), centre, tuple(semi)) <= wobble**2
     colour = np.array([0.28, 0.16, 0.1]) if cls else np.array([0.62, 0.42, 0.3])
     img = np.where(lesion[..., None], colour + 0.05 * rng.standard_normal((n, n, 1)), img)
     return img + rng.normal(0, 0.015, (n, n, 3)), lesion
 
 
 def _pathology(rng: np.random.Generator, n: int, cls: int) -> np.ndarray:
-    r, c = _grid(n)
+    r, c = unit_grid((n, n))
     stroma = np.array([0.93, 0.68, 0.82]) + 0.04 * np.sin(8 * np.pi * (r + 0.5 * c + rng.uniform(0, 1)))[..., None]
     nuclei = np.zeros((n, n), bool)
     for _ in range(rng.integers(70, 90) if cls else rng.integers(12, 20)):
         centre = tuple(rng.uniform(0, 1, 2))
         semi = tuple(rng.uniform(0.025, 0.04, 2))
-        nuclei |= _r2(r, c, centre, semi) <= 1
+        nuclei |= ellipsoid_r2((r, c), centre, semi) <= 1
     img = np.where(nuclei[..., None], np.array([0.38, 0.2, 0.55]), stroma)
     return img + rng.normal(0, 0.02, (n, n, 3))
 
@@ -138,10 +126,6 @@ _DRAW: dict[str, Callable[..., Any]] = {
     "dermoscopy": _dermoscopy,
     "pathology": _pathology,
 }
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
 def generate_synthetic_midol(
@@ -197,7 +181,7 @@ def generate_synthetic_midol(
             out, lesion = out
             mask = (lesion * MIDOL_MASK_VALUE).astype(np.uint8)
             Image.fromarray(mask).save(os.path.join(out_dir, "masks", m, f"{name}.png"))
-        Image.fromarray(_to_uint8(out), mode="RGB").save(os.path.join(out_dir, rel))
+        Image.fromarray(to_uint8(out), mode="RGB").save(os.path.join(out_dir, rel))
         rows.append([rel.replace(os.sep, "/"), cls])
     with open(os.path.join(out_dir, "classes.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

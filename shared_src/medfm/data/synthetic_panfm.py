@@ -55,6 +55,7 @@ from scipy.special import expit
 
 from .nifti import save_nifti
 from .panfm import ORGANS, PANFM_TABLE
+from .synthetic_shapes import centred_affine, smooth_field, soft_ellipsoid, unit_grid
 
 __all__ = [
     "DEFAULT_ORGAN_SHAPES", "DEFAULT_ORGAN_SPACINGS", "PANFM_DEMO_LABELS", "ensure_demo_panfm",
@@ -74,37 +75,6 @@ _PREVALENCE = {"metabolic": 0.40, "cardiac": 0.30, "renal": 0.25, "hepatic": 0.3
 
 
 # ------------------------------------------------------------------------------------------ synthetic demo
-def _grid(shape: Sequence[int]) -> list[np.ndarray]:
-    """Broadcastable coordinates in ``[-1, 1]`` along each axis (the field of view of every organ)."""
-    return [np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(3)])
-            for a, n in enumerate(shape)]  # fmt: skip
-
-
-def _blob(g: list[np.ndarray], centre: Sequence[float], semi: Sequence[float]) -> np.ndarray:
-    """Soft ellipsoid mask in ``[0, 1]`` with an edge about one voxel wide (any grid size)."""
-    r = np.sqrt(sum(((x - c) / s) ** 2 for x, c, s in zip(g, centre, semi)))
-    sharp = 2.0 * min(x.size * s for x, s in zip(g, semi))
-    return expit((1.0 - r) * sharp).astype(np.float32)
-
-
-def _lerp_matrix(n: int, cells: int) -> np.ndarray:
-    """``(n, cells)`` weights of linear interpolation from ``cells`` lattice points spanning ``n`` samples."""
-    pos = np.linspace(0, cells - 1, n)
-    lo = np.minimum(pos.astype(int), cells - 2)
-    w = np.zeros((n, cells), np.float32)
-    w[np.arange(n), lo] = 1 - (pos - lo)
-    w[np.arange(n), lo + 1] = pos - lo
-    return w
-
-
-def _field(rng: np.random.Generator, shape: Sequence[int], cells: int = 4) -> np.ndarray:
-    """Smooth random field of unit standard deviation (trilinear upsampling of a ``cells**3`` lattice)."""
-    wx, wy, wz = (_lerp_matrix(n, cells) for n in shape)
-    f = rng.standard_normal((cells,) * 3).astype(np.float32)
-    f = np.einsum("kc,ijc->ijk", wz, np.einsum("jb,ibc->ijc", wy, np.einsum("ia,abc->ibc", wx, f)))
-    return ((f - f.mean()) / (f.std() + 1e-6)).astype(np.float32)
-
-
 def _mix(img: np.ndarray, mask: np.ndarray, value: Any) -> np.ndarray:
     """Paint ``value`` into ``img`` with soft ``mask``."""
     return img * (1 - mask) + value * mask
@@ -118,16 +88,17 @@ _Factors = Mapping[str, float]
 def _brain(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
     j, k = rng.uniform(-0.04, 0.04, 3), rng.uniform(0.93, 1.05)
     head = (0.86 * k, 0.92 * k, 0.86 * k)
-    img = 0.7 * _blob(g, j, head)  # scalp
-    img = _mix(img, _blob(g, j, [0.93 * x for x in head]), 0.25)  # skull
-    img = _mix(img, _blob(g, j, [0.86 * x for x in head]), 0.55 + 0.03 * _field(rng, shape, 6))  # grey matter
-    img = _mix(img, _blob(g, j, [0.6 * x for x in head]), 0.8)  # white matter
+    img = 0.7 * soft_ellipsoid(g, j, head)  # scalp
+    img = _mix(img, soft_ellipsoid(g, j, [0.93 * x for x in head]), 0.25)  # skull
+    grey = 0.55 + 0.03 * smooth_field(rng, shape, 6)
+    img = _mix(img, soft_ellipsoid(g, j, [0.86 * x for x in head]), grey)  # grey matter
+    img = _mix(img, soft_ellipsoid(g, j, [0.6 * x for x in head]), 0.8)  # white matter
     v = float(np.clip(1 + 0.3 * a + 0.1 * f["cardiac"], 0.6, 2.0))
     for side in (-1, 1):
-        img = _mix(img, _blob(g, j + (side * 0.12, 0.05, 0.05), (0.08 * v, 0.25 * v, 0.12 * v)), 0.15)
+        img = _mix(img, soft_ellipsoid(g, j + (side * 0.12, 0.05, 0.05), (0.08 * v, 0.25 * v, 0.12 * v)), 0.15)
     for _ in range(min(int(rng.poisson(max(0.0, 1 + 0.9 * f["cardiac"] + 0.4 * a))), 8)):
         c = j + rng.uniform(-0.35, 0.35, 3)
-        img = img + 0.25 * _blob(g, c, [rng.uniform(0.05, 0.09)] * 3)
+        img = img + 0.25 * soft_ellipsoid(g, c, [rng.uniform(0.05, 0.09)] * 3)
     return img
 
 
@@ -137,11 +108,11 @@ def _heart(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Fac
     wall = float(np.clip(0.2 + 0.05 * s, 0.06, 0.4))
     pool = float(np.clip(0.4 + 0.12 * s, 0.1, 0.75))  # blood-pool signal (relative to the bright wall)
     outer = (0.62 * k, 0.62 * k, 0.8 * k)
-    img = 0.12 + 0.04 * _field(rng, shape)  # lungs, mediastinum
+    img = 0.12 + 0.04 * smooth_field(rng, shape)  # lungs, mediastinum
     img = _mix(img, expit((g[1] - 0.78) * shape[1]).astype(np.float32), 1.0)  # anterior chest-wall fat
-    img = _mix(img, _blob(g, j + (-0.55, 0.1, 0), (0.3, 0.5, 0.6)), 0.35)  # right ventricle
-    img = _mix(img, _blob(g, j, outer), 0.9)  # myocardium
-    return _mix(img, _blob(g, j, [x - wall for x in outer]), pool)  # left-ventricular blood pool
+    img = _mix(img, soft_ellipsoid(g, j + (-0.55, 0.1, 0), (0.3, 0.5, 0.6)), 0.35)  # right ventricle
+    img = _mix(img, soft_ellipsoid(g, j, outer), 0.9)  # myocardium
+    return _mix(img, soft_ellipsoid(g, j, [x - wall for x in outer]), pool)  # left-ventricular blood pool
 
 
 def _adipose(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
@@ -150,25 +121,25 @@ def _adipose(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _F
     vf = float(np.clip(0.25 + 0.12 * s, 0.02, 0.7))
     k = rng.uniform(0.93, 1.0)
     flat = [g[0], g[1], np.zeros_like(g[2])]  # an abdominal slab: the same outline on every slice
-    body, inner = (_blob(flat, (0, 0, 0), (0.95 * k - t, 0.9 * k - t, 1.0)) for t in (0.0, t_sc))
-    field = _field(rng, shape, 6)
+    body, inner = (soft_ellipsoid(flat, (0, 0, 0), (0.95 * k - t, 0.9 * k - t, 1.0)) for t in (0.0, t_sc))
+    field = smooth_field(rng, shape, 6)
     visceral = expit((field - np.quantile(field, 1 - vf)) * 8).astype(np.float32)
     img = _mix(body, inner, 0.35)  # subcutaneous fat (1.0) over the muscle wall
-    img = _mix(img, _blob(flat, (0, 0, 0), (0.95 * k - t_sc - 0.06, 0.9 * k - t_sc - 0.06, 1.0)),
+    img = _mix(img, soft_ellipsoid(flat, (0, 0, 0), (0.95 * k - t_sc - 0.06, 0.9 * k - t_sc - 0.06, 1.0)),
                0.3 + 0.65 * visceral)  # fmt: skip
-    return _mix(img, _blob(flat, (0, -0.6 * k, 0), (0.12, 0.12, 1.0)), 0.1)  # spine
+    return _mix(img, soft_ellipsoid(flat, (0, -0.6 * k, 0), (0.12, 0.12, 1.0)), 0.1)  # spine
 
 
 def _liver(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
     j, k = rng.uniform(-0.05, 0.05, 3), rng.uniform(0.92, 1.05)
-    liver = _blob(g, j + (0.1, 0, 0), (0.8 * k, 0.7 * k, 0.75 * k))
-    img = _mix(0.12 + 0.03 * _field(rng, shape), liver, 0.55 + 0.04 * f["metabolic"])
+    liver = soft_ellipsoid(g, j + (0.1, 0, 0), (0.8 * k, 0.7 * k, 0.75 * k))
+    img = _mix(0.12 + 0.03 * smooth_field(rng, shape), liver, 0.55 + 0.04 * f["metabolic"])
     for _ in range(3):  # portal and hepatic vessels
         c, semi = j + rng.uniform(-0.3, 0.3, 3), [0.05, 0.05, 0.05]
         semi[int(rng.integers(3))] = 0.5
-        img = _mix(img, _blob(g, c, semi) * liver, 0.3)
+        img = _mix(img, soft_ellipsoid(g, c, semi) * liver, 0.3)
     for _ in range(min(int(rng.poisson(max(0.0, 0.9 * f["hepatic"] + 0.2))), 6)):
-        img = img - 0.15 * _blob(g, j + rng.uniform(-0.45, 0.45, 3), [rng.uniform(0.07, 0.12)] * 3) * liver
+        img = img - 0.15 * soft_ellipsoid(g, j + rng.uniform(-0.45, 0.45, 3), [rng.uniform(0.07, 0.12)] * 3) * liver
     return img
 
 
@@ -176,19 +147,19 @@ def _kidney(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Fa
     j, k = rng.uniform(-0.05, 0.05, 3), rng.uniform(0.92, 1.06)
     semi = (0.5 * k, 0.7 * k, 0.85 * k)
     medulla = float(np.clip(0.7 + 0.06 * f["renal"], 0.5, 0.88))  # inner fraction: thinner cortex when ill
-    img = _mix(0.15 + 0.04 * _field(rng, shape), _blob(g, j, semi), 0.75)
-    img = _mix(img, _blob(g, j, [medulla * x for x in semi]), 0.45)
-    img = _mix(img, _blob(g, j + (0.35 * k, 0, 0), (0.15, 0.2, 0.3)), 0.9)  # sinus fat at the hilum
+    img = _mix(0.15 + 0.04 * smooth_field(rng, shape), soft_ellipsoid(g, j, semi), 0.75)
+    img = _mix(img, soft_ellipsoid(g, j, [medulla * x for x in semi]), 0.45)
+    img = _mix(img, soft_ellipsoid(g, j + (0.35 * k, 0, 0), (0.15, 0.2, 0.3)), 0.9)  # sinus fat at the hilum
     if rng.random() < expit(1.2 * f["renal"] - 1.5):
-        img = _mix(img, _blob(g, j + rng.uniform(-0.3, 0.3, 3), [rng.uniform(0.12, 0.2)] * 3), 0.08)
+        img = _mix(img, soft_ellipsoid(g, j + rng.uniform(-0.3, 0.3, 3), [rng.uniform(0.12, 0.2)] * 3), 0.08)
     return img
 
 
 def _spleen(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
     j = rng.uniform(-0.05, 0.05, 3)
     k = float(np.clip(1 + 0.07 * f["hepatic"], 0.8, 1.3)) * rng.uniform(0.95, 1.05)
-    return _mix(0.2 + 0.04 * _field(rng, shape), _blob(g, j, (0.55 * k, 0.65 * k, 0.65 * k)),
-                0.6 + 0.04 * _field(rng, shape, 5))  # fmt: skip
+    return _mix(0.2 + 0.04 * smooth_field(rng, shape), soft_ellipsoid(g, j, (0.55 * k, 0.65 * k, 0.65 * k)),
+                0.6 + 0.04 * smooth_field(rng, shape, 5))  # fmt: skip
 
 
 def _pancreas(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _Factors, a: float) -> np.ndarray:
@@ -196,7 +167,7 @@ def _pancreas(rng: np.random.Generator, g: list[np.ndarray], shape: _Shape, f: _
     centre = 0.3 * np.sin(np.pi * (g[0] - j[0]) / 2)  # a gently curved tube along X
     r = np.sqrt(((g[1] - centre - j[1]) / 0.35) ** 2 + ((g[2] - j[2]) / 0.4) ** 2 + (g[0] / 0.88) ** 8)
     gland = expit((1 - r) * 0.7 * shape[1]).astype(np.float32)
-    field = _field(rng, shape, 6)
+    field = smooth_field(rng, shape, 6)
     fat = float(np.clip(0.15 + 0.06 * f["metabolic"], 0.02, 0.5))
     lobules = expit((field - np.quantile(field, 1 - fat)) * 8).astype(np.float32)
     return _mix(0.15 + 0.03 * field, gland, 0.5 + 0.4 * lobules)
@@ -247,9 +218,7 @@ def _fix_presence(subjects: list[dict[str, Any]]) -> None:
 
 
 def _save(array: np.ndarray, spacing: Sequence[float], path: str) -> None:
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [-(n - 1) / 2 * s for n, s in zip(array.shape, spacing)]
-    save_nifti(array.astype(np.float32), affine, path)
+    save_nifti(array.astype(np.float32), centred_affine(array.shape, spacing), path)
 
 
 def generate_synthetic_panfm(
@@ -311,8 +280,8 @@ def generate_synthetic_panfm(
                 continue
             rng = np.random.default_rng(organ_seed)
             shape = shapes[o]
-            img = _RENDER[o](rng, _grid(shape), shape, sub["f"], sub["a"])
-            img = img * rng.uniform(0.9, 1.1) * (1 + 0.05 * _field(rng, shape, 3))  # gain and bias field
+            img = _RENDER[o](rng, unit_grid(shape, -1.0, 1.0, np.float32), shape, sub["f"], sub["a"])
+            img = img * rng.uniform(0.9, 1.1) * (1 + 0.05 * smooth_field(rng, shape, 3))  # gain and bias field
             img = np.abs(img + 0.03 * rng.standard_normal(shape, dtype=np.float32))  # magnitude noise
             img = np.round(img * 4096) / 4096  # 12 fractional bits: far below the noise, smaller files
             _save(img, DEFAULT_ORGAN_SPACINGS[o], os.path.join(out_dir, rel[(sid, o)]))

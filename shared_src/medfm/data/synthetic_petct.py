@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from .autopet import CT_CHANNEL, PET_CHANNEL, find_petct_images
 from .nifti import save_nifti
+from .synthetic_shapes import axes_grid, ellipsoid_r2, random_voxel
 
 __all__ = [
     "generate_synthetic_petct", "ensure_demo_petct", "ORGAN_LABELS", "DIAGNOSES",
@@ -93,14 +94,13 @@ def _ellipsoid_r2(uu: np.ndarray, vv: np.ndarray, hh: np.ndarray, centre: Sequen
                   semi: Sequence[float]) -> np.ndarray:  # fmt: skip
     """Normalised squared radius of an axis-aligned ellipsoid, shape ``(nx, ny, nz)``; inf outside its box."""
     r2 = np.full((uu.size, vv.size, hh.size), np.inf, dtype=np.float32)
-    box, parts = [], []
+    box = []
     for axis, c, s in zip((uu, vv, hh), centre, semi):
         idx = np.flatnonzero(np.abs(axis - c) <= s)
         if idx.size == 0:
             return r2
         box.append(slice(idx[0], idx[-1] + 1))
-        parts.append(((axis[box[-1]] - c) / s) ** 2)
-    r2[tuple(box)] = parts[0][:, None, None] + parts[1][None, :, None] + parts[2][None, None, :]
+    r2[tuple(box)] = ellipsoid_r2(axes_grid([a[b] for a, b in zip((uu, vv, hh), box)]), centre, semi)
     return r2
 
 
@@ -109,7 +109,7 @@ def _elliptic_slabs(uu: np.ndarray, vv: np.ndarray, cu: Any, cv: Any, a: np.ndar
     a, b = np.broadcast_arrays(np.asarray(a, float), np.asarray(b, float))
     on = (a > 0) & (b > 0)
     a_s, b_s = np.where(on, a, 1.0), np.where(on, b, 1.0)
-    r2 = ((uu[:, None, None] - cu) / a_s) ** 2 + ((vv[None, :, None] - cv) / b_s) ** 2
+    r2 = ellipsoid_r2((uu[:, None, None], vv[None, :, None]), (cu, cv), (a_s, b_s))
     return (r2 <= 1.0) & on[None, None, :]
 
 
@@ -261,7 +261,7 @@ def _make_case(
                 continue
             p = np.array([weights.get(h, 1.0) for h in names])
             host = names[int(rng.choice(len(names), p=p / p.sum()))]
-            ci = np.unravel_index(rng.choice(np.flatnonzero(allowed[host])), shape)
+            ci = random_voxel(rng, allowed[host])
             semi = rng.uniform(8, 22) * s * rng.uniform(0.8, 1.2, 3)
             r2 = _ellipsoid_r2(uu, vv, hh, (uu[ci[0]], vv[ci[1]], hh[ci[2]]), semi)
             parts, _ = ndimage.label((r2 <= 1) & allowed[host])

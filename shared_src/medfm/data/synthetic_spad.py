@@ -20,44 +20,36 @@ from PIL import Image
 
 from .nifti import save_nifti
 from .spad import find_spad_images
+from .synthetic_shapes import centred_affine, chest_outline, ellipsoid_r2, random_voxel, ribs, to_uint8, unit_grid
 
 __all__ = ["SPAD_LABELS", "ensure_demo_spad", "generate_synthetic_spad"]
 
 SPAD_LABELS = {"background": 0, "lung": 1, "heart": 2, "liver": 3}
 
 
-def _ellipse(grids: Sequence[np.ndarray], centre: Sequence[float], semi: Sequence[float]) -> np.ndarray:
-    """Normalised squared radius of an axis-aligned ellipse/ellipsoid on broadcastable coordinate grids."""
-    return sum(((g - c) / s) ** 2 for g, c, s in zip(grids, centre, semi))
-
-
 def _radiograph(rng: np.random.Generator, n: int, lesion: bool) -> tuple[np.ndarray, np.ndarray]:
     """One chest-radiograph-like image (uint8, ``(n, n)``) and its label map (rows top -> bottom)."""
-    r, c = np.linspace(0, 1, n)[:, None], np.linspace(0, 1, n)[None, :]
+    r, c = unit_grid((n, n))
     j = rng.uniform(-0.03, 0.03, 4)
     k = rng.uniform(0.92, 1.08)
-    body = _ellipse((r, c), (0.55, 0.5), (0.6 * k, 0.46 * k)) <= 1
+    body, (left, right), heart = chest_outline(r, c, k, lung_row=0.45 + j[1], heart_row=0.63 + j[2])
     img = np.where(body, 0.55 + 0.08 * (r - 0.5) + 0.04 * np.sin(2 * np.pi * (c + j[0])), 0.06)
-    lungs = (_ellipse((r, c), (0.45 + j[1], 0.29), (0.27 * k, 0.13 * k)) <= 1) | (
-        _ellipse((r, c), (0.45 + j[1], 0.71), (0.27 * k, 0.13 * k)) <= 1
-    )
-    heart = _ellipse((r, c), (0.63 + j[2], 0.57), (0.14 * k, 0.13 * k)) <= 1
-    liver = (_ellipse((r, c), (0.86 + j[3], 0.3), (0.14, 0.25 * k)) <= 1) & body & ~lungs
+    lungs = left | right
+    liver = (ellipsoid_r2((r, c), (0.86 + j[3], 0.3), (0.14, 0.25 * k)) <= 1) & body & ~lungs
     img = np.where(lungs, 0.2 + 0.1 * r, img)
     img = np.where(liver, 0.68, img)
     img = np.where(heart, 0.76, img)
-    for y in 0.2 + 0.085 * np.arange(7) + j[0]:  # ribs: curved bright bands over the thorax
-        img = img + 0.1 * ((np.abs(r - y - 0.25 * (c - 0.5) ** 2) < 0.012) & body & (r < 0.8))
+    img = ribs(img, r, c, body, j[0])
     if lesion:
         side = 0.29 if rng.random() < 0.5 else 0.71
         centre = (0.45 + j[1] + rng.uniform(-0.15, 0.0), side + rng.uniform(-0.05, 0.05))  # above the heart
-        img = img + 0.5 * np.exp(-_ellipse((r, c), centre, (rng.uniform(0.05, 0.07),) * 2))
+        img = img + 0.5 * np.exp(-ellipsoid_r2((r, c), centre, (rng.uniform(0.05, 0.07),) * 2))
     img = img + rng.normal(0.0, 0.02, (n, n))
     label = np.zeros((n, n), np.uint8)
     label[lungs & body] = SPAD_LABELS["lung"]
     label[liver] = SPAD_LABELS["liver"]
     label[heart] = SPAD_LABELS["heart"]
-    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), label
+    return to_uint8(img), label
 
 
 # 3D tissue values (background, body, lung, heart, liver, spleen, kidney, bone, lesion): CT in HU, MR arbitrary
@@ -74,19 +66,19 @@ def _volume(rng: np.random.Generator, n: int, slice_spacing: float, modality: st
     z = (np.arange(nz) - (nz - 1) / 2) * slice_spacing / (n / 2)
     g = (x[:, None, None], y[None, :, None], z[None, None, :])  # normalised coordinates, 1 = half the extent
     j, k = rng.uniform(-0.05, 0.05, 3), rng.uniform(0.92, 1.08)
-    body = np.broadcast_to(_ellipse(g[:2], (0, 0), (0.9 * k, 0.7 * k)) <= 1, (n, n, nz))
+    body = np.broadcast_to(ellipsoid_r2(g[:2], (0, 0), (0.9 * k, 0.7 * k)) <= 1, (n, n, nz))
     lungs = (
-        (_ellipse(g, (-0.42 + j[0], -0.05, 0.45), (0.3 * k, 0.45 * k, 0.55)) <= 1)
-        | (_ellipse(g, (0.42 + j[0], -0.05, 0.45), (0.3 * k, 0.45 * k, 0.55)) <= 1)
+        (ellipsoid_r2(g, (-0.42 + j[0], -0.05, 0.45), (0.3 * k, 0.45 * k, 0.55)) <= 1)
+        | (ellipsoid_r2(g, (0.42 + j[0], -0.05, 0.45), (0.3 * k, 0.45 * k, 0.55)) <= 1)
     ) & (g[2] > 0.05 + j[2])
-    heart = _ellipse(g, (-0.12 + j[1], 0.2, 0.3), (0.3 * k, 0.25 * k, 0.3)) <= 1
-    liver_r2 = _ellipse(g, (0.35 + j[0], 0.05, -0.3 + j[2]), (0.45 * k, 0.45 * k, 0.45))
+    heart = ellipsoid_r2(g, (-0.12 + j[1], 0.2, 0.3), (0.3 * k, 0.25 * k, 0.3)) <= 1
+    liver_r2 = ellipsoid_r2(g, (0.35 + j[0], 0.05, -0.3 + j[2]), (0.45 * k, 0.45 * k, 0.45))
     liver = (liver_r2 <= 1) & ~lungs & ~heart
-    spleen = _ellipse(g, (-0.5 + j[1], -0.25, -0.3), (0.18, 0.22, 0.25)) <= 1
-    kidneys = (_ellipse(g, (-0.38, -0.45, -0.6), (0.14, 0.12, 0.25)) <= 1) | (
-        _ellipse(g, (0.38, -0.45, -0.6), (0.14, 0.12, 0.25)) <= 1
+    spleen = ellipsoid_r2(g, (-0.5 + j[1], -0.25, -0.3), (0.18, 0.22, 0.25)) <= 1
+    kidneys = (ellipsoid_r2(g, (-0.38, -0.45, -0.6), (0.14, 0.12, 0.25)) <= 1) | (
+        ellipsoid_r2(g, (0.38, -0.45, -0.6), (0.14, 0.12, 0.25)) <= 1
     )
-    spine = np.broadcast_to(_ellipse(g[:2], (0, -0.52), (0.12, 0.12)) <= 1, (n, n, nz))
+    spine = np.broadcast_to(ellipsoid_r2(g[:2], (0, -0.52), (0.12, 0.12)) <= 1, (n, n, nz))
     tissue = np.zeros((n, n, nz), np.uint8)
     for code, mask in enumerate((body, lungs, heart, liver, spleen, kidneys, spine), start=1):
         tissue[mask & body] = code
@@ -96,14 +88,11 @@ def _volume(rng: np.random.Generator, n: int, slice_spacing: float, modality: st
     values = np.asarray(_TISSUE[modality], np.float32)
     vol = values[tissue]
     if lesion:  # a sphere of radius 6-8 mm centred on a voxel deep inside the liver
-        idx = np.flatnonzero((liver_r2 <= 0.25) & (tissue == 4))
-        ci = np.unravel_index(rng.choice(idx), liver.shape)
-        r2 = _ellipse(g, (x[ci[0]], y[ci[1]], z[ci[2]]), (rng.uniform(6, 8) / (n / 2),) * 3)
+        ci = random_voxel(rng, (liver_r2 <= 0.25) & (tissue == 4))
+        r2 = ellipsoid_r2(g, (x[ci[0]], y[ci[1]], z[ci[2]]), (rng.uniform(6, 8) / (n / 2),) * 3)
         vol[np.broadcast_to(r2 <= 1, vol.shape)] = values[8]
     vol = vol + rng.normal(0.0, 15.0 if modality == "ct" else 10.0, vol.shape).astype(np.float32)
-    affine = np.diag([1.0, 1.0, float(slice_spacing), 1.0])
-    affine[:3, 3] = (-(n - 1) / 2, -(n - 1) / 2, -(nz - 1) / 2 * slice_spacing)
-    return vol.astype(np.float32), label, affine
+    return vol.astype(np.float32), label, centred_affine((n, n, nz), (1.0, 1.0, float(slice_spacing)))
 
 
 def generate_synthetic_spad(

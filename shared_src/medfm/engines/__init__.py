@@ -2,20 +2,21 @@ from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
 from .distributed import EVERY_RANK_HANDLERS, end_distributed, handlers_for_rank
 from .failures import FailedItemsError, FailedItemsWriter, SkipFailedIteration, failed_items
+from .fratmae_pretrain import FratMAEPretrainPrepareBatch
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
-from .iteration import SSLIteration, loss_scalar, loss_terms
-from .midol_iteration import MIDoLIteration, MIDoLPrepareBatch
+from .iteration import TrainingIteration, logged_terms, loss_scalar, loss_terms
+from .midol_pretrain import MIDoLPretrainIteration, MIDoLPretrainPrepareBatch
 from .panfm_handlers import OrganAttentionPlot, attention_bar_image
-from .panfm_iteration import PanFMIteration, PanFMPrepareBatch
-from .prepare_batch import FratMAEPrepareBatch
+from .panfm_pretrain import PanFMPretrainIteration, PanFMPretrainPrepareBatch
 from .progress import ProgressBar
 from .sampler_epoch import SamplerEpochHandler
 from .schedules import cosine_schedule, set_weight_decay
 from .spad_inferer import SpadSlidingWindowInferer
-from .spad_mim import SpadMIMPrepareBatch, batch_aniso_d
-from .spad_prepare_batch import SpadPrepareBatch
+from .spad_input import SpadInputPrepareBatch, batch_aniso_d
+from .spad_mim import SpadMIMPrepareBatch
+from .spad_tokenizer import SpadTokenizerIteration
 from .step_seed import StepSeedHandler
-from .tokenizer_iteration import TokenizerIteration
+from .teacher_student import TeacherStudentIteration
 from .tracking import executed_config, mlflow_settings
 
 __all__ = [
@@ -26,23 +27,24 @@ __all__ = [
     "EVERY_RANK_HANDLERS",
     "AtomicCheckpointSaver",
     "BestModelSaver",
-    "FratMAEPrepareBatch",
-    "MIDoLIteration",
-    "MIDoLPrepareBatch",
+    "FratMAEPretrainPrepareBatch",
+    "MIDoLPretrainIteration",
+    "MIDoLPretrainPrepareBatch",
     "OrganAttentionPlot",
-    "PanFMIteration",
-    "PanFMPrepareBatch",
+    "PanFMPretrainIteration",
+    "PanFMPretrainPrepareBatch",
     "ProgressBar",
     "ReconstructionImageHandler",
     "ResumeFromCheckpoint",
-    "SSLIteration",
     "SamplerEpochHandler",
     "StepSeedHandler",
     "ServedModelSaver",
     "SpadMIMPrepareBatch",
-    "SpadPrepareBatch",
+    "SpadInputPrepareBatch",
     "SpadSlidingWindowInferer",
-    "TokenizerIteration",
+    "SpadTokenizerIteration",
+    "TeacherStudentIteration",
+    "TrainingIteration",
     "atomic_torch_save",
     "attention_bar_image",
     "batch_aniso_d",
@@ -52,6 +54,7 @@ __all__ = [
     "executed_config",
     "handlers_for_rank",
     "latest_checkpoint",
+    "logged_terms",
     "loss_scalar",
     "loss_terms",
     "mlflow_settings",

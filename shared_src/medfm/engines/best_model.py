@@ -9,7 +9,7 @@ import os
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
-from medfm.utils.dist import get_rank
+from medfm.utils.dist import get_rank, unwrap
 
 from .checkpoint import atomic_torch_save
 
@@ -70,7 +70,7 @@ class BestModelSaver:
             return
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best = value
-            model = getattr(self.model, "module", self.model)
+            model = unwrap(self.model)
             path = os.path.join(self.save_dir, self.filename)
             atomic_torch_save(model.state_dict(), path)
             logger.info("new best %s = %.4f: saved %s", self.metric_name, value, path)
@@ -155,7 +155,7 @@ a lesion) counts as no validation. When training completes and no validation gav
     def save_final_if_unvalidated(self, engine: Engine) -> None:
         if self.validated or not self._writes():
             return
-        model = getattr(self.best.model, "module", self.best.model)
+        model = unwrap(self.best.model)
         path = os.path.join(self.best.save_dir, self.best.filename)
         atomic_torch_save(model.state_dict(), path)
         logger.info("no validation data: saved the final weights to %s", path)

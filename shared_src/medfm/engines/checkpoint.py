@@ -13,6 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
+from ..utils.dist import unwrap
 from ..utils.files import atomic_path
 
 __all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "atomic_torch_save", "latest_checkpoint"]
@@ -98,8 +99,7 @@ class AtomicCheckpointSaver:
         return path
 
     def save_final(self, engine: Engine) -> None:
-        model = self.save_dict["model"]
-        model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        model = unwrap(self.save_dict["model"])
         atomic_torch_save(model.state_dict(), os.path.join(self.save_dir, str(self.final_filename)))
 
 

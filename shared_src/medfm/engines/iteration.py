@@ -1,4 +1,5 @@
-"""One self-supervised training iteration for ``SupervisedTrainer(iteration_update=…)``.
+"""One training iteration for ``SupervisedTrainer(iteration_update=…)``, for every model whose step is a forward, a
+loss and an optimizer step (FratMAE and SPAD-ViT pre-training, every fine-tuning).
 
 MONAI's trainer autocasts only on CUDA (fp16 with a scaler); this iteration autocasts to bfloat16 on
 whichever device the run uses (CPU or CUDA; bf16 needs no scaler) and keeps every term of the loss.
@@ -6,16 +7,17 @@ whichever device the run uses (CPU or CUDA; bf16 needs no scaler) and keeps ever
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ["SSLIteration", "loss_scalar", "loss_terms"]
+__all__ = ["TrainingIteration", "logged_terms", "loss_scalar", "loss_terms"]
 
 
-class SSLIteration:
+class TrainingIteration:
     """Forward (bf16 autocast optional), loss with named terms, backward, optional clipping, step.
 
     A loss function with ``forward_terms(preds, targets) -> {"loss": total, <term>: …}`` (all ``medfm.losses``
@@ -56,10 +58,20 @@ class SSLIteration:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        logged = {k: float(v.detach()) for k, v in terms.items()}
-        logged["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+        logged = logged_terms(terms, engine.optimizer)
         return {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: preds, Keys.LOSS: terms["loss"].detach(),
                 "terms": logged}  # fmt: skip
+
+
+def logged_terms(
+    terms: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, extra: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """The floats an iteration logs: every loss term, then ``extra`` (e.g. the step's schedules), then ``lr`` (the
+    first parameter group's learning rate)."""
+    logged = {k: float(v.detach()) for k, v in terms.items()}
+    logged.update(extra or {})
+    logged["lr"] = float(optimizer.param_groups[0]["lr"])
+    return logged
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:

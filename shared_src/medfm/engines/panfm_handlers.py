@@ -77,7 +77,7 @@ def attention_bar_image(
 class OrganAttentionPlot:
     """Every ``every`` iterations, write to TensorBoard (tag ``tag``) a bar plot of the teacher's mean attention
     share per organ over those iterations (``engine.state.output["organ_attention"]``, from
-    :class:`~medfm.engines.PanFMIteration`), then start a new window. Pan-FM's SGM should flatten it.
+    :class:`~medfm.engines.PanFMPretrainIteration`), then start a new window. Pan-FM's SGM should flatten it.
 
     The shares are token-normalised (:func:`medfm.masking.organ_attention_share`: mean attention per token,
     normalised over the present organs), so attention that is uniform per token gives every organ the same share

@@ -9,27 +9,13 @@ import torch
 from monai.engines.utils import PrepareBatch
 from torch import nn
 
-from medfm.utils.dist import rank_generator
+from .batch import StepSeededGenerators, plain_tensor
+from .spad_input import batch_aniso_d
 
-from .prepare_batch import plain_tensor
-
-__all__ = ["SpadMIMPrepareBatch", "batch_aniso_d"]
-
-
-def batch_aniso_d(batchdata: Mapping[str, Any], key: str = "aniso_d") -> int:
-    """The single anisotropy level of a collated batch; a clear error when it is missing or mixed."""
-    if key not in batchdata:
-        raise KeyError(f"the batch has no '{key}' (add medfm.transforms.ReorientToDepthd to the transforms).")
-    values = torch.as_tensor(batchdata[key]).reshape(-1).unique()
-    if values.numel() != 1:
-        raise ValueError(
-            f"a batch mixes aniso_d values {values.tolist()}; build the DataLoader with "
-            "medfm.data.AnisoBatchSampler so that every batch has one."
-        )
-    return int(values.item())
+__all__ = ["SpadMIMPrepareBatch"]
 
 
-class SpadMIMPrepareBatch(PrepareBatch):
+class SpadMIMPrepareBatch(StepSeededGenerators, PrepareBatch):
     """``(image, {"probs", "mask"}, (), {"aniso_d", "mask"})`` for ``SupervisedTrainer`` running
     :class:`medfm.networks.nets.SpadViTMIM`.
 
@@ -53,23 +39,9 @@ class SpadMIMPrepareBatch(PrepareBatch):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.mask_ratio = mask_ratio
-        self.seed = seed
+        self.init_generators(seed)
         self.image_key = image_key
         self.aniso_key = aniso_key
-        self._generators: dict[str, torch.Generator] = {}
-        self._step: int | None = None
-
-    def set_step(self, step: int) -> None:
-        """Reseed the mask generators from ``(seed, rank, step)`` (:class:`medfm.engines.StepSeedHandler` calls this
-        as each iteration starts), so a resumed run draws the masks of the uninterrupted one."""
-        self._step = int(step)
-        self._generators.clear()
-
-    def generator(self, device: torch.device | str) -> torch.Generator:
-        key = str(torch.device(device))
-        if key not in self._generators:
-            self._generators[key] = rank_generator(self.seed, key, self._step)
-        return self._generators[key]
 
     def random_mask(self, batch_size: int, num_tokens: int, device: torch.device | str) -> torch.Tensor:
         """(N, L) bool, True at exactly ``L - int(L * (1 - mask_ratio))`` random tokens per row."""

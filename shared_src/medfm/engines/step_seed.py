@@ -19,7 +19,7 @@ __all__ = ["StepSeedHandler"]
 class StepSeedHandler:
     """When each iteration starts, seed the global generators (torch on every device, NumPy, Python) from
     ``(seed, rank, iteration)`` and call ``set_step(iteration)`` on each of ``targets`` (objects with their own
-    generators, e.g. :class:`medfm.engines.FratMAEPrepareBatch`, which then reseed them the same way).
+    generators, e.g. :class:`medfm.engines.FratMAEPretrainPrepareBatch`, which then reseed them the same way).
 
     Dropout, drop-path, gate noise and mask draws of an iteration then do not depend on what ran before it, so a
     run resumed from a checkpoint draws what the uninterrupted run drew. The batch of the iteration has been

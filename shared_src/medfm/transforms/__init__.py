@@ -22,6 +22,7 @@ from .petct import (
     resample_to_reference,
 )
 from .planar import NoChannelMetad, RowsFirstd, is_planar_file
+from .prompt import PROMPT_FIELDS, PromptTokenizer, build_prompt
 from .spad import (
     SUPPORTED_INTENSITY,
     ReorientToDepthd,
@@ -74,6 +75,9 @@ __all__ = [
     "StackCrop",
     "ToRGBd",
     "TokenizePromptd",
+    "PROMPT_FIELDS",
+    "PromptTokenizer",
+    "build_prompt",
     "check_finite",
     "check_same_grid",
     "check_single_channel_3d",

@@ -63,6 +63,17 @@ def _name(img: Any) -> str:
     return str(name) if name else "<in-memory image>"
 
 
+def depth_first_spatial(img: Any, transform: str) -> tuple[int, int, int]:
+    """The (D, H, W) shape of a (C, D, H, W) image; a ValueError naming the file and ``transform`` otherwise."""
+    spatial = tuple(int(n) for n in img.shape[1:])
+    if len(spatial) != 3:
+        raise ValueError(
+            f"{_name(img)}: {transform} expects (C, D, H, W) (run ReorientToDepthd first), got shape "
+            f"{tuple(img.shape)}."
+        )
+    return spatial
+
+
 def _rounded(s: float) -> float:
     """``s`` to 6 significant digits: float32 header noise removed, so 3.2 / 0.8 mm is exactly a ratio of 4."""
     return float(f"{float(s):.6g}")
@@ -440,12 +451,7 @@ class SpadRandCropd(Randomizable, MapTransform, InvertibleTransform):
         if not keys:
             return d
         ref = d[keys[0]]
-        spatial = tuple(int(n) for n in ref.shape[1:])
-        if len(spatial) != 3:
-            raise ValueError(
-                f"{_name(ref)}: SpadRandCropd expects (C, D, H, W) (run ReorientToDepthd first), got shape "
-                f"{tuple(ref.shape)}."
-            )
+        spatial = depth_first_spatial(ref, "SpadRandCropd")
         if self.aniso_key not in d:
             raise ValueError(f"{_name(ref)}: no {self.aniso_key!r} in the data (run ReorientToDepthd first).")
         roi = spad_roi_size(self.tokens, int(d[self.aniso_key]), self.patch_size, is_2d=spatial[0] == 1)

@@ -22,7 +22,7 @@ from monai.transforms import Affine, Crop, MapTransform, Pad, Randomizable
 
 from medfm.networks.blocks.spad import MAX_ANISO_D, aniso_d_from_spacing
 
-from .spad import _name, spad_roi_size
+from .spad import _name, depth_first_spatial, spad_roi_size
 
 __all__ = ["SpadRandAffineCropd", "SpadScaleAugment"]
 
@@ -162,11 +162,7 @@ class SpadRandAffineCropd(Randomizable, MapTransform):
         if not keys:
             return d
         ref = d[keys[0]]
-        spatial = tuple(int(n) for n in ref.shape[1:])
-        if len(spatial) != 3:
-            raise ValueError(
-                f"{_name(ref)}: expected (C, D, H, W) (run ReorientToDepthd first), got {tuple(ref.shape)}."
-            )
+        spatial = depth_first_spatial(ref, type(self).__name__)
         if self.spacing_key not in d:
             raise ValueError(f"{_name(ref)}: no {self.spacing_key!r} in the data (keep it from ReorientToDepthd).")
         spacing = [float(s) for s in d[self.spacing_key]]

@@ -7,13 +7,13 @@ from typing import Any
 
 from monai.transforms import MapTransform
 
-from medfm.data.prompt import PromptTokenizer
+from .prompt import PromptTokenizer
 
 __all__ = ["TokenizePromptd"]
 
 
 class TokenizePromptd(MapTransform):
-    """Encode ``data[key]`` (a prompt string) with a :class:`~medfm.data.PromptTokenizer` into
+    """Encode ``data[key]`` (a prompt string) with a :class:`~medfm.transforms.PromptTokenizer` into
     ``data[f"{key}{suffix}"]``, a (context_length,) long tensor.
 
     Args:

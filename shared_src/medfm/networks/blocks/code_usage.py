@@ -7,9 +7,8 @@ The quantizer returns them with its output; the tokenizer objective (:class:`med
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from medfm.utils.dist import is_distributed
+from medfm.utils.dist import all_gather_cat, is_distributed
 
 __all__ = ["token_entropy", "usage_entropy_loss"]
 
@@ -21,10 +20,8 @@ def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    local = x.detach().contiguous()
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return torch.stack(gathered).mean(0) - local + x
+    local = x.detach()
+    return all_gather_cat(local[None], with_grad=False).mean(0) - local + x
 
 
 def usage_entropy_loss(probs: torch.Tensor, sync: bool = False) -> torch.Tensor:

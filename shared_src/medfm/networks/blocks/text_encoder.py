@@ -25,7 +25,7 @@ class TextEncoder(nn.Module):
     model; :func:`load_clip_text_weights` fills it from a local CLIP checkpoint when a user has one.
 
     Args:
-        vocab_size: token ids in ``[0, vocab_size)`` (see :class:`medfm.data.PromptTokenizer`).
+        vocab_size: token ids in ``[0, vocab_size)`` (see :class:`medfm.transforms.PromptTokenizer`).
         eot_id: id of the end-of-text token, whose output is the text feature.
         context_length: token positions.
         width: transformer width (CLIP ViT-B: 512).

@@ -57,7 +57,7 @@ class SpadVT(nn.Module):
     :mod:`medfm.networks.blocks.spad`).
 
     Input convention: the tokenizer sees ``2 x - 1`` of images in [0, 1] (the caller scales, e.g.
-    :class:`medfm.engines.SpadPrepareBatch`), RGB-replicated for ``in_channels=3``; it reconstructs in that
+    :class:`medfm.engines.SpadInputPrepareBatch`), RGB-replicated for ``in_channels=3``; it reconstructs in that
     range (no output activation, so values are [-1, 1]-ish).
 
     State-dict keys are those of the reference (``encoder.{i}``, ``quantize.{proj,embedding}``, ``decoder.{i}``

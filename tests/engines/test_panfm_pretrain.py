@@ -13,8 +13,8 @@ from monai.engines.utils import IterationEvents
 from medfm.engines import (
     AtomicCheckpointSaver,
     OrganAttentionPlot,
-    PanFMIteration,
-    PanFMPrepareBatch,
+    PanFMPretrainIteration,
+    PanFMPretrainPrepareBatch,
     ResumeFromCheckpoint,
     attention_bar_image,
     loss_terms,
@@ -57,8 +57,8 @@ def _trainer(model, masking="sgm", data=None, max_epochs=1, organs=ORG, **kw):
         network=model,
         optimizer=torch.optim.AdamW(model.student.parameters(), lr=1e-3),
         loss_function=PanFMLoss(32, 24, patch_weight=1.0),
-        prepare_batch=PanFMPrepareBatch(ORG),
-        iteration_update=PanFMIteration(organs, masking=masking, **kw),
+        prepare_batch=PanFMPretrainPrepareBatch(ORG),
+        iteration_update=PanFMPretrainIteration(organs, masking=masking, **kw),
         decollate=False,
     )
 
@@ -69,22 +69,22 @@ def test_prepare_batch_selects_columns_and_skips_absent_organs():
     present[1, PANFM_ORGANS.index("brain")] = True
     present[:, PANFM_ORGANS.index("kidney")] = True
     batch = {"present": present, "image_brain": torch.rand(2, 1, 8, 8, 8), "image_liver": torch.rand(2, 1, 8, 8, 8)}
-    images, labels, args, kwargs = PanFMPrepareBatch(ORG)(batch)
+    images, labels, args, kwargs = PanFMPretrainPrepareBatch(ORG)(batch)
     assert set(images) == {"brain", "liver"} and labels is None and args == ()  # heart absent: not read
     assert kwargs["present"].tolist() == [[False, False, True], [True, False, False]]
     assert torch.equal(images["liver"], batch["image_liver"])
     as_lists = dict(batch, present=list(present.t()))  # what collating per-item Python lists gives
-    assert torch.equal(PanFMPrepareBatch(ORG)(as_lists)[3]["present"], kwargs["present"])
+    assert torch.equal(PanFMPretrainPrepareBatch(ORG)(as_lists)[3]["present"], kwargs["present"])
     batch["labels"] = torch.tensor([[1, 0], [0, 1]])
-    assert PanFMPrepareBatch(ORG)(batch)[1].dtype == torch.float32
+    assert PanFMPretrainPrepareBatch(ORG)(batch)[1].dtype == torch.float32
     with pytest.raises(KeyError, match="image_brain"):
-        PanFMPrepareBatch(ORG)({"present": present, "image_liver": batch["image_liver"]})
+        PanFMPretrainPrepareBatch(ORG)({"present": present, "image_liver": batch["image_liver"]})
     with pytest.raises(KeyError, match="present"):
-        PanFMPrepareBatch(ORG)({"image_brain": batch["image_brain"]})
+        PanFMPretrainPrepareBatch(ORG)({"image_brain": batch["image_brain"]})
     with pytest.raises(ValueError, match=r"\(B, 7\)"):
-        PanFMPrepareBatch(ORG)({"present": present[:, :3]})
+        PanFMPretrainPrepareBatch(ORG)({"present": present[:, :3]})
     with pytest.raises(ValueError, match="lung"):
-        PanFMPrepareBatch(("brain", "lung"))
+        PanFMPretrainPrepareBatch(("brain", "lung"))
 
 
 @pytest.mark.parametrize("masking", ["random", "sgm", "mix"])
@@ -218,13 +218,13 @@ def test_attention_bar_image_heights():
 
 def test_ill_arguments_and_organ_mismatch():
     with pytest.raises(ValueError, match="masking"):
-        PanFMIteration(ORG, masking="attmask")
+        PanFMPretrainIteration(ORG, masking="attmask")
     with pytest.raises(ValueError, match="ratio_range"):
-        PanFMIteration(ORG, ratio_range=(0.5, 0.1))
+        PanFMPretrainIteration(ORG, ratio_range=(0.5, 0.1))
     with pytest.raises(ValueError, match="grad_clip_norm"):
-        PanFMIteration(ORG, grad_clip_norm=0.0)
+        PanFMPretrainIteration(ORG, grad_clip_norm=0.0)
     with pytest.raises(ValueError, match="teacher_temp"):
-        PanFMIteration(ORG, teacher_temp=(0.0, 0.07))
+        PanFMPretrainIteration(ORG, teacher_temp=(0.0, 0.07))
     trainer = _trainer(_model(), organs=("brain", "liver", "heart"))
     with pytest.raises(ValueError, match="differ from the network"):
         trainer.run()
@@ -238,8 +238,8 @@ def test_default_masking_is_the_bundle_default_mix():
     train = Path(__file__).resolve().parents[2] / "bundles" / "panfm_panorgan" / "configs" / "train.json"
     bundle_default = json.loads(train.read_text())["masking"]
     assert bundle_default == "mix"
-    assert inspect.signature(PanFMIteration).parameters["masking"].default == bundle_default
-    assert PanFMIteration().masking == bundle_default
+    assert inspect.signature(PanFMPretrainIteration).parameters["masking"].default == bundle_default
+    assert PanFMPretrainIteration().masking == bundle_default
 
 
 def test_patch_centre_follows_every_teacher_token_not_only_the_masked_ones():

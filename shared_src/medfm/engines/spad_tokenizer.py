@@ -14,13 +14,9 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medfm.losses.tokenizer import hinge_d_loss
-from medfm.utils.dist import get_world_size, is_distributed
+from medfm.utils.dist import get_world_size, is_distributed, unwrap
 
-__all__ = ["TokenizerIteration"]
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    return getattr(m, "module", m)  # DistributedDataParallel / DataParallel
+__all__ = ["SpadTokenizerIteration"]
 
 
 @contextmanager
@@ -37,14 +33,14 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-class TokenizerIteration:
+class SpadTokenizerIteration:
     """SPAD-VT's adversarial training step (SPAD-Nets, arXiv:2312.07630; PUMIT ``scripts/tokenizer/main.py``),
-    usable as ``SupervisedTrainer(iteration_update=TokenizerIteration(...))``.
+    usable as ``SupervisedTrainer(iteration_update=SpadTokenizerIteration(...))``.
 
     The engine holds the tokenizer (``network``, e.g. :class:`medfm.networks.nets.SpadVT`), its optimizer
     (``optimizer``) and the generator objective (``loss_function``, :class:`medfm.losses.SpadVTLoss`); the
     discriminator and its optimizer are given here. The engine's ``prepare_batch`` must give
-    ``(x, x, (), {"aniso_d": int})`` (:class:`medfm.engines.SpadPrepareBatch`). Per iteration:
+    ``(x, x, (), {"aniso_d": int})`` (:class:`medfm.engines.SpadInputPrepareBatch`). Per iteration:
 
     1. generator: ``x_rec, quant_out = network(x, aniso_d=…)``; the GAN term is on only when
        ``max(disc_loss_ema, last disc_loss) <= gan_gate``; the discriminator's parameters are frozen and it is
@@ -110,7 +106,7 @@ class TokenizerIteration:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"disc_loss_ema", "last_disc_loss"} - set(state)
         if missing:
-            raise KeyError(f"TokenizerIteration state lacks {sorted(missing)} (got {sorted(state)}).")
+            raise KeyError(f"SpadTokenizerIteration state lacks {sorted(missing)} (got {sorted(state)}).")
         self.disc_loss_ema = float(state["disc_loss_ema"])
         self.last_disc_loss = float(state["last_disc_loss"])
 
@@ -142,7 +138,7 @@ class TokenizerIteration:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
                 preds = engine.inferer(inputs, engine.network, *args, **kwargs)
                 x_rec = preds[0]
-                fake_logits = _unwrap(disc)(x_rec, aniso_d) if gan_enabled else None
+                fake_logits = unwrap(disc)(x_rec, aniso_d) if gan_enabled else None
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = engine.loss_function.forward_terms(preds, targets, fake_logits=fake_logits)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -1,4 +1,5 @@
-"""Batch preparation for SPAD networks: the image (scaled for the tokenizer) and the batch's anisotropy level."""
+"""Batch preparation shared by every SPAD stage (tokenizer training, fine-tuning, inference): the image (scaled for
+the tokenizer) and the batch's anisotropy level."""
 
 from __future__ import annotations
 
@@ -10,13 +11,25 @@ from monai.engines.utils import PrepareBatch
 
 from medfm.networks.blocks.spad import default_aniso_d
 
-from .prepare_batch import plain_tensor
-from .spad_mim import batch_aniso_d
+from .batch import plain_tensor
 
-__all__ = ["SpadPrepareBatch"]
+__all__ = ["SpadInputPrepareBatch", "batch_aniso_d"]
 
 
-class SpadPrepareBatch(PrepareBatch):
+def batch_aniso_d(batchdata: Mapping[str, Any], key: str = "aniso_d") -> int:
+    """The single anisotropy level of a collated batch; a clear error when it is missing or mixed."""
+    if key not in batchdata:
+        raise KeyError(f"the batch has no '{key}' (add medfm.transforms.ReorientToDepthd to the transforms).")
+    values = torch.as_tensor(batchdata[key]).reshape(-1).unique()
+    if values.numel() != 1:
+        raise ValueError(
+            f"a batch mixes aniso_d values {values.tolist()}; build the DataLoader with "
+            "medfm.data.AnisoBatchSampler so that every batch has one."
+        )
+    return int(values.item())
+
+
+class SpadInputPrepareBatch(PrepareBatch):
     """Turn a collated batch into ``(image, target, (), {"aniso_d": int})`` for ``SupervisedTrainer`` /
     ``SupervisedEvaluator``.
 

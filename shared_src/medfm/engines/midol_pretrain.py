@@ -6,17 +6,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.engines.utils import PrepareBatch
 from monai.utils.enums import CommonKeys as Keys
+from torch import nn
 
-from medfm.losses.self_distill import teacher_temp_schedule
+from .teacher_student import TeacherStudentIteration
 
-from .schedules import cosine_schedule, set_weight_decay
-
-__all__ = ["MIDoLIteration", "MIDoLPrepareBatch"]
+__all__ = ["MIDoLPretrainIteration", "MIDoLPretrainPrepareBatch"]
 
 
-class MIDoLPrepareBatch(PrepareBatch):
+class MIDoLPretrainPrepareBatch(PrepareBatch):
     """Turn a collated multi-crop batch into ``(crops, None, (), {})``, ``crops`` a list of (B, C, H_v, W_v).
 
     The crops come from ``crop_keys`` (one batch entry per crop, global crops first) or, with ``list_key``, from
@@ -72,14 +71,14 @@ class MIDoLPrepareBatch(PrepareBatch):
         return crops, None, (), {}
 
 
-class MIDoLIteration:
+class MIDoLPretrainIteration(TeacherStudentIteration):
     """One M-IDoL self-distillation step (``notes/METHODS.md`` section 4), for
-    ``SupervisedTrainer(iteration_update=MIDoLIteration(...))``.
+    ``SupervisedTrainer(iteration_update=MIDoLPretrainIteration(...))``.
 
     The engine holds ``network`` = :class:`medfm.networks.nets.midol.MIDoLSelfDistill` (DDP-wrapped or not),
     ``optimizer`` over ``network.student`` only (AdamW; groups with weight decay > 0 at the first step follow the
     weight-decay schedule, the others stay at 0), ``loss_function`` = :class:`medfm.losses.MIDoLLoss` and
-    ``prepare_batch`` = :class:`MIDoLPrepareBatch`; its ``inferer`` is not used. Per iteration:
+    ``prepare_batch`` = :class:`MIDoLPretrainPrepareBatch`; its ``inferer`` is not used. Per iteration:
 
     1. teacher on the ``num_global`` global crops, no gradient;
     2. student on all crops (through ``engine.network``, so DDP syncs its gradients);
@@ -89,11 +88,13 @@ class MIDoLIteration:
     5. weight decay set from the cosine schedule, optimizer step, EMA teacher update (cosine momentum to 1).
 
     Schedules use ``step = engine.state.iteration - 1`` (a resumed run continues them); ``total_steps`` None takes
-    ``max_epochs * epoch_length``. The output holds ``image`` (the crops), ``pred`` (teacher router logits of the
-    global crops, (G*B, E)), ``loss`` and ``terms`` for :func:`medfm.engines.loss_terms`: ``loss``, ``cst``,
-    ``route``, ``teacher_temp``, ``momentum``, ``weight_decay``, ``lr`` and ``expert_<e>`` (share of the global
-    crops whose teacher top-1 expert is ``e``, over this rank's batch), ``target_<e>`` and ``target_mass_<e>``
-    (what the routing loss's Sinkhorn targets ask of expert ``e``, :meth:`target_shares`).
+    ``max_epochs * epoch_length``. Schedules, clipping, the optimizer step and the EMA update are
+    :class:`~medfm.engines.TeacherStudentIteration`'s, shared with Pan-FM. The output holds ``image`` (the crops),
+    ``pred`` (teacher router logits of the global crops, (G*B, E)), ``loss`` and ``terms`` for
+    :func:`medfm.engines.loss_terms`: ``loss``, ``cst``, ``route``, ``teacher_temp``, ``momentum``,
+    ``weight_decay``, ``lr`` and ``expert_<e>`` (share of the global crops whose teacher top-1 expert is ``e``, over
+    this rank's batch), ``target_<e>`` and ``target_mass_<e>`` (what the routing loss's Sinkhorn targets ask of
+    expert ``e``, :meth:`target_shares`).
 
     Args:
         num_global: global crops G (the first G crops).
@@ -119,41 +120,19 @@ class MIDoLIteration:
         grad_clip_norm: float | None = 3.0,
         bf16: bool = False,
     ) -> None:
+        if weight_decay is None:
+            raise ValueError("weight_decay must be two non-negative values (start, end), got None.")
+        if warmup_teacher_temp_steps is None:
+            raise ValueError("warmup_teacher_temp_steps must be non-negative, got None.")
+        super().__init__(
+            momentum_start, teacher_temp, warmup_teacher_temp_steps, total_steps, weight_decay, grad_clip_norm, bf16
+        )
         if num_global < 1:
             raise ValueError(f"num_global must be positive, got {num_global}.")
-        if len(weight_decay) != 2 or min(weight_decay) < 0:
-            raise ValueError(f"weight_decay must be two non-negative values (start, end), got {weight_decay}.")
-        if not 0.0 <= momentum_start <= 1.0:
-            raise ValueError(f"momentum_start must be in [0, 1], got {momentum_start}.")
-        if len(teacher_temp) != 2 or min(teacher_temp) <= 0:
-            raise ValueError(f"teacher_temp must be two positive temperatures (start, end), got {teacher_temp}.")
-        if warmup_teacher_temp_steps < 0:
-            raise ValueError(f"warmup_teacher_temp_steps must be non-negative, got {warmup_teacher_temp_steps}.")
         if freeze_last_layer_steps is not None and freeze_last_layer_steps < 0:
             raise ValueError(f"freeze_last_layer_steps must be non-negative or None, got {freeze_last_layer_steps}.")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be positive or None, got {total_steps}.")
-        if grad_clip_norm is not None and grad_clip_norm <= 0:
-            raise ValueError(f"grad_clip_norm must be positive or None, got {grad_clip_norm}.")
         self.num_global = num_global
-        self.weight_decay = (float(weight_decay[0]), float(weight_decay[1]))
-        self.momentum_start = momentum_start
-        self.teacher_temp = (float(teacher_temp[0]), float(teacher_temp[1]))
-        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
         self.freeze_last_layer_steps = freeze_last_layer_steps
-        self.total_steps = total_steps
-        self.grad_clip_norm = grad_clip_norm
-        self.bf16 = bf16
-
-    def schedules(self, engine: Any) -> dict[str, float]:
-        """``teacher_temp``, ``momentum`` and ``weight_decay`` of the engine's current iteration."""
-        total = self.total_steps or max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length))
-        step = int(engine.state.iteration) - 1
-        return {
-            "teacher_temp": teacher_temp_schedule(step, self.warmup_teacher_temp_steps, *self.teacher_temp),
-            "momentum": cosine_schedule(step, total, self.momentum_start, 1.0),
-            "weight_decay": cosine_schedule(step, total, *self.weight_decay),
-        }
 
     def last_layer_frozen(self, engine: Any) -> bool:
         steps = self.freeze_last_layer_steps
@@ -181,45 +160,36 @@ class MIDoLIteration:
         out.update({f"target_mass_{e}": float(v) for e, v in enumerate(mass.tolist())})
         return out
 
-    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("no batch data for this iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    def unpack(self, engine: Any, batch: Any, model: nn.Module) -> dict[str, Any]:
         crops = batch[0]
         if not isinstance(crops, (list, tuple)) or len(crops) <= self.num_global:
             raise ValueError(
                 f"prepare_batch must give a list of more than num_global={self.num_global} crops "
-                f"(MIDoLPrepareBatch), got {type(crops).__name__} of length {len(crops)}."
+                f"(MIDoLPretrainPrepareBatch), got {type(crops).__name__} of length {len(crops)}."
             )
-        model = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
-        sched = self.schedules(engine)
-        device_type = crops[0].device.type
-        engine.network.train()  # the teacher follows unless MIDoLSelfDistill(teacher_train_mode=False)
+        return {"crops": crops}
 
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            teacher = model.forward_teacher(crops[: self.num_global])
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            student = engine.network(crops)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms = engine.loss_function.forward_terms(student, teacher, sched["teacher_temp"])
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        terms["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+    def forward_teacher(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        return model.forward_teacher(inputs["crops"][: self.num_global])
+
+    def forward_student(
+        self, engine: Any, model: nn.Module, inputs: dict[str, Any], teacher: dict[str, Any]
+    ) -> dict[str, Any]:
+        return engine.network(inputs["crops"])
+
+    def before_clip(self, engine: Any, model: nn.Module) -> None:
         if self.last_layer_frozen(engine):
             model.student.head.cancel_last_layer_grad()
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.student.parameters(), self.grad_clip_norm)
-        set_weight_decay(engine.optimizer, sched["weight_decay"])
-        engine.optimizer.step()
-        model.update_teacher(sched["momentum"])
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
+    def extra_terms(
+        self, engine: Any, inputs: dict[str, Any], teacher: dict[str, Any], sched: dict[str, float]
+    ) -> dict[str, float]:
         router = torch.cat(list(teacher["router_logits"]))
         share = torch.bincount(router.argmax(1), minlength=router.shape[1]).float() / router.shape[0]
-        logged = {k: float(v.detach()) for k, v in terms.items()}
-        logged.update(sched, lr=float(engine.optimizer.param_groups[0]["lr"]))
-        logged.update({f"expert_{e}": s for e, s in enumerate(share.tolist())})
+        logged = {f"expert_{e}": s for e, s in enumerate(share.tolist())}
         logged.update(self.target_shares(engine.loss_function, teacher["router_logits"], sched["teacher_temp"]))
-        return {Keys.IMAGE: crops, Keys.LABEL: None, Keys.PRED: router, Keys.LOSS: terms["loss"].detach(),
-                "terms": logged}  # fmt: skip
+        return logged
+
+    def outputs(self, inputs: dict[str, Any], student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
+        router = torch.cat(list(teacher["router_logits"]))
+        return {Keys.IMAGE: inputs["crops"], Keys.LABEL: None, Keys.PRED: router}

@@ -11,8 +11,8 @@ from monai.engines.utils import IterationEvents
 from medfm.engines import (
     AtomicCheckpointSaver,
     ResumeFromCheckpoint,
-    SpadPrepareBatch,
-    TokenizerIteration,
+    SpadInputPrepareBatch,
+    SpadTokenizerIteration,
     loss_terms,
 )
 from medfm.losses import SpadVTLoss
@@ -31,7 +31,7 @@ def _data(n=2, depth=1, aniso_d=5):
 
 def _trainer(net, disc, iteration=None, data=None, max_epochs=1, handlers=None, **it_kwargs):
     if iteration is None:
-        iteration = TokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), **it_kwargs)
+        iteration = SpadTokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), **it_kwargs)
     return SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=max_epochs,
@@ -39,7 +39,7 @@ def _trainer(net, disc, iteration=None, data=None, max_epochs=1, handlers=None, 
         network=net,
         optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3),
         loss_function=SpadVTLoss(),
-        prepare_batch=SpadPrepareBatch(),
+        prepare_batch=SpadInputPrepareBatch(),
         iteration_update=iteration,
         train_handlers=handlers,
         decollate=False,
@@ -47,13 +47,13 @@ def _trainer(net, disc, iteration=None, data=None, max_epochs=1, handlers=None, 
 
 
 def test_prepare_batch_scales_and_reads_one_aniso_level():
-    pb = SpadPrepareBatch()
+    pb = SpadInputPrepareBatch()
     img = torch.rand(2, 3, 4, 8, 8)
     x, target, args, kwargs = pb({"image": img, "aniso_d": torch.tensor([2, 2])})
     assert torch.allclose(x, 2 * img - 1) and target is x and args == ()
     assert kwargs == {"aniso_d": 2} and isinstance(kwargs["aniso_d"], int)
-    assert torch.equal(SpadPrepareBatch(scale_to_tokenizer=False)({"image": img, "aniso_d": [1, 1]})[0], img)
-    assert SpadPrepareBatch(aniso_key=None)({"image": torch.rand(2, 3, 1, 8, 8)})[3] == {"aniso_d": 5}
+    assert torch.equal(SpadInputPrepareBatch(scale_to_tokenizer=False)({"image": img, "aniso_d": [1, 1]})[0], img)
+    assert SpadInputPrepareBatch(aniso_key=None)({"image": torch.rand(2, 3, 1, 8, 8)})[3] == {"aniso_d": 5}
     with pytest.raises(ValueError, match="mixes aniso_d values \\[1, 2\\]"):
         pb({"image": img, "aniso_d": torch.tensor([1, 2])})
     with pytest.raises(KeyError, match="aniso_d"):
@@ -68,7 +68,7 @@ def _run_one(state, **it_kwargs):
     """One iteration from the given gate state; returns its terms, the discriminator as it was before the
     iteration and the generator output."""
     net, disc = _parts()
-    it = TokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), **it_kwargs)
+    it = SpadTokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), **it_kwargs)
     if state is not None:
         it.load_state_dict(state)
     before = copy.deepcopy(disc)
@@ -113,7 +113,7 @@ def test_gan_term_is_gated_by_the_discriminator_loss(state, enabled):
 
 def test_each_step_updates_only_its_own_network():
     net, disc = _parts()
-    it = TokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-2))
+    it = SpadTokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-2))
     it.load_state_dict({"disc_loss_ema": 0.0, "last_disc_loss": 0.0})  # GAN term on: D is in the G graph
     snaps = {}
 
@@ -170,7 +170,7 @@ def test_bf16_iteration_on_cpu():
     # now and then non-finite for small depth-2 inputs, so a second iteration's numbers are not testable here;
     # the first iteration's terms come from forward passes before any update
     net, disc = _parts()
-    it = TokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), bf16=True)
+    it = SpadTokenizerIteration(disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), bf16=True)
     it.load_state_dict({"disc_loss_ema": 0.0, "last_disc_loss": 0.0})
     trainer = _trainer(net, disc, it, data=_data(2, depth=4, aniso_d=2))
     trainer.run()
@@ -183,7 +183,7 @@ def test_bf16_iteration_on_cpu():
 def test_gate_state_is_saved_and_resumed_with_the_checkpoint(tmp_path):
     net, disc = _parts()
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
-    it = TokenizerIteration(disc, d_opt)
+    it = SpadTokenizerIteration(disc, d_opt)
     trainer = _trainer(net, disc, it, data=_data(2), max_epochs=2)
     save = {"model": net, "optimizer": trainer.optimizer, "discriminator": disc, "d_optimizer": d_opt, "gan_gate": it}
     AtomicCheckpointSaver(str(tmp_path), save, save_interval=2, epoch_level=False).attach(trainer)
@@ -193,7 +193,7 @@ def test_gate_state_is_saved_and_resumed_with_the_checkpoint(tmp_path):
 
     net2, disc2 = _parts()
     d_opt2 = torch.optim.AdamW(disc2.parameters(), lr=1e-3)
-    it2 = TokenizerIteration(disc2, d_opt2)
+    it2 = SpadTokenizerIteration(disc2, d_opt2)
     trainer2 = _trainer(net2, disc2, it2, data=_data(2), max_epochs=3)
     load = {
         "model": net2,
@@ -220,8 +220,8 @@ def test_ill_arguments():
     _, disc = _parts()
     opt = torch.optim.SGD(disc.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="disc_loss_momentum"):
-        TokenizerIteration(disc, opt, disc_loss_momentum=1.0)
+        SpadTokenizerIteration(disc, opt, disc_loss_momentum=1.0)
     with pytest.raises(ValueError, match="grad_clip_norm"):
-        TokenizerIteration(disc, opt, grad_clip_norm=0.0)
+        SpadTokenizerIteration(disc, opt, grad_clip_norm=0.0)
     with pytest.raises(KeyError, match="last_disc_loss"):
-        TokenizerIteration(disc, opt).load_state_dict({"disc_loss_ema": 0.1})
+        SpadTokenizerIteration(disc, opt).load_state_dict({"disc_loss_ema": 0.1})

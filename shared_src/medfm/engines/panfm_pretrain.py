@@ -6,21 +6,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.engines.utils import PrepareBatch
 from monai.utils.enums import CommonKeys as Keys
+from torch import nn
 
-from medfm.losses.self_distill import teacher_temp_schedule
 from medfm.masking.saliency import SUPPORTED_ORGAN_MASKING, organ_masking
 from medfm.organs import PANFM_ORGANS
-from medfm.utils.dist import rank_generator
 
-from .prepare_batch import plain_tensor
-from .schedules import cosine_schedule, set_weight_decay
+from .batch import StepSeededGenerators, plain_tensor
+from .teacher_student import TeacherStudentIteration
 
-__all__ = ["PanFMIteration", "PanFMPrepareBatch"]
+__all__ = ["PanFMPretrainIteration", "PanFMPretrainPrepareBatch"]
 
 
-class PanFMPrepareBatch(PrepareBatch):
+class PanFMPretrainPrepareBatch(PrepareBatch):
     """Turn a collated pan-organ batch into ``(images, labels, (), {"present": present})``.
 
     The batch holds ``<image_prefix><organ>`` (B, C, *organ_shape) per organ (zeros where missing), ``present``
@@ -85,13 +84,13 @@ class PanFMPrepareBatch(PrepareBatch):
         return images, labels, (), {"present": present.to(device=device, non_blocking=non_blocking)}
 
 
-class PanFMIteration:
+class PanFMPretrainIteration(StepSeededGenerators, TeacherStudentIteration):
     """One Pan-FM self-distillation step (our proposal after iBOT, arXiv:2111.07832, and Pan-FM's SGM,
-    arXiv:2605.07055), usable as ``SupervisedTrainer(iteration_update=PanFMIteration(...))``.
+    arXiv:2605.07055), usable as ``SupervisedTrainer(iteration_update=PanFMPretrainIteration(...))``.
 
     The engine holds ``network`` = :class:`medfm.networks.nets.PanFMSelfDistill` (DDP-wrapped or not),
     ``optimizer`` over ``network.student`` only, ``loss_function`` = :class:`medfm.losses.PanFMLoss` and
-    ``prepare_batch`` = :class:`PanFMPrepareBatch`; its ``inferer`` is not used. Per iteration:
+    ``prepare_batch`` = :class:`PanFMPretrainPrepareBatch`; its ``inferer`` is not used. Per iteration:
 
     1. teacher on every present organ (no gradient), with its last-block CLS attention per organ;
     2. organ masks: ``"random"`` (uniform), ``"sgm"`` (saliency-guided) or ``"mix"`` (SGM for a
@@ -110,8 +109,8 @@ class PanFMIteration:
     ``organ_attention`` (B, O), ``organ_mask`` and ``present`` (B, O), and ``terms``: ``loss``, ``cls``,
     ``patch``, ``teacher_temp``, ``momentum``, ``weight_decay``, ``masked_fraction`` (masked / present organs), ``lr``
     and ``attn_<organ>`` (batch mean of the teacher's token-normalised attention share, 0 for subjects without the
-    organ: the shares sum to 1) for :func:`medfm.engines.loss_terms`. The weight-decay schedule reuses M-IDoL's
-    helpers (:func:`~medfm.engines.cosine_schedule`, :func:`~medfm.engines.set_weight_decay`).
+    organ: the shares sum to 1) for :func:`medfm.engines.loss_terms`. Schedules, clipping, the optimizer step and
+    the EMA update are :class:`~medfm.engines.TeacherStudentIteration`'s, shared with M-IDoL.
 
     Args:
         organs: the network's organs (names of the ``attn_<organ>`` terms); must match the network.
@@ -147,6 +146,9 @@ class PanFMIteration:
         seed: int = 0,
         bf16: bool = False,
     ) -> None:
+        super().__init__(
+            momentum_start, teacher_temp, warmup_teacher_temp_steps, total_steps, weight_decay, grad_clip_norm, bf16
+        )
         if masking not in SUPPORTED_ORGAN_MASKING:
             raise ValueError(f"masking must be one of {SUPPORTED_ORGAN_MASKING}, got {masking!r}.")
         if not 0.0 <= sgm_fraction <= 1.0:
@@ -155,118 +157,65 @@ class PanFMIteration:
             raise ValueError(f"floor must be in [0, 1], got {floor}.")
         if not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
             raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {tuple(ratio_range)}.")
-        if grad_clip_norm is not None and grad_clip_norm <= 0:
-            raise ValueError(f"grad_clip_norm must be positive or None, got {grad_clip_norm}.")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be positive or None, got {total_steps}.")
-        if warmup_teacher_temp_steps is not None and warmup_teacher_temp_steps < 0:
-            raise ValueError(f"warmup_teacher_temp_steps must be non-negative, got {warmup_teacher_temp_steps}.")
-        if not 0.0 <= momentum_start <= 1.0:
-            raise ValueError(f"momentum_start must be in [0, 1], got {momentum_start}.")
-        if len(teacher_temp) != 2 or min(teacher_temp) <= 0:
-            raise ValueError(f"teacher_temp must be two positive temperatures (start, end), got {teacher_temp}.")
-        if weight_decay is not None and (len(weight_decay) != 2 or min(weight_decay) < 0):
-            raise ValueError(f"weight_decay must be two non-negative values (start, end) or None, got {weight_decay}.")
         self.organs = tuple(organs)
         self.masking = masking
-        self.weight_decay = None if weight_decay is None else (float(weight_decay[0]), float(weight_decay[1]))
         self.sgm_fraction = sgm_fraction
         self.floor = floor
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
-        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
-        self.total_steps = total_steps
-        self.momentum_start = momentum_start
-        self.teacher_temp = (float(teacher_temp[0]), float(teacher_temp[1]))
-        self.grad_clip_norm = grad_clip_norm
-        self.seed = seed
-        self.bf16 = bf16
-        self._generators: dict[str, torch.Generator] = {}
-        self._step: int | None = None
+        self.init_generators(seed)
 
-    def set_step(self, step: int) -> None:
-        """Reseed the mask generators from ``(seed, rank, step)`` (:class:`medfm.engines.StepSeedHandler` calls this
-        as each iteration starts), so a resumed run draws the masks of the uninterrupted one."""
-        self._step = int(step)
-        self._generators.clear()
+    def teacher_temp_warmup(self, total: int) -> int:
+        """The given warm-up, or 30% of the run when None."""
+        return round(0.3 * total) if self.warmup_teacher_temp_steps is None else self.warmup_teacher_temp_steps
 
-    def generator(self, device: torch.device | str) -> torch.Generator:
-        """The mask generator on ``device`` (seeded ``seed + rank``, or ``(seed, rank, step)``, on first use)."""
-        dev = torch.device(device)
-        if str(dev) not in self._generators:
-            self._generators[str(dev)] = rank_generator(self.seed, dev, self._step)
-        return self._generators[str(dev)]
-
-    def schedules(self, engine: Any) -> dict[str, float]:
-        """``teacher_temp``, ``momentum`` and (unless switched off) ``weight_decay`` of the engine's current
-        iteration."""
-        total = self.total_steps or max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length))
-        warmup = self.warmup_teacher_temp_steps
-        warmup = round(0.3 * total) if warmup is None else warmup
-        step = int(engine.state.iteration) - 1
-        sched = {
-            "teacher_temp": teacher_temp_schedule(step, warmup, *self.teacher_temp),
-            "momentum": cosine_schedule(step, total, self.momentum_start, 1.0),
-        }
-        if self.weight_decay is not None:
-            sched["weight_decay"] = cosine_schedule(step, total, *self.weight_decay)
-        return sched
-
-    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("no batch data for this iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    def unpack(self, engine: Any, batch: Any, model: nn.Module) -> dict[str, Any]:
         images, labels, _, kwargs = batch if len(batch) == 4 else (*batch, (), {})
         if "present" not in kwargs:
-            raise KeyError("prepare_batch must give {'present': (B, O) bool} as keyword arguments (PanFMPrepareBatch).")
-        present = kwargs["present"]
-        model = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
+            raise KeyError(
+                "prepare_batch must give {'present': (B, O) bool} as keyword arguments (PanFMPretrainPrepareBatch)."
+            )
         if tuple(model.organs) != self.organs:
-            raise ValueError(f"PanFMIteration organs {self.organs} differ from the network's {tuple(model.organs)}.")
-        sched = self.schedules(engine)
-        teacher_temp, momentum = sched["teacher_temp"], sched["momentum"]
-        device_type = present.device.type
-        engine.network.train()  # the teacher stays in eval mode (PanFMSelfDistill.train)
+            raise ValueError(
+                f"PanFMPretrainIteration organs {self.organs} differ from the network's {tuple(model.organs)}."
+            )
+        return {"present": kwargs["present"], "images": images, "labels": labels}
 
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            teacher = model.forward_teacher(images, present)
-        attention = teacher["organ_attention"]
-        organ_mask = organ_masking(
-            self.masking, attention, present, self.sgm_fraction, self.floor, self.ratio_range,
+    def forward_teacher(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        return model.forward_teacher(inputs["images"], inputs["present"])
+
+    def after_teacher(self, inputs: dict[str, Any], teacher: dict[str, Any]) -> None:
+        present = inputs["present"]
+        inputs["organ_mask"] = organ_masking(
+            self.masking, teacher["organ_attention"], present, self.sgm_fraction, self.floor, self.ratio_range,
             self.generator(present.device),
         )  # fmt: skip
 
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            student = engine.network(images, present, organ_mask)
-            if student["masked"].shape != teacher["tokens"].shape[:2]:
-                raise RuntimeError("student and teacher token layouts differ: they must pack the same organs.")
-            if getattr(engine.loss_function, "patch_loss", None) is None:
-                teacher["patch_logits"] = model.teacher_patch_logits(teacher["tokens"], student["masked"])
-            else:  # every teacher token, for iBOT's patch centre; the masked ones are the loss's targets
-                valid = teacher["valid"]
-                every = model.teacher_patch_logits(teacher["tokens"], valid)
-                teacher["patch_logits"] = every[student["masked"][valid]]
-                teacher["patch_center_logits"] = every
-                teacher["patch_center_sample"] = valid.nonzero()[:, 0]
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms = engine.loss_function.forward_terms(student, teacher, teacher_temp)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        terms["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.student.parameters(), self.grad_clip_norm)
-        if "weight_decay" in sched:
-            set_weight_decay(engine.optimizer, sched["weight_decay"])
-        engine.optimizer.step()
-        model.update_teacher(momentum)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    def forward_student(
+        self, engine: Any, model: nn.Module, inputs: dict[str, Any], teacher: dict[str, Any]
+    ) -> dict[str, Any]:
+        student = engine.network(inputs["images"], inputs["present"], inputs["organ_mask"])
+        if student["masked"].shape != teacher["tokens"].shape[:2]:
+            raise RuntimeError("student and teacher token layouts differ: they must pack the same organs.")
+        if getattr(engine.loss_function, "patch_loss", None) is None:
+            teacher["patch_logits"] = model.teacher_patch_logits(teacher["tokens"], student["masked"])
+        else:  # every teacher token, for iBOT's patch centre; the masked ones are the loss's targets
+            valid = teacher["valid"]
+            every = model.teacher_patch_logits(teacher["tokens"], valid)
+            teacher["patch_logits"] = every[student["masked"][valid]]
+            teacher["patch_center_logits"] = every
+            teacher["patch_center_sample"] = valid.nonzero()[:, 0]
+        return student
 
-        logged = {k: float(v.detach()) for k, v in terms.items()}
-        logged.update(sched, lr=float(engine.optimizer.param_groups[0]["lr"]))
-        logged["masked_fraction"] = float(organ_mask.sum()) / max(1, int(present.sum()))
-        for organ, share in zip(self.organs, attention.float().mean(0).tolist()):
+    def extra_terms(
+        self, engine: Any, inputs: dict[str, Any], teacher: dict[str, Any], sched: dict[str, float]
+    ) -> dict[str, float]:
+        logged = {"masked_fraction": float(inputs["organ_mask"].sum()) / max(1, int(inputs["present"].sum()))}
+        for organ, share in zip(self.organs, teacher["organ_attention"].float().mean(0).tolist()):
             logged[f"attn_{organ}"] = share
+        return logged
+
+    def outputs(self, inputs: dict[str, Any], student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
         preds = {"student_cls": student["cls_logits"].detach(), "teacher_cls": teacher["cls_logits"]}
-        return {Keys.IMAGE: images, Keys.LABEL: labels, Keys.PRED: preds, Keys.LOSS: terms["loss"].detach(),
-                "organ_attention": attention.detach(), "organ_mask": organ_mask, "present": present,
-                "terms": logged}  # fmt: skip
+        return {Keys.IMAGE: inputs["images"], Keys.LABEL: inputs["labels"], Keys.PRED: preds,
+                "organ_attention": teacher["organ_attention"].detach(), "organ_mask": inputs["organ_mask"],
+                "present": inputs["present"]}  # fmt: skip

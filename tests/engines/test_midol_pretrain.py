@@ -8,7 +8,7 @@ from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from torch import nn
 
-from medfm.engines import MIDoLIteration, MIDoLPrepareBatch, cosine_schedule, loss_terms
+from medfm.engines import MIDoLPretrainIteration, MIDoLPretrainPrepareBatch, cosine_schedule, loss_terms
 from medfm.losses import MIDoLLoss
 from medfm.networks.nets.midol import MIDoLSelfDistill
 
@@ -48,8 +48,8 @@ def _trainer(model, data=None, **kw):
         network=model,
         optimizer=opt,
         loss_function=MIDoLLoss(out_dim=16),
-        prepare_batch=MIDoLPrepareBatch(KEYS),
-        iteration_update=MIDoLIteration(**kw),
+        prepare_batch=MIDoLPretrainPrepareBatch(KEYS),
+        iteration_update=MIDoLPretrainIteration(**kw),
     )
     return trainer, opt
 
@@ -103,17 +103,17 @@ def test_teacher_moves_only_by_ema():
 
 def test_prepare_batch_list_key_and_errors():
     batch = {"crops": [torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 4, 4)]}
-    crops, label, args, kwargs = MIDoLPrepareBatch(list_key="crops")(batch)
+    crops, label, args, kwargs = MIDoLPretrainPrepareBatch(list_key="crops")(batch)
     assert len(crops) == 3 and label is None and args == () and kwargs == {}
     torch.testing.assert_close(crops[2], batch["crops"][2])
     with pytest.raises(KeyError, match="local_1"):
-        MIDoLPrepareBatch(KEYS)({k: torch.rand(2, 3, 4, 4) for k in KEYS[:3]})
+        MIDoLPretrainPrepareBatch(KEYS)({k: torch.rand(2, 3, 4, 4) for k in KEYS[:3]})
     bad = {k: torch.rand(2, 3, 4, 4) for k in KEYS}
     bad["local_0"][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="local_0"):
-        MIDoLPrepareBatch(KEYS)(bad)
+        MIDoLPretrainPrepareBatch(KEYS)(bad)
     with pytest.raises(ValueError, match="batch sizes"):
-        MIDoLPrepareBatch(list_key="c")({"c": [torch.rand(2, 3, 4, 4), torch.rand(3, 3, 4, 4)]})
+        MIDoLPretrainPrepareBatch(list_key="c")({"c": [torch.rand(2, 3, 4, 4), torch.rand(3, 3, 4, 4)]})
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_prepare_batch_list_key_and_errors():
 )
 def test_ill_arg(kw):
     with pytest.raises(ValueError):
-        MIDoLIteration(**kw)
+        MIDoLPretrainIteration(**kw)
 
 
 def test_bf16_step_runs():
@@ -136,7 +136,7 @@ def test_target_shares_are_the_sinkhorn_targets_top_expert_and_mass():
     g = torch.Generator().manual_seed(3)
     router = [torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)]
     router[1][:, 2] += 5.0  # every image of crop 1 prefers expert 2
-    shares = MIDoLIteration.target_shares(MIDoLLoss(out_dim=4), router, 0.04)
+    shares = MIDoLPretrainIteration.target_shares(MIDoLLoss(out_dim=4), router, 0.04)
     q = [_naive_floored_sinkhorn(r.numpy(), 0.04, 0.05, 3) for r in router]
     top = [0, 0, 0]
     for crop in q:
@@ -146,4 +146,4 @@ def test_target_shares_are_the_sinkhorn_targets_top_expert_and_mass():
     for e in range(3):
         assert shares[f"target_{e}"] == pytest.approx(top[e] / 8)
         assert shares[f"target_mass_{e}"] == pytest.approx(mass[e] / mass.sum(), abs=1e-5)
-    assert MIDoLIteration.target_shares(nn.MSELoss(), router, 0.04) == {}
+    assert MIDoLPretrainIteration.target_shares(nn.MSELoss(), router, 0.04) == {}

@@ -13,7 +13,7 @@ from monai.engines import SupervisedTrainer
 from monai.transforms import Compose, LoadImaged
 
 from medfm.data import build_image_folder_datalist, generate_synthetic_midol
-from medfm.engines import MIDoLIteration, MIDoLPrepareBatch, loss_terms
+from medfm.engines import MIDoLPretrainIteration, MIDoLPretrainPrepareBatch, loss_terms
 from medfm.losses import MIDoLLoss
 from medfm.networks.blocks import SwinBackbone
 from medfm.networks.nets.midol import MIDoLSelfDistill
@@ -59,8 +59,8 @@ def pretrain(
         network=model,
         optimizer=torch.optim.AdamW(model.student.parameters(), lr=lr, weight_decay=0.04),
         loss_function=MIDoLLoss(out_dim=256),
-        prepare_batch=MIDoLPrepareBatch(KEYS),
-        iteration_update=MIDoLIteration(freeze_last_layer_steps=0, momentum_start=0.99),
+        prepare_batch=MIDoLPretrainPrepareBatch(KEYS),
+        iteration_update=MIDoLPretrainIteration(freeze_last_layer_steps=0, momentum_start=0.99),
     )
     logged: list[dict] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(loss_terms(e.state.output)))

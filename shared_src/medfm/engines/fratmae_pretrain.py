@@ -1,4 +1,5 @@
-"""Batch preparation for FratMAE pre-training: masks and reconstruction targets built outside the network."""
+"""FratMAE pre-training: masks and reconstruction targets built outside the network (the step itself is
+:class:`medfm.engines.TrainingIteration`)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,13 @@ from monai.utils import ensure_tuple_rep
 
 from medfm.masking import asymmetric_cross_modal_masking, independent_masking
 from medfm.networks.blocks import patchify, token_grid
-from medfm.utils.dist import rank_generator
 
-__all__ = ["FratMAEPrepareBatch", "plain_tensor"]
+from .batch import StepSeededGenerators, plain_tensor
 
-
-def plain_tensor(x: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
-    """A plain tensor on ``device`` (MetaTensor metadata is not needed on the hot path)."""
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
+__all__ = ["FratMAEPretrainPrepareBatch"]
 
 
-class FratMAEPrepareBatch(PrepareBatch):
+class FratMAEPretrainPrepareBatch(StepSeededGenerators, PrepareBatch):
     """Turn a collated PET/CT batch into ``(pet, targets, (ct,), {"masks", "text_tokens"})`` for
     ``SupervisedTrainer`` (its inferer then calls ``network(pet, ct, masks=…, text_tokens=…)``). ``targets`` holds
     the patchified masked modalities and, with ContextAlign, the prompt token ids (``text_tokens``) that
@@ -62,25 +57,10 @@ class FratMAEPrepareBatch(PrepareBatch):
         self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
         self.mask_ratio = mask_ratio
         self.cross_modal = cross_modal
-        self.seed = seed
+        self.init_generators(seed)
         self.image_keys = tuple(image_keys)
         self.text_key = text_key
         self.masked_modality = masked_modality
-        self._generators: dict[str, torch.Generator] = {}
-        self._step: int | None = None
-
-    def set_step(self, step: int) -> None:
-        """Reseed the mask generators from ``(seed, rank, step)`` (:class:`medfm.engines.StepSeedHandler` calls this
-        as each iteration starts), so a resumed run draws the masks of the uninterrupted one."""
-        self._step = int(step)
-        self._generators.clear()
-
-    def generator(self, device: torch.device | str | None) -> torch.Generator:
-        dev = torch.device(device if device is not None else "cpu")
-        key = str(dev)
-        if key not in self._generators:
-            self._generators[key] = rank_generator(self.seed, dev, self._step)
-        return self._generators[key]
 
     def __call__(
         self,
