@@ -164,7 +164,7 @@ class SpadVTLoss(nn.Module):
     Defaults and their sources: L1 and LPIPS weights 1 and at most 24 LPIPS slices (reference
     ``conf/tokenizer/simple/loss.yaml``); GAN weight 3e-3 without adaptive weighting (same file; the term is
     only switched on by the training loop's discriminator-loss gate, see
-    :class:`medfm.engines.TokenizerIteration`); usage (the reference's ``quant_weight``) 0.03 and entropy 1.0
+    :class:`medfm.engines.SpadTokenizerIteration`); usage (the reference's ``quant_weight``) 0.03 and entropy 1.0
     are the method's as given in the PUMIT README's training command and our notes (METHODS.md §2) — the
     ``loss.yaml`` itself has ``quant_weight: 1.0`` and ``entropy_weight: 0.2``.
 
