@@ -33,7 +33,7 @@ RUNS: list[tuple[str, str, list[str], str | None, str]] = [
     ("spad_vit", "tokenizer", ["train_tokenizer.json", "demo_tokenizer.json"], None, "max_steps"),
     ("spad_vit", "pretrain", ["train.json", "demo.json"], "tokenizer", "max_steps"),
     ("spad_vit", "finetune_seg", ["finetune_seg.json", "demo_seg.json"], "pretrain", "max_steps"),
-    ("spad_vit", "finetune_cls", ["finetune_cls.json", "demo_cls.json"], "pretrain", "max_steps"),
+    ("spad_vit", "finetune_cls", ["finetune_seg.json", "finetune_cls.json", "demo_cls.json"], "pretrain", "max_steps"),
     ("panfm_panorgan", "pretrain", ["train.json", "demo.json"], None, "max_steps"),
     ("panfm_panorgan", "sgm", ["train.json", "demo.json", "masking_sgm.json"], None, "max_steps"),
     ("panfm_panorgan", "finetune", ["finetune.json", "demo_finetune.json"], "pretrain", "max_steps"),

@@ -69,7 +69,7 @@ def chain(tmp_path_factory):
     _cli(root, inf, *common, "--output_dir", out["inf"], "--ckpt_path", seg_ckpt, mode=None)
     _cli(root, ["inference.json", "evaluate.json", "demo_inference.json"], *common, "--output_dir", out["eval"],
          "--ckpt_path", seg_ckpt, mode=None)  # fmt: skip
-    _cli(root, ["finetune_cls.json", "demo_cls.json"], *common, "--output_dir", out["cls"],
+    _cli(root, ["finetune_seg.json", "finetune_cls.json", "demo_cls.json"], *common, "--output_dir", out["cls"],
          "--pretrained_checkpoint", mim_ckpt)  # fmt: skip
     return {"root": root, "data": data, "tok_ckpt": tok_ckpt, "mim_ckpt": mim_ckpt, "seg_ckpt": seg_ckpt, **out}
 
@@ -157,7 +157,8 @@ def test_classification_reports_auc_and_accuracy(chain):
 @pytest.mark.parametrize(
     "names, kind",
     [(["train_tokenizer.json", "demo_tokenizer.json"], "train"), (["finetune_seg.json", "demo_seg.json"], "train"),
-     (["finetune_cls.json", "demo_cls.json"], "train"), (["inference.json", "demo_inference.json"], "infer"),
+     (["finetune_seg.json", "finetune_cls.json", "demo_cls.json"], "train"),
+     (["inference.json", "demo_inference.json"], "infer"),
      (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
 )  # fmt: skip
 def test_check_properties_nothing_missing(names, kind, chain, tmp_path):

@@ -1,0 +1,61 @@
+"""The named functions bundle configs call instead of inline lambdas, and the multi-GPU wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.metrics import Accuracy
+from monai.data import MetaTensor
+
+from medfm.engines.distributed import init_distributed, local_device, wrap_ddp
+from medfm.utils.bundle import class_scores_and_labels, image_meta
+
+
+def test_class_scores_and_labels_feed_accuracy_like_a_hand_count():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    onehot = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    out = [{"pred": s, "label": y} for s, y in zip(scores, onehot)]
+    s, y = class_scores_and_labels(out)
+    assert s.shape == (4, 2) and y.tolist() == [0, 0, 0, 1]
+    acc = Accuracy()
+    acc.update((s, y))
+    # by hand: predicted classes 0, 1, 0, 1 against 0, 0, 0, 1 -> 3 of 4 right
+    assert acc.compute() == pytest.approx(0.75)
+
+
+def test_image_meta_takes_each_case_image_metadata():
+    batch = [{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"case{i}.nii.gz"})} for i in range(3)]
+    assert [m["filename_or_obj"] for m in image_meta(batch)] == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
+
+
+def test_local_device_without_cuda_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device() == torch.device("cpu")
+
+
+def test_local_device_on_cuda_reads_local_rank_and_names_a_missing_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device() == torch.device("cuda:3")
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        local_device()
+
+
+def test_init_distributed_joins_a_gloo_group_once_and_wrap_ddp_wraps(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    try:
+        init_distributed("cpu")
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        init_distributed("cpu")  # a second call keeps the group
+        net = wrap_ddp(torch.nn.Linear(2, 2), "cpu", find_unused_parameters=True)
+        assert isinstance(net, torch.nn.parallel.DistributedDataParallel) and net.device_ids is None
+        assert net.find_unused_parameters
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
