@@ -113,8 +113,9 @@ def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
 def test_spad_vt_tokenizer_training_resumes_exactly(tmp_path, data_root):
     data = ensure_demo_spad(str(data_root / "spad"), seed=0)
     # 6 iterations per epoch; stopped at iteration 4 of 6 (generator and discriminator, both optimizers, the GAN gate)
-    _assert_resume_exact(tmp_path, "spad_vit", ["train_tokenizer.json", "demo_tokenizer.json"], 4, dataset_dir=data,
-                         max_steps=6, cache_dir=str(data_root / "spad_tok_cache"))
+    names = ["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"]
+    _assert_resume_exact(tmp_path, "spad_vit", names, 4, dataset_dir=data, max_steps=6,
+                         cache_dir=str(data_root / "spad_tok_cache"))
 
 
 def test_panfm_pretraining_resumes_exactly(tmp_path, data_root):

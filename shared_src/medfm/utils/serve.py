@@ -64,7 +64,7 @@ SERVED: dict[str, dict[str, ServedTask]] = {
             name="spad_vit_segmentation",
             inference=("inference.json",),
             train=("finetune_seg.json",),
-            demo_train=("demo_seg.json",),
+            demo_train=("demo.json", "demo_seg.json"),
         )
     },
     "midol_multimodal": {
