@@ -44,9 +44,11 @@ RUNS: list[tuple[str, str, list[str], str | None, str]] = [
      "max_steps"),
     ("midol_multimodal", "pretrain", ["train.json", "demo.json"], None, "epochs"),
     ("midol_multimodal", "no_routing", ["train.json", "demo.json", "no_routing.json"], None, "epochs"),
-    ("midol_multimodal", "linear_probe", ["finetune_cls.json", "linear_probe_cls.json", "demo_cls.json"], "pretrain",
+    ("midol_multimodal", "linear_probe",
+     ["finetune_seg.json", "finetune_cls.json", "linear_probe_cls.json", "demo_seg.json", "demo_cls.json"], "pretrain",
      "epochs"),
-    ("midol_multimodal", "finetune_cls", ["finetune_cls.json", "demo_cls.json"], "pretrain", "epochs"),
+    ("midol_multimodal", "finetune_cls", ["finetune_seg.json", "finetune_cls.json", "demo_seg.json", "demo_cls.json"],
+     "pretrain", "epochs"),
     ("midol_multimodal", "finetune_seg", ["finetune_seg.json", "demo_seg.json"], "pretrain", "epochs"),
 ]
 

@@ -139,5 +139,6 @@ def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
                          dataset_dir=data, output_dir=str(tmp_path / "p"))  # fmt: skip
     # 28 labelled training images, batch 8: 4 iterations per epoch (the last one of 4 images); stopped at iteration 6,
     # the middle of epoch 2; validation and the best-model file after each epoch (the best score is in the checkpoint)
-    _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, ("model.pt",),
+    names = ["finetune_seg.json", "finetune_cls.json", "demo_seg.json", "demo_cls.json"]
+    _assert_resume_exact(tmp_path, "midol_multimodal", names, 6, ("model.pt",),
                          dataset_dir=data, epochs=2, val_interval=1, pretrained_checkpoint=pre)

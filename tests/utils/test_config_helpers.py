@@ -8,7 +8,7 @@ from ignite.metrics import Accuracy
 from monai.data import MetaTensor
 
 from medfm.engines.distributed import init_distributed, local_device, wrap_ddp
-from medfm.utils.bundle import class_scores_and_labels, image_meta
+from medfm.utils.bundle import class_scores_and_labels, copy_key, image_meta
 
 
 def test_class_scores_and_labels_feed_accuracy_like_a_hand_count():
@@ -59,3 +59,13 @@ def test_init_distributed_joins_a_gloo_group_once_and_wrap_ddp_wraps(tmp_path, m
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_copy_key_keeps_the_source_and_names_a_missing_one():
+    items = [{"image": "a.png", "mask": "a_mask.png"}, {"image": "b.png", "mask": "b_mask.png"}]
+    out = copy_key(items, "mask", "label")
+    assert out == [{"image": "a.png", "mask": "a_mask.png", "label": "a_mask.png"},
+                   {"image": "b.png", "mask": "b_mask.png", "label": "b_mask.png"}]  # fmt: skip
+    assert "label" not in items[0]  # the input is left alone
+    with pytest.raises(ValueError, match="item 1 has no 'mask'"):
+        copy_key([items[0], {"image": "c.png"}], "mask", "label")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["bundle_root", "class_scores_and_labels", "default_device", "image_meta"]
+__all__ = ["bundle_root", "class_scores_and_labels", "copy_key", "default_device", "image_meta"]
 
 
 def bundle_root(fallback: str = ".") -> str:
@@ -63,3 +63,17 @@ def class_scores_and_labels(output: Sequence[Mapping[str, Any]]) -> tuple[torch.
 def image_meta(batch: Sequence[Mapping[str, Any]]) -> list[dict]:
     """The ``image`` metadata of each case of a decollated batch (``MetricsSaver``'s ``batch_transform``)."""
     return [item["image"].meta for item in batch]
+
+
+def copy_key(datalist: Sequence[Mapping[str, Any]], source: str, target: str) -> list[dict[str, Any]]:
+    """Each item of ``datalist`` with the value of ``source`` also under ``target`` (e.g. a mask read as the label).
+
+    Raises:
+        ValueError: an item has no ``source`` (named, with the item's position).
+    """
+    out = []
+    for i, d in enumerate(datalist):
+        if source not in d:
+            raise ValueError(f"datalist item {i} has no {source!r} to copy to {target!r}: keys {sorted(d)}.")
+        out.append({**d, target: d[source]})
+    return out
