@@ -7,7 +7,7 @@ import torch
 from ignite.metrics import Accuracy
 from monai.data import MetaTensor
 
-from medfm.engines.distributed import init_distributed, local_device, wrap_ddp
+from medfm.engines.distributed import ddp_device_ids, init_distributed, local_device
 from medfm.utils.bundle import class_scores_and_labels, copy_key, image_meta
 
 
@@ -42,7 +42,12 @@ def test_local_device_on_cuda_reads_local_rank_and_names_a_missing_one(monkeypat
         local_device()
 
 
-def test_init_distributed_joins_a_gloo_group_once_and_wrap_ddp_wraps(tmp_path, monkeypatch):
+def test_ddp_device_ids_name_the_cuda_device_only():
+    assert ddp_device_ids("cpu") is None
+    assert ddp_device_ids("cuda:1") == [torch.device("cuda:1")]
+
+
+def test_init_distributed_joins_a_gloo_group_once(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -52,10 +57,9 @@ def test_init_distributed_joins_a_gloo_group_once_and_wrap_ddp_wraps(tmp_path, m
     try:
         init_distributed("cpu")
         assert dist.is_initialized() and dist.get_backend() == "gloo"
+        group = dist.group.WORLD
         init_distributed("cpu")  # a second call keeps the group
-        net = wrap_ddp(torch.nn.Linear(2, 2), "cpu", find_unused_parameters=True)
-        assert isinstance(net, torch.nn.parallel.DistributedDataParallel) and net.device_ids is None
-        assert net.find_unused_parameters
+        assert dist.group.WORLD is group
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,7 +3,8 @@
 A multi-GPU overlay (``multi_gpu_train.json``) merged over a training config under ``torchrun`` sets::
 
     "device": "$medfm.engines.distributed.local_device()",
-    "network": "$medfm.engines.distributed.wrap_ddp(<the single-process network expression>, @device)",
+    "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": <the single-process network>,
+                "device_ids": "$medfm.engines.distributed.ddp_device_ids(@device)", ...},
     "initialize": ["$medfm.engines.distributed.init_distributed(@device)", ...],
     "finalize": ["$medfm.engines.end_distributed(@network)"]
 
@@ -30,11 +31,11 @@ from .step_seed import StepSeedHandler
 
 __all__ = [
     "EVERY_RANK_HANDLERS",
+    "ddp_device_ids",
     "end_distributed",
     "handlers_for_rank",
     "init_distributed",
     "local_device",
-    "wrap_ddp",
 ]
 
 # Handlers that change the training state (or what each process samples): every process must run them. Everything
@@ -123,15 +124,11 @@ def init_distributed(device: torch.device | str) -> None:
         torch.cuda.set_device(device)
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device | str, find_unused_parameters: bool = False
-             ) -> DistributedDataParallel:  # fmt: skip
-    """``module`` in ``DistributedDataParallel`` on ``device`` (``device_ids=[device]`` on CUDA, none on the CPU).
+def ddp_device_ids(device: torch.device | str) -> list[torch.device] | None:
+    """``DistributedDataParallel``'s ``device_ids`` for this process: ``[device]`` on CUDA, ``None`` on the CPU.
 
     Args:
-        module: the network, already on ``device``.
         device: this process's device.
-        find_unused_parameters: passed to ``DistributedDataParallel`` (for networks with parts a step may skip).
     """
     device = torch.device(device)
-    device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    return [device] if device.type == "cuda" else None
