@@ -7,12 +7,12 @@ segmentation with few labels.
 
 Synthetic data (:func:`medfm.data.generate_synthetic_spad`): a mixed pre-training set (6 PNGs + 6 volumes at
 1 / 2.5 / 5 mm slices, seed 0), a 2D-only pre-training set (12 PNGs, seed 0) and a separate 3D segmentation
-set (12 volumes, seed 1). For each pre-training set: the tokenizer (``train_tokenizer.json`` +
-``demo_tokenizer.json``) and MIM (``train.json`` + ``demo.json``), once. Then for each seed: fine-tuning
-(``finetune_seg.json`` + ``demo_seg.json``, ``label_fraction`` of the training split, the seed also drawing the
-split) from each MIM checkpoint and from scratch (``pretrained_checkpoint none``); the score is the mean Dice
-(background excluded) of the last validation. Prints a Markdown table with means, 95% t-intervals over seeds
-and the paired differences; ``--write-docs`` puts it into ``bundles/spad_vit/docs/README.md`` between
+set (12 volumes, seed 1). For each pre-training set: the tokenizer (``train.json`` + ``demo.json`` +
+``train_tokenizer.json`` + ``demo_tokenizer.json``) and MIM (``train.json`` + ``demo.json``), once. Then for each seed:
+fine-tuning (``finetune_seg.json`` + ``demo.json`` + ``demo_seg.json``, ``label_fraction`` of the training split, the
+seed also drawing the split) from each MIM checkpoint and from scratch (``pretrained_checkpoint none``); the score is
+the mean Dice (background excluded) of the last validation. Prints a Markdown table with means, 95% t-intervals over
+seeds and the paired differences; ``--write-docs`` puts it into ``bundles/spad_vit/docs/README.md`` between
 ``<!-- transfer:start -->`` and ``<!-- transfer:end -->``.
 """
 
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = os.path.join(root, f"pretrain_{key}")
         tok = os.path.join(out, "tok", "models", "model.pt")
         if not os.path.isfile(tok):
-            _run(["train_tokenizer.json", "demo_tokenizer.json"], dataset_dir=data[key],
+            _run(["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"], dataset_dir=data[key],
                  output_dir=os.path.join(out, "tok"), max_steps=args.tokenizer_steps)  # fmt: skip
         mim[key] = os.path.join(out, "mim", "models", "model.pt")
         if not os.path.isfile(mim[key]):
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         for arm, ckpt in arms.items():
             out = os.path.join(root, f"seg_{arm.replace(' ', '_').replace('+', 'and')}_seed{seed}")
-            _run(["finetune_seg.json", "demo_seg.json"], dataset_dir=data["seg3d"], output_dir=out,
+            _run(["finetune_seg.json", "demo.json", "demo_seg.json"], dataset_dir=data["seg3d"], output_dir=out,
                  pretrained_checkpoint=ckpt, seed=seed, label_fraction=args.label_fraction,
                  max_steps=args.seg_steps, resume=False)  # fmt: skip
             scores[arm].append(_last_val_dice(os.path.join(out, "logs")))

@@ -94,9 +94,10 @@ def run_seed(args: argparse.Namespace, seed: int, rows: list[str], train: Path, 
             cases = {r["case"]: float(r["dice"]) for r in csv.DictReader(f) if r["positive"] == "1"}
         result = {"row": row, "seed": seed, "case_dice": cases, "dice": float(np.mean(list(cases.values())))}
         if args.stage_epochs > 0:
-            bundle_run(["finetune_stage.json", "demo_stage.json"], out / "stage.log", output_dir=out / "stage",
+            stage_files = ["finetune_seg.json", "finetune_stage.json", "demo_seg.json", "demo_stage.json"]
+            bundle_run(stage_files, out / "stage.log", output_dir=out / "stage",
                        epochs=args.stage_epochs, val_interval=args.stage_epochs, **common)  # fmt: skip
-            bundle_run(["finetune_stage.json", "demo_stage.json", "evaluate_stage.json"], out / "stage_eval.log",
+            bundle_run([*stage_files, "evaluate_stage.json"], out / "stage_eval.log",
                        dataset_dir=test, output_dir=out / "stage")  # fmt: skip
             stage = json.loads((out / "stage" / "eval" / "metrics.json").read_text())
             result.update(macro_sensitivity=stage["macro_sensitivity"], accuracy=stage["accuracy"])

@@ -15,7 +15,8 @@ B = "fratmae_petct"
 RUNS = {
     "train": (["train.json", "demo.json"], {}),
     "finetune_seg": (["finetune_seg.json", "demo_seg.json"], {"pretrained_checkpoint": "none"}),
-    "finetune_stage": (["finetune_stage.json", "demo_stage.json"], {"pretrained_checkpoint": "none"}),
+    "finetune_stage": (["finetune_seg.json", "finetune_stage.json", "demo_seg.json", "demo_stage.json"],
+                       {"pretrained_checkpoint": "none"}),
 }
 
 

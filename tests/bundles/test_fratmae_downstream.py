@@ -158,12 +158,13 @@ def test_verify_net_in_out_and_torchscript_export(work, seg_model, tmp_path):
 
 def test_staging_finetune_and_evaluation(work, tmp_path):
     out = tmp_path / "stage"
-    res = run_cli(["run", "--config_file", _files("finetune_stage.json", "demo_stage.json"), "--dataset_dir",
+    stage = ["finetune_seg.json", "finetune_stage.json", "demo_seg.json", "demo_stage.json"]
+    res = run_cli(["run", "--config_file", _files(*stage), "--dataset_dir",
                    work["data"], "--output_dir", str(out), "--pretrained_checkpoint", work["pre"], "--epochs", "2",
                    "--val_interval", "1"], cwd=str(tmp_path))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (out / "models" / "model.pt").is_file()
-    res = run_cli(["run", "--config_file", _files("finetune_stage.json", "demo_stage.json", "evaluate_stage.json"),
+    res = run_cli(["run", "--config_file", _files(*stage, "evaluate_stage.json"),
                    "--dataset_dir", work["test"], "--output_dir", str(out)], cwd=str(tmp_path))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "eval" / "metrics.csv")))
@@ -180,10 +181,12 @@ def test_staging_finetune_and_evaluation(work, tmp_path):
 
 @pytest.mark.parametrize(
     "names,kind",
-    [(["finetune_seg.json", "demo_seg.json"], "train"), (["finetune_stage.json", "demo_stage.json"], "train"),
+    [(["finetune_seg.json", "demo_seg.json"], "train"),
+     (["finetune_seg.json", "finetune_stage.json", "demo_seg.json", "demo_stage.json"], "train"),
      (["inference.json", "demo_inference.json"], "infer"),
      (["inference.json", "evaluate.json", "demo_inference.json"], "infer"),
-     (["finetune_stage.json", "demo_stage.json", "evaluate_stage.json"], "infer")],
+     (["finetune_seg.json", "finetune_stage.json", "demo_seg.json", "demo_stage.json", "evaluate_stage.json"],
+      "infer")],
 )  # fmt: skip
 def test_check_properties(work, names, kind, tmp_path):
     wf = workflow(B, names, workflow_type=kind, dataset_dir=work["data"], output_dir=str(tmp_path),

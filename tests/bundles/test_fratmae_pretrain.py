@@ -103,6 +103,7 @@ def _refs(cfg):
 
 # override file -> the config it is merged over; files with "imports" stand alone
 BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_stage.json",
+           "finetune_stage.json": "finetune_seg.json",
            "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
            "evaluate_stage.json": "finetune_stage.json", "serve_train.json": "finetune_seg.json",
            "serve_inference.json": "inference.json", "multi_gpu_finetune.json": "finetune_seg.json",

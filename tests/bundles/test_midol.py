@@ -46,14 +46,15 @@ def chain(tmp_path_factory):
     pre = os.path.join(out["pre"], "models", "model.pt")
     _cli(
         root,
-        ["finetune_cls.json", "demo_cls.json"],
+        ["finetune_seg.json", "finetune_cls.json", "demo_seg.json", "demo_cls.json"],
         *common,
         "--output_dir",
         out["cls"],
         "--pretrained_checkpoint",
         pre,
     )
-    _cli(root, ["finetune_cls.json", "linear_probe_cls.json", "demo_cls.json"], *common, "--output_dir", out["probe"],
+    probe = ["finetune_seg.json", "finetune_cls.json", "linear_probe_cls.json", "demo_seg.json", "demo_cls.json"]
+    _cli(root, probe, *common, "--output_dir", out["probe"],
          "--pretrained_checkpoint", pre)  # fmt: skip
     _cli(
         root,
@@ -122,7 +123,8 @@ def test_evaluation_reports_dice_per_image(chain):
 @pytest.mark.parametrize(
     "names, kind",
     [(["train.json", "demo.json"], "train"), (["train.json", "demo.json", "no_routing.json"], "train"),
-     (["finetune_cls.json", "demo_cls.json"], "train"), (["finetune_seg.json", "demo_seg.json"], "train"),
+     (["finetune_seg.json", "finetune_cls.json", "demo_seg.json", "demo_cls.json"], "train"),
+     (["finetune_seg.json", "demo_seg.json"], "train"),
      (["inference.json", "demo_inference.json"], "infer"),
      (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
 )  # fmt: skip

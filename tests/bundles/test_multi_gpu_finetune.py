@@ -18,7 +18,8 @@ from .helpers import config_list, torchrun_two_processes
 pytestmark = pytest.mark.slow
 
 CASES = {
-    "spad_vit": (["finetune_seg.json", "demo_seg.json"], ensure_demo_spad, ["--max_steps", "2"], "val_mean_dice"),
+    "spad_vit": (["finetune_seg.json", "demo.json", "demo_seg.json"], ensure_demo_spad, ["--max_steps", "2"],
+                 "val_mean_dice"),
     "panfm_panorgan": (["finetune.json", "demo_finetune.json"], ensure_demo_panfm, ["--max_steps", "2"],
                        "val_macro_auroc"),
     "midol_multimodal": (["finetune_seg.json", "demo_seg.json"], ensure_demo_midol, ["--epochs", "1"], "val_mean_dice"),

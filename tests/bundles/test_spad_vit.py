@@ -45,8 +45,8 @@ def _demo_sizes(name: str) -> dict:
 
 
 def _tokenizer_sizes() -> dict:
-    cfg = json.load(open(configs(B, "demo_tokenizer.json")[0]))
-    return {k.split("#", 1)[1]: v for k, v in cfg.items() if k.startswith("network_def#")}
+    cfg = json.load(open(configs(B, "demo.json")[0]))
+    return {k: v for k, v in cfg["tokenizer_def"].items() if k != "_target_"}
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +58,20 @@ def chain(tmp_path_factory):
     out = {k: str(root / k) for k in ("tok", "mim", "seg", "inf", "eval", "cls")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process
-    _cli(root, ["train_tokenizer.json", "demo_tokenizer.json"], *common, "--output_dir", out["tok"], cli=True)
+    tok = ["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"]
+    _cli(root, tok, *common, "--output_dir", out["tok"], cli=True)
     tok_ckpt = os.path.join(out["tok"], "models", "model.pt")
     _cli(root, ["train.json", "demo.json"], *common, "--output_dir", out["mim"], "--tokenizer_ckpt", tok_ckpt)
     mim_ckpt = os.path.join(out["mim"], "models", "model.pt")
-    _cli(root, ["finetune_seg.json", "demo_seg.json"], *common, "--output_dir", out["seg"],
+    _cli(root, ["finetune_seg.json", "demo.json", "demo_seg.json"], *common, "--output_dir", out["seg"],
          "--pretrained_checkpoint", mim_ckpt)  # fmt: skip
     seg_ckpt = os.path.join(out["seg"], "models", "model.pt")
     inf = ["inference.json", "demo_inference.json"]
     _cli(root, inf, *common, "--output_dir", out["inf"], "--ckpt_path", seg_ckpt, mode=None)
     _cli(root, ["inference.json", "evaluate.json", "demo_inference.json"], *common, "--output_dir", out["eval"],
          "--ckpt_path", seg_ckpt, mode=None)  # fmt: skip
-    _cli(root, ["finetune_cls.json", "demo_cls.json"], *common, "--output_dir", out["cls"],
-         "--pretrained_checkpoint", mim_ckpt)  # fmt: skip
+    _cli(root, ["finetune_seg.json", "finetune_cls.json", "demo.json", "demo_cls.json"], *common,
+         "--output_dir", out["cls"], "--pretrained_checkpoint", mim_ckpt)  # fmt: skip
     return {"root": root, "data": data, "tok_ckpt": tok_ckpt, "mim_ckpt": mim_ckpt, "seg_ckpt": seg_ckpt, **out}
 
 
@@ -111,7 +112,7 @@ def test_segmentation_trained_on_2d_and_3d_and_loaded_the_pretrained_encoder(cha
     split = json.load(open(os.path.join(chain["seg"], "split.json")))
     suffixes = {os.path.basename(p).split(".", 1)[1] for p in split["train"]}
     assert {"png", "nii.gz"} <= suffixes, suffixes
-    seg = SpadViTSegmenter(4, deep_supervision=True, **_demo_sizes("demo_seg.json"))
+    seg = SpadViTSegmenter(4, deep_supervision=True, **_demo_sizes("demo_inference.json"))
     seg.load_state_dict(torch.load(chain["seg_ckpt"], weights_only=True))
     mim = torch.load(chain["mim_ckpt"], weights_only=True)
     # the fine-tuned encoder started from the MIM weights: the position embedding moved little from them
@@ -156,8 +157,10 @@ def test_classification_reports_auc_and_accuracy(chain):
 
 @pytest.mark.parametrize(
     "names, kind",
-    [(["train_tokenizer.json", "demo_tokenizer.json"], "train"), (["finetune_seg.json", "demo_seg.json"], "train"),
-     (["finetune_cls.json", "demo_cls.json"], "train"), (["inference.json", "demo_inference.json"], "infer"),
+    [(["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"], "train"),
+     (["finetune_seg.json", "demo.json", "demo_seg.json"], "train"),
+     (["finetune_seg.json", "finetune_cls.json", "demo.json", "demo_cls.json"], "train"),
+     (["inference.json", "demo_inference.json"], "infer"),
      (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
 )  # fmt: skip
 def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
@@ -203,7 +206,7 @@ def test_missing_tokenizer_checkpoint_is_a_clear_error(chain, tmp_path):
 def test_user_dataset_dir_without_images_is_an_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    wf = workflow(B, ["train_tokenizer.json", "demo_tokenizer.json"], dataset_dir=str(empty),
+    wf = workflow(B, ["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"], dataset_dir=str(empty),
                   output_dir=str(tmp_path / "out"))  # fmt: skip
     wf.initialize()
     with pytest.raises(Exception) as e:

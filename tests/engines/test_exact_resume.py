@@ -113,8 +113,9 @@ def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
 def test_spad_vt_tokenizer_training_resumes_exactly(tmp_path, data_root):
     data = ensure_demo_spad(str(data_root / "spad"), seed=0)
     # 6 iterations per epoch; stopped at iteration 4 of 6 (generator and discriminator, both optimizers, the GAN gate)
-    _assert_resume_exact(tmp_path, "spad_vit", ["train_tokenizer.json", "demo_tokenizer.json"], 4, dataset_dir=data,
-                         max_steps=6, cache_dir=str(data_root / "spad_tok_cache"))
+    names = ["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"]
+    _assert_resume_exact(tmp_path, "spad_vit", names, 4, dataset_dir=data, max_steps=6,
+                         cache_dir=str(data_root / "spad_tok_cache"))
 
 
 def test_panfm_pretraining_resumes_exactly(tmp_path, data_root):
@@ -138,5 +139,6 @@ def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
                          dataset_dir=data, output_dir=str(tmp_path / "p"))  # fmt: skip
     # 28 labelled training images, batch 8: 4 iterations per epoch (the last one of 4 images); stopped at iteration 6,
     # the middle of epoch 2; validation and the best-model file after each epoch (the best score is in the checkpoint)
-    _assert_resume_exact(tmp_path, "midol_multimodal", ["finetune_cls.json", "demo_cls.json"], 6, ("model.pt",),
+    names = ["finetune_seg.json", "finetune_cls.json", "demo_seg.json", "demo_cls.json"]
+    _assert_resume_exact(tmp_path, "midol_multimodal", names, 6, ("model.pt",),
                          dataset_dir=data, epochs=2, val_interval=1, pretrained_checkpoint=pre)

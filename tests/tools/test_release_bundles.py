@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
 BUNDLES = ("fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal")
 DEMO = ("inference.json", "demo_inference.json")
 DEMO_FINETUNE = {"fratmae_petct": ("finetune_seg.json", "demo_seg.json"),
-                 "spad_vit": ("finetune_seg.json", "demo_seg.json"),
+                 "spad_vit": ("finetune_seg.json", "demo.json", "demo_seg.json"),
                  "panfm_panorgan": ("finetune.json", "demo_finetune.json"),
                  "midol_multimodal": ("finetune_seg.json", "demo_seg.json")}  # fmt: skip
 

@@ -164,17 +164,17 @@ def test_dataloader_samples_carry_their_drawn_level():
     assert seen >= len(base) - 2
 
 
-@pytest.mark.parametrize("config", ["train.json", "train_tokenizer.json"])
+@pytest.mark.parametrize("config", [["train.json"], ["train.json", "train_tokenizer.json"]])
 def test_pretraining_configs_switch_the_augmentation(config, tmp_path):
     from pathlib import Path
 
     from monai.bundle import ConfigParser
 
-    path = Path(__file__).resolve().parents[2] / "bundles" / "spad_vit" / "configs" / config
+    path = [str(Path(__file__).resolve().parents[2] / "bundles" / "spad_vit" / "configs" / c) for c in config]
     items = [{"image": "a.png", "aniso_d": 5, "spacing": [32.0, 1.0, 1.0], "shape": [1, 64, 64]}] * 4
     for on in (True, False):
         parser = ConfigParser()
-        parser.read_config(str(path))
+        parser.read_config(path)
         parser.update({"augment": on, "augment_scale": on, "train#datalist": items, "batch_size": 2,
                        "cache_dir": str(tmp_path)})  # fmt: skip
         names = [type(t).__name__ for t in parser.get_parsed_content("train#random_transforms")]

@@ -1,10 +1,23 @@
-"""What each process of a distributed run attaches."""
+"""What each process of a distributed run attaches, and the wiring every bundle's multi-GPU overlay calls.
+
+A multi-GPU overlay (``multi_gpu_train.json``) merged over a training config under ``torchrun`` sets::
+
+    "device": "$medfm.engines.distributed.local_device()",
+    "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": <the single-process network>,
+                "device_ids": "$medfm.engines.distributed.ddp_device_ids(@device)", ...},
+    "initialize": ["$medfm.engines.distributed.init_distributed(@device)", ...],
+    "finalize": ["$medfm.engines.end_distributed(@network)"]
+
+and hands the samplers :func:`medfm.utils.dist.get_world_size` / :func:`medfm.utils.dist.get_rank`.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from monai.handlers import CheckpointLoader, LrScheduleHandler, ValidationHandler
 from torch.nn.parallel import DistributedDataParallel
@@ -16,7 +29,14 @@ from .checkpoint import ResumeFromCheckpoint
 from .sampler_epoch import SamplerEpochHandler
 from .step_seed import StepSeedHandler
 
-__all__ = ["EVERY_RANK_HANDLERS", "end_distributed", "handlers_for_rank"]
+__all__ = [
+    "EVERY_RANK_HANDLERS",
+    "ddp_device_ids",
+    "end_distributed",
+    "handlers_for_rank",
+    "init_distributed",
+    "local_device",
+]
 
 # Handlers that change the training state (or what each process samples): every process must run them. Everything
 # else (progress bar, TensorBoard, checkpoint saving) writes output and runs on rank 0 only. CheckpointLoader loads
@@ -75,3 +95,40 @@ def end_distributed(network: Any = None) -> None:
         network.reducer = None  # the reducer holds the group
     dist.destroy_process_group()
     del group
+
+
+def local_device() -> torch.device:
+    """This process's device under ``torchrun``: CUDA device ``LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    Raises:
+        ValueError: CUDA is available and ``LOCAL_RANK`` is not set (the run was not started by ``torchrun``).
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError("LOCAL_RANK is not set: start a multi-GPU config with torchrun.")
+    return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+
+
+def init_distributed(device: torch.device | str) -> None:
+    """Join the default process group (NCCL on CUDA, Gloo on the CPU) unless joined already, and make ``device``
+    this process's CUDA device.
+
+    Args:
+        device: this process's device (:func:`local_device`).
+    """
+    device = torch.device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def ddp_device_ids(device: torch.device | str) -> list[torch.device] | None:
+    """``DistributedDataParallel``'s ``device_ids`` for this process: ``[device]`` on CUDA, ``None`` on the CPU.
+
+    Args:
+        device: this process's device.
+    """
+    device = torch.device(device)
+    return [device] if device.type == "cuda" else None

@@ -1,15 +1,17 @@
-"""Helpers that bundle configs call: where the bundle lives, which device to use."""
+"""Helpers that bundle configs call: where the bundle lives, which device to use, what a metric reads."""
 
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["bundle_root", "default_device"]
+__all__ = ["bundle_root", "class_scores_and_labels", "copy_key", "default_device", "image_meta"]
 
 
 def bundle_root(fallback: str = ".") -> str:
@@ -41,3 +43,37 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device("cpu")
+
+
+def class_scores_and_labels(output: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classification evaluator's decollated output as ``(scores, labels)`` for ``ignite.metrics.Accuracy``.
+
+    Args:
+        output: one dict per case with ``"pred"``, the class scores ``(C,)``, and ``"label"``, the one-hot label
+            ``(C,)`` (after ``AsDiscreted(to_onehot=C)``).
+
+    Returns:
+        ``scores`` ``(B, C)`` and class indices ``(B,)``, the label's arg-max.
+    """
+    scores = torch.stack([o["pred"] for o in output])
+    labels = torch.stack([o["label"] for o in output]).argmax(1)
+    return scores, labels
+
+
+def image_meta(batch: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The ``image`` metadata of each case of a decollated batch (``MetricsSaver``'s ``batch_transform``)."""
+    return [item["image"].meta for item in batch]
+
+
+def copy_key(datalist: Sequence[Mapping[str, Any]], source: str, target: str) -> list[dict[str, Any]]:
+    """Each item of ``datalist`` with the value of ``source`` also under ``target`` (e.g. a mask read as the label).
+
+    Raises:
+        ValueError: an item has no ``source`` (named, with the item's position).
+    """
+    out = []
+    for i, d in enumerate(datalist):
+        if source not in d:
+            raise ValueError(f"datalist item {i} has no {source!r} to copy to {target!r}: keys {sorted(d)}.")
+        out.append({**d, target: d[source]})
+    return out

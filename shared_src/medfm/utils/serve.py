@@ -14,6 +14,7 @@ fine-tuned weights as ``models/model.pt``.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import uuid
@@ -64,7 +65,7 @@ SERVED: dict[str, dict[str, ServedTask]] = {
             name="spad_vit_segmentation",
             inference=("inference.json",),
             train=("finetune_seg.json",),
-            demo_train=("demo_seg.json",),
+            demo_train=("demo.json", "demo_seg.json"),
         )
     },
     "midol_multimodal": {
@@ -91,7 +92,7 @@ def merged_config(files: list[Path]) -> dict:
 def _check_weights(inference: dict, weights: Path) -> dict:
     state = load_checkpoint_file(weights, "weights file")
     state = state.get("model", state) if isinstance(state, dict) else state
-    parser = ConfigParser(inference)
+    parser = ConfigParser(copy.deepcopy(inference))  # parsing rewrites ids ("a#b" -> "a::b") in the dict it is given
     network = parser.get_parsed_content("network_def", instantiate=True)
     try:
         network.load_state_dict(state, strict=True)

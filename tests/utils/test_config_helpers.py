@@ -1,0 +1,75 @@
+"""The named functions bundle configs call instead of inline lambdas, and the multi-GPU wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.metrics import Accuracy
+from monai.data import MetaTensor
+
+from medfm.engines.distributed import ddp_device_ids, init_distributed, local_device
+from medfm.utils.bundle import class_scores_and_labels, copy_key, image_meta
+
+
+def test_class_scores_and_labels_feed_accuracy_like_a_hand_count():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    onehot = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    out = [{"pred": s, "label": y} for s, y in zip(scores, onehot)]
+    s, y = class_scores_and_labels(out)
+    assert s.shape == (4, 2) and y.tolist() == [0, 0, 0, 1]
+    acc = Accuracy()
+    acc.update((s, y))
+    # by hand: predicted classes 0, 1, 0, 1 against 0, 0, 0, 1 -> 3 of 4 right
+    assert acc.compute() == pytest.approx(0.75)
+
+
+def test_image_meta_takes_each_case_image_metadata():
+    batch = [{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"case{i}.nii.gz"})} for i in range(3)]
+    assert [m["filename_or_obj"] for m in image_meta(batch)] == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
+
+
+def test_local_device_without_cuda_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device() == torch.device("cpu")
+
+
+def test_local_device_on_cuda_reads_local_rank_and_names_a_missing_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device() == torch.device("cuda:3")
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        local_device()
+
+
+def test_ddp_device_ids_name_the_cuda_device_only():
+    assert ddp_device_ids("cpu") is None
+    assert ddp_device_ids("cuda:1") == [torch.device("cuda:1")]
+
+
+def test_init_distributed_joins_a_gloo_group_once(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    try:
+        init_distributed("cpu")
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        group = dist.group.WORLD
+        init_distributed("cpu")  # a second call keeps the group
+        assert dist.group.WORLD is group
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_copy_key_keeps_the_source_and_names_a_missing_one():
+    items = [{"image": "a.png", "mask": "a_mask.png"}, {"image": "b.png", "mask": "b_mask.png"}]
+    out = copy_key(items, "mask", "label")
+    assert out == [{"image": "a.png", "mask": "a_mask.png", "label": "a_mask.png"},
+                   {"image": "b.png", "mask": "b_mask.png", "label": "b_mask.png"}]  # fmt: skip
+    assert "label" not in items[0]  # the input is left alone
+    with pytest.raises(ValueError, match="item 1 has no 'mask'"):
+        copy_key([items[0], {"image": "c.png"}], "mask", "label")
