@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from medfm.data import PromptTokenizer
 from medfm.masking import random_masking
 from medfm.networks.blocks import SwinBackbone
 from medfm.networks.nets import (
@@ -31,6 +30,7 @@ from medfm.networks.nets import (
     SpadViTSegmenter,
     SpadVT,
 )
+from medfm.transforms import PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 VIT = {"patch_size": 4, "hidden_size": 16, "num_layers": 2, "num_heads": 2, "mlp_dim": 32, "drop_path_rate": 0.1}
