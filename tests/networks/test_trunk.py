@@ -212,13 +212,13 @@ def test_midol_head_without_bottleneck_keeps_the_seeded_prototype_init():
     square projection that it then discarded."""
     torch.manual_seed(3)
     head = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8)
+    after_plain = torch.randn(4)
     torch.manual_seed(3)
-    MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=6)  # MoE, then a Linear(6, 6), then v
+    with_square = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=6)  # MoE, Linear(6, 6), v
     after_square = torch.randn(4)
-    torch.manual_seed(3)
-    with_square = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=6)
     torch.testing.assert_close(head.last_layer.last_v, with_square.last_layer.last_v)
-    assert torch.equal(torch.randn(4), after_square)
+    torch.testing.assert_close(head.moe.state_dict(), with_square.moe.state_dict())
+    assert torch.equal(after_plain, after_square)  # the draws after the head are the same too
     assert "last_layer.mlp.0.weight" not in head.state_dict()
 
 
