@@ -196,3 +196,14 @@ def test_a_step_without_tensors_is_refused():
 
     with pytest.raises(ValueError, match="no tensor"):
         _run(Empty(0.9, (0.04, 0.04), 0), _batches(1))
+
+
+def test_every_engines_module_is_exported_by_the_package():
+    import importlib
+    import pkgutil
+
+    import medfm.engines as engines
+
+    for info in pkgutil.iter_modules(engines.__path__):
+        names = getattr(importlib.import_module(f"medfm.engines.{info.name}"), "__all__", [])
+        assert set(names) <= set(engines.__all__), info.name

@@ -263,3 +263,16 @@ def test_panfm_attention_needs_the_whole_stack():
     torch.testing.assert_close(out.organ_attention.sum(1), torch.ones(2))
     with pytest.raises(ValueError, match="stop_early"):
         panfm.forward_intermediates(images, [0], return_attention=True, stop_early=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "module", ["trunk", "dino_head", "linear_probe", "code_usage", "eva_block", "transformer_block", "attention"]
+)
+def test_shared_blocks_are_exported_by_the_package(module):
+    import importlib
+
+    import medfm.networks.blocks as blocks
+
+    mod = importlib.import_module(f"medfm.networks.blocks.{module}")
+    assert set(mod.__all__) <= set(blocks.__all__)
+    assert all(getattr(blocks, n) is getattr(mod, n) for n in mod.__all__)
