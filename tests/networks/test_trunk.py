@@ -23,7 +23,15 @@ from medfm.networks.blocks import (
     eva_block,
     resolve_indices,
 )
-from medfm.networks.nets import MIDoLHead, PanFMEncoder, SpadViT
+from medfm.networks.nets import (
+    FratMAE,
+    FratMAEClassifier,
+    FratMAESegmenter,
+    MIDoLHead,
+    PanFMEncoder,
+    PanFMSelfDistill,
+    SpadViT,
+)
 
 
 @pytest.mark.parametrize(
@@ -276,3 +284,17 @@ def test_shared_blocks_are_exported_by_the_package(module):
     mod = importlib.import_module(f"medfm.networks.blocks.{module}")
     assert set(mod.__all__) <= set(blocks.__all__)
     assert all(getattr(blocks, n) is getattr(mod, n) for n in mod.__all__)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: FratMAE(1, 16),  # once in_channels, patch_size; now the second would be the decoder width
+        lambda: FratMAESegmenter(2, 16, 768),  # the third was hidden_size, now it would be feature_size
+        lambda: FratMAEClassifier(2, 16),  # the second was patch_size, now it would be mlp_hidden
+        lambda: PanFMSelfDistill(("brain",), {"brain": (8, 8, 8)}, 8),  # the third was patch_size
+    ],
+)
+def test_models_with_keyword_encoder_sizes_refuse_positional_options(build):
+    with pytest.raises(TypeError):
+        build()
