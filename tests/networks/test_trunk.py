@@ -298,3 +298,20 @@ def test_shared_blocks_are_exported_by_the_package(module):
 def test_models_with_keyword_encoder_sizes_refuse_positional_options(build):
     with pytest.raises(TypeError):
         build()
+
+
+def test_trunk_checkpoints_only_in_training_with_autograd(monkeypatch):
+    from medfm.networks.blocks import trunk as trunk_module
+
+    calls = []
+    real = trunk_module.checkpoint
+    monkeypatch.setattr(trunk_module, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    trunk = TransformerTrunk(lambda r: nn.Linear(2, 2), 3)
+    trunk.set_grad_checkpointing()
+    x = torch.randn(1, 4, 2, requires_grad=True)
+    for training, grad, expected in [(True, True, 3), (False, True, 0), (True, False, 0)]:
+        calls.clear()
+        trunk.train(training)
+        with torch.set_grad_enabled(grad):
+            trunk(x)
+        assert len(calls) == expected, (training, grad)
