@@ -364,6 +364,8 @@ def test_sampler_ill_args():
         AnisoBatchSampler([0, 1.5], 2)
     with pytest.raises(ValueError, match="drop_last"):
         AnisoBatchSampler([0, 0, 1], 4, drop_last=True)
+    with pytest.raises(TypeError):  # the sampler's options are keywords (a third positional was once ``shuffle``)
+        AnisoBatchSampler([0, 1, 0, 1], 2, False)
     with pytest.raises(ValueError, match=r"item 1 \(b\.png\)"):
         aniso_batch_sampler([{"image": "a.png", "aniso_d": 5}, {"image": "b.png"}], 2)
 

@@ -196,3 +196,47 @@ def test_a_step_without_tensors_is_refused():
 
     with pytest.raises(ValueError, match="no tensor"):
         _run(Empty(0.9, (0.04, 0.04), 0), _batches(1))
+
+
+def test_every_engines_module_is_exported_by_the_package():
+    import importlib
+    import pkgutil
+
+    import medfm.engines as engines
+
+    for info in pkgutil.iter_modules(engines.__path__):
+        names = getattr(importlib.import_module(f"medfm.engines.{info.name}"), "__all__", [])
+        assert set(names) <= set(engines.__all__), info.name
+
+
+def test_bf16_autocasts_the_two_forwards_and_nothing_else():
+    seen = {}
+
+    class Watch(Toy):
+        def forward_teacher(self, model, inputs):
+            seen["teacher"] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            return super().forward_teacher(model, inputs)
+
+        def after_teacher(self, inputs, teacher):
+            seen["after_teacher"] = torch.is_autocast_enabled("cpu")
+
+        def forward_student(self, engine, model, inputs, teacher):
+            seen["student"] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            return super().forward_student(engine, model, inputs, teacher)
+
+        def before_clip(self, engine, model):
+            seen["before_clip"] = torch.is_autocast_enabled("cpu")
+
+    class WatchLoss(Loss):
+        def forward_terms(self, student, teacher, teacher_temp):
+            seen["loss"] = torch.is_autocast_enabled("cpu")
+            return super().forward_terms(student, teacher, teacher_temp)
+
+    for bf16 in (True, False):
+        model = Pair()
+        SupervisedTrainer(
+            device=torch.device("cpu"), max_epochs=1, train_data_loader=_batches(1), network=model,
+            optimizer=torch.optim.SGD(model.student.parameters(), lr=0.1), loss_function=WatchLoss(),
+            iteration_update=Watch(0.9, (0.04, 0.04), 0, bf16=bf16), decollate=False,
+        ).run()  # fmt: skip
+        assert seen == {"teacher": bf16, "after_teacher": False, "student": bf16, "before_clip": False, "loss": False}

@@ -4,6 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from medfm.losses import (
@@ -32,6 +34,39 @@ def test_usage_entropy_matches_hand_computation():
     v.backward()
     assert v.item() == pytest.approx(0.75 * math.log(0.75) + 0.25 * math.log(0.25), rel=1e-6)
     assert torch.isfinite(p.grad).all()
+
+
+def _rank_probs(rank: int) -> torch.Tensor:
+    """(3, 4) code probabilities of a rank's tokens (the two ranks use different codes)."""
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(10 + rank))
+    logits[:, rank] += 3.0
+    return logits.softmax(-1)
+
+
+def _usage_worker(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    try:
+        p = _rank_probs(rank).requires_grad_(True)
+        loss = usage_entropy_loss(p, sync=True)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": p.grad}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_usage_entropy_synced_over_two_ranks_uses_the_global_usage_with_the_local_gradient(tmp_path):
+    """Value: sum_k pbar_k log pbar_k of the usage averaged over both ranks; gradient: d/dpbar = log pbar + 1 at that
+    global pbar, through this rank's mean over its own N tokens only (N = 3)."""
+    mp.spawn(_usage_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    pbar = (_rank_probs(0).double().mean(0) + _rank_probs(1).double().mean(0)) / 2
+    value = float((pbar * pbar.log()).sum())
+    local = float((lambda q: (q * q.log()).sum())(_rank_probs(0).double().mean(0)))
+    assert abs(value - local) > 0.05  # the synced value is not the local one
+    grad = ((pbar.log() + 1) / 3).expand(3, 4)
+    for out in outs:
+        assert out["loss"].item() == pytest.approx(value, rel=1e-6)
+        torch.testing.assert_close(out["grad"].double(), grad, rtol=1e-5, atol=1e-7)
 
 
 def test_token_entropy_from_logits_and_probs():

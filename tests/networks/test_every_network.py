@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from medfm.data import PromptTokenizer
 from medfm.masking import random_masking
-from medfm.networks.blocks import SwinBackbone
+from medfm.networks.blocks import SwinBackbone, swin, trunk
 from medfm.networks.nets import (
     FratMAE,
     FratMAEClassifier,
@@ -31,6 +31,7 @@ from medfm.networks.nets import (
     SpadViTSegmenter,
     SpadVT,
 )
+from medfm.transforms import PromptTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 VIT = {"patch_size": 4, "hidden_size": 16, "num_layers": 2, "num_heads": 2, "mlp_dim": 32, "drop_path_rate": 0.1}
@@ -195,20 +196,30 @@ def test_bf16_autocast_forward_on_cpu(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_activation_checkpointing_equals_eager(name):
+def test_activation_checkpointing_equals_eager(name, monkeypatch):
     model, run, _ = _build(name)
     switchable = [m for m in model.modules() if callable(getattr(m, "set_grad_checkpointing", None))]
     if not switchable:
         pytest.skip(f"{name} has no transformer blocks to checkpoint")
+    calls = []
+
+    def counted(fn, *args, **kwargs):
+        calls.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    for module in (trunk, swin):  # the two places that checkpoint blocks
+        monkeypatch.setattr(module, "checkpoint", counted)
     results = []
     for enable in (False, True):
         for m in switchable:
             m.set_grad_checkpointing(enable)
         model.zero_grad(set_to_none=True)
+        calls.clear()
         torch.manual_seed(1)  # the same drop-path and gate-noise draws
         loss = run(model)
         loss.backward()
         results.append((loss.detach(), _grads(model)))
+        assert bool(calls) == enable  # the switch indeed recomputes blocks (and only when on)
     (eager, g_eager), (ckpt, g_ckpt) = results
     torch.testing.assert_close(ckpt, eager, rtol=1e-5, atol=1e-6)
     for n, g in g_eager.items():

@@ -1,11 +1,10 @@
 """The shared transformer trunk: layer-index checks, the one ``forward_intermediates`` contract of the four
-backbones, EVA-02's attention and SwiGLU inside the shared block, CLS attention, DINOHead options and layering."""
+backbones, EVA-02's attention and SwiGLU inside the shared block, CLS attention, DINOHead options and checkpoint
+key names (the layering of medfm.networks is checked in tests/transforms/test_layering.py)."""
 
 from __future__ import annotations
 
-import ast
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,15 @@ from medfm.networks.blocks import (
     eva_block,
     resolve_indices,
 )
-from medfm.networks.nets import MIDoLHead, PanFMEncoder, SpadViT
-
-NETWORKS = Path(__file__).resolve().parents[2] / "shared_src" / "medfm" / "networks"
+from medfm.networks.nets import (
+    FratMAE,
+    FratMAEClassifier,
+    FratMAESegmenter,
+    MIDoLHead,
+    PanFMEncoder,
+    PanFMSelfDistill,
+    SpadViT,
+)
 
 
 @pytest.mark.parametrize(
@@ -212,35 +217,14 @@ def test_midol_head_without_bottleneck_keeps_the_seeded_prototype_init():
     square projection that it then discarded."""
     torch.manual_seed(3)
     head = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8)
+    after_plain = torch.randn(4)
     torch.manual_seed(3)
-    MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=6)  # MoE, then a Linear(6, 6), then v
+    with_square = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=6)  # MoE, Linear(6, 6), v
     after_square = torch.randn(4)
-    torch.manual_seed(3)
-    with_square = MIDoLHead(6, num_experts=2, out_dim=10, hidden_dim=8, bottleneck_dim=6)
     torch.testing.assert_close(head.last_layer.last_v, with_square.last_layer.last_v)
-    assert torch.equal(torch.randn(4), after_square)
+    torch.testing.assert_close(head.moe.state_dict(), with_square.moe.state_dict())
+    assert torch.equal(after_plain, after_square)  # the draws after the head are the same too
     assert "last_layer.mlp.0.weight" not in head.state_dict()
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-    return names
-
-
-def test_networks_do_not_import_losses_engines_data_or_transforms():
-    offenders = {
-        str(p.relative_to(NETWORKS)): sorted(m for m in _imports(p) if m.split(".")[:2][-1] in _OUTSIDE)
-        for p in NETWORKS.rglob("*.py")
-    }
-    assert {k: v for k, v in offenders.items() if v} == {}
-
-
-_OUTSIDE = {"losses", "engines", "data", "transforms"}
 
 
 def _vit_block_keys(prefix: str, eva: bool) -> list[str]:
@@ -287,3 +271,47 @@ def test_panfm_attention_needs_the_whole_stack():
     torch.testing.assert_close(out.organ_attention.sum(1), torch.ones(2))
     with pytest.raises(ValueError, match="stop_early"):
         panfm.forward_intermediates(images, [0], return_attention=True, stop_early=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "module", ["trunk", "dino_head", "linear_probe", "code_usage", "eva_block", "transformer_block", "attention"]
+)
+def test_shared_blocks_are_exported_by_the_package(module):
+    import importlib
+
+    import medfm.networks.blocks as blocks
+
+    mod = importlib.import_module(f"medfm.networks.blocks.{module}")
+    assert set(mod.__all__) <= set(blocks.__all__)
+    assert all(getattr(blocks, n) is getattr(mod, n) for n in mod.__all__)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: FratMAE(1, 16),  # once in_channels, patch_size; now the second would be the decoder width
+        lambda: FratMAESegmenter(2, 16, 768),  # the third was hidden_size, now it would be feature_size
+        lambda: FratMAEClassifier(2, 16),  # the second was patch_size, now it would be mlp_hidden
+        lambda: PanFMSelfDistill(("brain",), {"brain": (8, 8, 8)}, 8),  # the third was patch_size
+    ],
+)
+def test_models_with_keyword_encoder_sizes_refuse_positional_options(build):
+    with pytest.raises(TypeError):
+        build()
+
+
+def test_trunk_checkpoints_only_in_training_with_autograd(monkeypatch):
+    from medfm.networks.blocks import trunk as trunk_module
+
+    calls = []
+    real = trunk_module.checkpoint
+    monkeypatch.setattr(trunk_module, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    trunk = TransformerTrunk(lambda r: nn.Linear(2, 2), 3)
+    trunk.set_grad_checkpointing()
+    x = torch.randn(1, 4, 2, requires_grad=True)
+    for training, grad, expected in [(True, True, 3), (False, True, 0), (True, False, 0)]:
+        calls.clear()
+        trunk.train(training)
+        with torch.set_grad_enabled(grad):
+            trunk(x)
+        assert len(calls) == expected, (training, grad)

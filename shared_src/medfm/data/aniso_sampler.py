@@ -30,7 +30,7 @@ class AnisoBatchSampler(GroupBatchSampler):
 
     Args:
         aniso_d: the level of every dataset item, in dataset order.
-        batch_size: samples per batch.
+        batch_size: samples per batch (the arguments after it are keywords).
         scale_augment: per-sample scale draws; each epoch every sample gets a draw from ``(seed, epoch)``, its
             level is the draw's ``aniso_d``, and batches hold ``(index, draw)`` pairs (for
             :class:`SpadDrawDataset`). The number of batches is then fixed at ``N // batch_size`` (``drop_last``)
@@ -47,6 +47,7 @@ class AnisoBatchSampler(GroupBatchSampler):
         self,
         aniso_d: Sequence[int],
         batch_size: int,
+        *,
         scale_augment: SpadScaleAugment | None = None,
         spacing: Sequence[Sequence[float]] | None = None,
         shape: Sequence[Sequence[int]] | None = None,
@@ -97,7 +98,7 @@ def aniso_batch_sampler(
     Args:
         datalist: items such as those of :func:`medfm.data.spad.build_spad_datalist` (with ``scale_augment``
             they also need ``"spacing"`` and ``"shape"``).
-        batch_size: samples per batch.
+        batch_size: samples per batch (the arguments after it are keywords).
         scale_augment: per-sample scale draws (see :class:`AnisoBatchSampler`); ``None`` keeps each level.
         **kw: further arguments of :class:`AnisoBatchSampler`.
     """

@@ -1,3 +1,4 @@
+from .batch import StepSeededGenerators, plain_tensor
 from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
 from .distributed import EVERY_RANK_HANDLERS, end_distributed, handlers_for_rank
@@ -38,6 +39,7 @@ __all__ = [
     "ResumeFromCheckpoint",
     "SamplerEpochHandler",
     "StepSeedHandler",
+    "StepSeededGenerators",
     "ServedModelSaver",
     "SpadMIMPrepareBatch",
     "SpadInputPrepareBatch",
@@ -58,5 +60,6 @@ __all__ = [
     "loss_scalar",
     "loss_terms",
     "mlflow_settings",
+    "plain_tensor",
     "reconstruction_panel",
 ]

@@ -1,8 +1,10 @@
 from .attention import SelfAttention
+from .code_usage import token_entropy, usage_entropy_loss
 from .cross_attention import CrossAttention
 from .dino_head import DINOHead
 from .ema import EMATeacherPair
 from .eva_block import eva_block
+from .linear_probe import ProbedBackbone
 from .mae_decoder import MAEDecoder
 from .moe import MoEProjector
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
@@ -36,6 +38,7 @@ __all__ = [
     "Mlp",
     "MoEProjector",
     "PatchEmbed",
+    "ProbedBackbone",
     "PatchMerging",
     "Rope3D",
     "SelfAttention",
@@ -70,8 +73,10 @@ __all__ = [
     "resolve_indices",
     "rope_frequencies",
     "sincos_pos_embed",
+    "token_entropy",
     "token_grid",
     "twin_features",
     "twin_vit_encoders",
     "unpatchify",
+    "usage_entropy_loss",
 ]

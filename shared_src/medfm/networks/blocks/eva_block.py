@@ -8,7 +8,7 @@ from functools import partial
 from .attention import SelfAttention
 from .transformer_block import SwiGLU, TransformerBlock
 
-__all__ = ["SwiGLU", "eva_block"]
+__all__ = ["eva_block"]
 
 
 def eva_block(

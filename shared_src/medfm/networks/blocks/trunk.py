@@ -90,7 +90,8 @@ class TransformerTrunk(nn.ModuleList):
         self.grad_checkpointing = False
 
     def __getitem__(self, idx: int | slice) -> nn.Module | nn.ModuleList:  # type: ignore[override]
-        """A block, or a plain ``nn.ModuleList`` of the blocks of a slice."""
+        """A block, or a plain ``nn.ModuleList`` of the blocks of a slice (``nn.ModuleList`` slices through
+        ``self.__class__(...)``, which would call this class's ``__init__`` with a list as ``make_block``)."""
         if isinstance(idx, slice):
             return nn.ModuleList(list(self._modules.values())[idx])
         return super().__getitem__(idx)

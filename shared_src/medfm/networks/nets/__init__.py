@@ -1,4 +1,3 @@
-from ..blocks.dino_head import DINOHead
 from .fratmae import FratMAE
 from .fratmae_downstream import FratMAEClassifier, FratMAESegmenter
 from .midol import MIDoLHead, MIDoLSelfDistill, midol_backbone_state
@@ -17,7 +16,6 @@ __all__ = [
     "midol_backbone_state",
     "PANFM_ORGANS",
     "ChannelLayerNorm",
-    "DINOHead",
     "FratMAE",
     "FratMAEClassifier",
     "FratMAESegmenter",

@@ -32,7 +32,7 @@ class FratMAE(nn.Module):
     encoder. The loss lives in :class:`medfm.losses.FratMAELoss`.
 
     Args:
-        in_channels: channels per modality image.
+        in_channels: channels per modality image (the arguments after it are keywords).
         decoder_hidden_size, decoder_num_layers, decoder_num_heads, decoder_mlp_dim: decoder size
             (MAE's 512, 8, 16, 2048).
         cross_modal: FratMAE's cross-attention decoders (True) or independent MAE decoders (False).
@@ -52,6 +52,7 @@ class FratMAE(nn.Module):
     def __init__(
         self,
         in_channels: int = 1,
+        *,
         decoder_hidden_size: int = 512,
         decoder_num_layers: int = 8,
         decoder_num_heads: int = 16,

@@ -31,7 +31,8 @@ class FratMAESegmenter(nn.Module):
 
     Args:
         out_channels: segmentation classes (2: background, lesion).
-        patch_size: encoder patch size, a power of two >= 4, the same along every axis.
+        patch_size: encoder patch size, a power of two >= 4, the same along every axis (the arguments after it are
+            keywords).
         feature_size: decoder width at full resolution (UNETR: 16).
         feature_layers: encoder blocks (0-based) giving the skips and the bottleneck, shallowest first;
             ``log2(patch)`` entries. Default: evenly spaced, ending with the last block. The last entry is the
@@ -49,6 +50,7 @@ class FratMAESegmenter(nn.Module):
         self,
         out_channels: int = 2,
         patch_size: int = 16,
+        *,
         feature_size: int = 16,
         feature_layers: Sequence[int] | None = None,
         norm_name: str | tuple = "instance",
@@ -110,7 +112,7 @@ class FratMAEClassifier(nn.Module):
     then an MLP (Oh et al., arXiv:2503.02824, Sec. 2.4.3: Ann Arbor early vs advanced).
 
     Args:
-        num_classes: classes (2: early I/II, advanced III/IV).
+        num_classes: classes (2: early I/II, advanced III/IV; the arguments after it are keywords).
         mlp_hidden: hidden width of the MLP head.
         dropout: dropout before the last layer.
         encoder_kwargs: encoder size, keywords of :class:`~medfm.networks.blocks.ViTEncoder` (``patch_size``,
@@ -121,6 +123,7 @@ class FratMAEClassifier(nn.Module):
     def __init__(
         self,
         num_classes: int = 2,
+        *,
         mlp_hidden: int = 512,
         dropout: float = 0.0,
         **encoder_kwargs: Any,

@@ -36,7 +36,10 @@ class MIDoLHead(nn.Module):
 
     The normalise + last layer is :class:`~medfm.networks.blocks.DINOHead` without MLP (``nlayers=0``; reference
     code: the 1024-d MoE output goes straight to the 65536 prototypes) or, with ``bottleneck_dim``, with a single
-    Linear(in_dim -> bottleneck_dim) (``nlayers=1``, our option).
+    Linear(in_dim -> bottleneck_dim) (``nlayers=1``, our option). Without bottleneck the head draws, between the
+    MoE and the prototypes, the random numbers of a ``Linear(in_dim, in_dim)`` that it does not keep
+    (:func:`_skip_projection_draws`): a seed gives the prototypes of ``bottleneck_dim=in_dim`` and the same draws
+    afterwards, so seeded runs keep their initialisation whichever option they take.
 
     Args:
         in_dim: feature width D of the backbone.
@@ -69,7 +72,7 @@ class MIDoLHead(nn.Module):
             in_dim=in_dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k,
             normalize_gate=normalize_gate, gate_noise=gate_noise,
         )
-        if bottleneck_dim is None:
+        if bottleneck_dim is None:  # the draws of the projection this head does not have (see the docstring)
             _skip_projection_draws(in_dim)
         self.last_layer = DINOHead(
             in_dim, out_dim, bottleneck_dim=bottleneck_dim, nlayers=0 if bottleneck_dim is None else 1,

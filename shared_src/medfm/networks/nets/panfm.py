@@ -357,7 +357,7 @@ class PanFMSelfDistill(EMATeacherPair):
     keeps its token slots), so for the same ``present`` token ``l`` of sample ``b`` is the same patch in both.
 
     Args:
-        organs, organ_shapes: of the :class:`PanFMEncoder`.
+        organs, organ_shapes: of the :class:`PanFMEncoder` (the arguments after them are keywords).
         out_dim: prototypes of the CLS head (DINO: 65536).
         patch_out_dim: prototypes of the patch head (iBOT: 8192).
         head_hidden_dim, head_bottleneck_dim, head_nlayers, norm_last_layer: of both :class:`DINOHead`.
@@ -375,6 +375,7 @@ class PanFMSelfDistill(EMATeacherPair):
         self,
         organs: Sequence[str],
         organ_shapes: Mapping[str, Sequence[int]],
+        *,
         input_centering: bool = False,
         out_dim: int = 65536,
         patch_out_dim: int = 8192,
