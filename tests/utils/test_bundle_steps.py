@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from monai.transforms import Compose
 
 from medfm.transforms import LoadOrgansd
@@ -48,3 +49,26 @@ def test_organ_loading_equals_the_compose_it_names(tmp_path: Path) -> None:
             assert tuple(got["image_brain"].shape[-3:]) == (8, 8, 4)
         else:
             assert got[key] == want[key]
+
+
+def test_petct_intensity_is_the_two_scalings_it_replaces() -> None:
+    """CT window and PET SUV range, clipped to [0, 1]: checked against the closed form at the shipped settings."""
+    import torch
+
+    from medfm.data.cache import transform_state_hash
+    from medfm.utils.bundle_steps import PETCTIntensityd
+
+    ct = torch.tensor([[-2000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0]])
+    pet = torch.tensor([[-1.0, 0.0, 5.0, 10.0, 20.0, 40.0]])
+    out = PETCTIntensityd([-1000, 1000], 20)({"ct": ct, "pet": pet, "other": 7})
+    torch.testing.assert_close(torch.as_tensor(out["ct"]), torch.tensor([[0.0, 0.0, 0.5, 0.75, 1.0, 1.0]]))
+    torch.testing.assert_close(torch.as_tensor(out["pet"]), torch.tensor([[0.0, 0.0, 0.25, 0.5, 1.0, 1.0]]))
+    assert out["other"] == 7
+    # the cache hash of a pipeline holding the step follows its settings
+    settings = [([-1000, 1000], 20), ([-500, 1000], 20), ([-1000, 1000], 10)]
+    hashes = {transform_state_hash(Compose([PETCTIntensityd(w, s)])) for w, s in settings}
+    assert len(hashes) == 3
+    for bad in ({"ct_window": [1000, -1000], "pet_suv_max": 20}, {"ct_window": [0], "pet_suv_max": 20},
+                {"ct_window": [-1000, 1000], "pet_suv_max": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            PETCTIntensityd(**bad)
