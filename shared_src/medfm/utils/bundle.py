@@ -11,7 +11,17 @@ from typing import Any
 import torch
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["bundle_root", "class_scores_and_labels", "copy_key", "default_device", "image_meta"]
+__all__ = [
+    "PANFM_DEMO_ORGAN_SHAPES", "bundle_root", "class_scores_and_labels", "copy_key", "default_device", "image_meta",
+    "organ_loading", "panfm_demo_organ_shapes",
+]  # fmt: skip
+
+# Pan-FM's demo organ grids (voxels per axis), read by its three demo overlays (pre-training, fine-tuning, inference):
+# the weights the demo chain passes on fit only when all three agree.
+PANFM_DEMO_ORGAN_SHAPES: dict[str, tuple[int, int, int]] = {
+    "brain": (16, 16, 16), "heart": (16, 16, 8), "adipose": (16, 16, 8), "liver": (16, 16, 8),
+    "kidney": (8, 8, 8), "spleen": (8, 8, 8), "pancreas": (16, 8, 8),
+}  # fmt: skip
 
 
 def bundle_root(fallback: str = ".") -> str:
@@ -77,3 +87,26 @@ def copy_key(datalist: Sequence[Mapping[str, Any]], source: str, target: str) ->
             raise ValueError(f"datalist item {i} has no {source!r} to copy to {target!r}: keys {sorted(d)}.")
         out.append({**d, target: d[source]})
     return out
+
+
+def panfm_demo_organ_shapes() -> dict[str, list[int]]:
+    """Pan-FM's demo organ grids as a config writes them: ``{organ: [D, H, W]}``, a fresh copy each call."""
+    return {organ: list(shape) for organ, shape in PANFM_DEMO_ORGAN_SHAPES.items()}
+
+
+def organ_loading(organs: Sequence[str], organ_shapes: Mapping[str, Sequence[int]], intensity: str) -> Any:
+    """The organ-loading pipeline Pan-FM's configs share: ``Compose([LoadOrgansd(organs, organ_shapes, intensity)])``.
+
+    Args:
+        organs: organ names, in the encoder's order.
+        organ_shapes: ``{organ: [D, H, W]}`` grid each organ volume is resampled to.
+        intensity: intensity normalisation of ``LoadOrgansd`` (e.g. ``"percentile"``).
+
+    Returns:
+        A ``monai.transforms.Compose`` holding the one ``LoadOrgansd``.
+    """
+    from monai.transforms import Compose
+
+    from medfm.transforms import LoadOrgansd
+
+    return Compose([LoadOrgansd(organs=organs, organ_shapes=organ_shapes, intensity=intensity)])
