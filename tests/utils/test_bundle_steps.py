@@ -56,7 +56,7 @@ def test_petct_intensity_is_the_two_scalings_it_replaces() -> None:
     import torch
 
     from medfm.data.cache import transform_state_hash
-    from medfm.utils.bundle_steps import PETCTIntensityd
+    from medfm.transforms import PETCTIntensityd
 
     ct = torch.tensor([[-2000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0]])
     pet = torch.tensor([[-1.0, 0.0, 5.0, 10.0, 20.0, 40.0]])

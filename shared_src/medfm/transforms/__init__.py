@@ -14,6 +14,7 @@ from .panfm import (
 from .petct import (
     LoadPETCTd,
     PETCTChannelsd,
+    PETCTIntensityd,
     check_finite,
     check_same_grid,
     check_single_channel_3d,
@@ -43,6 +44,7 @@ from .text import TokenizePromptd
 __all__ = [
     "NoChannelMetad",
     "LoadImageNamedd",
+    "PETCTIntensityd",
     "MinSpatialSized",
     "source_name",
     "IMAGENET_MEAN",
