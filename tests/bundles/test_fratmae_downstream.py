@@ -176,17 +176,3 @@ def test_staging_finetune_and_evaluation(work, tmp_path):
     recalls = [np.mean([preds[c] == k for c in truth if truth[c] == k]) for k in (0, 1) if k in truth.values()]
     assert summary["accuracy"] == pytest.approx(acc)
     assert summary["macro_sensitivity"] == pytest.approx(np.mean(recalls))
-
-
-@pytest.mark.parametrize(
-    "names,kind",
-    [(["finetune_seg.json", "demo_seg.json"], "train"), (["finetune_stage.json", "demo_stage.json"], "train"),
-     (["inference.json", "demo_inference.json"], "infer"),
-     (["inference.json", "evaluate.json", "demo_inference.json"], "infer"),
-     (["finetune_stage.json", "demo_stage.json", "evaluate_stage.json"], "infer")],
-)  # fmt: skip
-def test_check_properties(work, names, kind, tmp_path):
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=work["data"], output_dir=str(tmp_path),
-                  pretrained_checkpoint=None, ckpt_path=str(tmp_path / "none.pt"))  # fmt: skip
-    wf.initialize()
-    assert wf.check_properties() == []

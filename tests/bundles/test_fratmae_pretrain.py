@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import signal
@@ -20,13 +19,9 @@ from medfm.data import ensure_demo_petct, generate_synthetic_petct
 from medfm.networks.nets import FratMAE
 
 from .helpers import (
-    REPO,
-    SCHEMA,
     config_list,
-    configs,
     error_text,
     event_tags,
-    one_process_group_env,
     run_cli,
     torchrun_two_processes,
     workflow,
@@ -51,86 +46,6 @@ def _run_inprocess(tmp_path, demo_dir, extra=(), **override):
     wf.run()
     trainer = wf.parser.get_parsed_content("train#trainer")
     return wf, trainer
-
-
-def test_metadata_verifies_against_schema():
-    if not os.path.isfile(SCHEMA):
-        pytest.skip(f"metadata schema not found at {SCHEMA}")
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=configs(B, "metadata.json")[0], filepath=SCHEMA)  # raises on any violation
-
-
-@pytest.mark.parametrize(
-    "names",
-    [TRAIN, ["train.json"], ["train.json", "multi_gpu_train.json"], [*TRAIN, "mae.json"], [*TRAIN, "axial.json"]],
-)
-def test_check_properties_nothing_missing(names, monkeypatch, demo_dir, tmp_path):
-    if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
-        one_process_group_env(monkeypatch)
-    wf = workflow(B, names, dataset_dir=demo_dir, output_dir=str(tmp_path / "out"))
-    wf.initialize()
-    try:
-        assert wf.check_properties() == []
-    finally:
-        wf.finalize()
-
-
-def _ids(cfg, prefix=""):
-    out = set()
-    if isinstance(cfg, dict):
-        for k, v in cfg.items():
-            key = f"{prefix}#{k}" if prefix else str(k)
-            out.add(key)
-            out |= _ids(v, key)
-    elif isinstance(cfg, list):
-        for i, v in enumerate(cfg):
-            key = f"{prefix}#{i}"
-            out.add(key)
-            out |= _ids(v, key)
-    return out
-
-
-def _refs(cfg):
-    if isinstance(cfg, dict):
-        return set().union(*[_refs(v) for v in cfg.values()]) if cfg else set()
-    if isinstance(cfg, list):
-        return set().union(*[_refs(v) for v in cfg]) if cfg else set()
-    if isinstance(cfg, str):
-        return set(re.findall(r"[@%]([A-Za-z_][\w#]*)", cfg.split("'", 1)[0] if cfg.startswith("$'") else cfg))
-    return set()
-
-
-# override file -> the config it is merged over; files with "imports" stand alone
-BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_stage.json",
-           "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
-           "evaluate_stage.json": "finetune_stage.json", "serve_train.json": "finetune_seg.json",
-           "serve_inference.json": "inference.json", "multi_gpu_finetune.json": "finetune_seg.json",
-           "serve_multi_gpu_train.json": "serve_train.json"}  # fmt: skip
-ALL_CONFIGS = sorted(
-    os.path.basename(p)
-    for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
-    if os.path.basename(p) != "metadata.json"
-)
-
-
-def _merged(name):
-    cfg = json.load(open(configs(B, name)[0]))
-    if "imports" in cfg:
-        return [cfg]
-    return _merged(BASE_OF.get(name, "train.json")) + [cfg]
-
-
-@pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_every_reference_resolves(name):
-    ids, refs = set(), set()
-    for cfg in _merged(name):
-        for k, v in cfg.items():
-            ids.add(k)
-            ids |= _ids(v, k)
-        refs |= _refs(cfg)
-    missing = sorted(r for r in refs if r not in ids)
-    assert not missing, f"{name} refers to ids that do not exist: {missing}"
 
 
 def test_demo_runs_from_another_directory_with_cli(tmp_path):

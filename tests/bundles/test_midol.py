@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 
 import numpy as np
@@ -17,9 +16,7 @@ from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_mido
 
 from .helpers import (
     config_list,
-    configs,
     event_tags,
-    one_process_group_env,
     run_bundle,
     torchrun_two_processes,
     workflow,
@@ -119,21 +116,6 @@ def test_evaluation_reports_dice_per_image(chain):
     assert all(0.0 <= v <= 1.0 for v in values)
 
 
-@pytest.mark.parametrize(
-    "names, kind",
-    [(["train.json", "demo.json"], "train"), (["train.json", "demo.json", "no_routing.json"], "train"),
-     (["finetune_cls.json", "demo_cls.json"], "train"), (["finetune_seg.json", "demo_seg.json"], "train"),
-     (["inference.json", "demo_inference.json"], "infer"),
-     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
-)  # fmt: skip
-def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
-    extra = {"pretrained_checkpoint": chain["pre_ckpt"]} if names[0].startswith("finetune") else {}
-    extra |= {"ckpt_path": chain["seg_ckpt"]} if kind == "infer" else {}
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
-    wf.initialize()
-    assert wf.check_properties() == []
-
-
 def test_no_routing_switch_turns_the_routing_loss_off(chain, tmp_path):
     wf = workflow(B, ["train.json", "demo.json", "no_routing.json"], dataset_dir=chain["data"],
                   output_dir=str(tmp_path / "out"), epochs=1)  # fmt: skip
@@ -141,17 +123,6 @@ def test_no_routing_switch_turns_the_routing_loss_off(chain, tmp_path):
     assert wf.parser.get_parsed_content("loss_def").route_weight == 0.0
     wf.run()
     assert os.path.isfile(tmp_path / "out" / "models" / "model.pt")
-
-
-def test_multi_gpu_config_properties(chain, tmp_path, monkeypatch):
-    one_process_group_env(monkeypatch)
-    wf = workflow(B, ["train.json", "demo.json", "multi_gpu_train.json"], dataset_dir=chain["data"],
-                  output_dir=str(tmp_path / "out"))  # fmt: skip
-    wf.initialize()
-    try:
-        assert wf.check_properties() == []
-    finally:
-        wf.finalize()
 
 
 def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
@@ -169,10 +140,3 @@ def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
 def test_metadata_net_in_out_and_export(chain, tmp_path):
     ts = zoo_checks_and_export(B, chain["seg_ckpt"], [1, 3, 32, 32], tmp_path)
     assert torch.jit.load(ts)(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
-
-
-def test_every_config_is_json_with_4_space_indent():
-    for path in glob.glob(os.path.join(os.path.dirname(configs(B, "x")[0]), "*.json")):
-        text = open(path).read()
-        json.loads(text)
-        assert text.startswith('{\n    "'), path

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 
 import pytest
@@ -14,13 +13,10 @@ import torch
 from medfm.data import ORGANS, PANFM_DEMO_LABELS, ensure_demo_panfm, read_subject_table
 
 from .helpers import (
-    SCHEMA,
     config_list,
-    configs,
     error_text,
     event_tags,
     run_bundle,
-    run_cli,
     torchrun_two_processes,
     workflow,
 )
@@ -133,28 +129,6 @@ def test_evaluation_writes_auroc_and_the_robustness_protocol(chain):
     assert os.path.isfile(os.path.join(chain["eval"], "auroc.csv"))
 
 
-@pytest.mark.parametrize(
-    "names, kind",
-    [(["train.json", "demo.json"], "train"), (["finetune.json", "demo_finetune.json"], "train"),
-     (["finetune.json", "linear_probe.json", "demo_finetune.json"], "train"),
-     (["inference.json", "demo_inference.json"], "infer"),
-     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
-)  # fmt: skip
-def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
-    extra = {"pretrained_checkpoint": chain["pre_ckpt"]} if names[0] == "finetune.json" else {}
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
-    wf.initialize()
-    assert wf.check_properties() == []
-
-
-def test_metadata_verifies(tmp_path):
-    if not os.path.isfile(SCHEMA):
-        pytest.skip(f"metadata schema not found at {SCHEMA}")
-    res = run_cli(["verify_metadata", "--meta_file", configs(B, "metadata.json")[0], "--filepath", SCHEMA],
-                  cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-
-
 def test_subject_without_organs_or_with_a_missing_file_stops_naming_it(chain, tmp_path):
     table = tmp_path / "subjects.csv"
     header = ["subject", *ORGANS]
@@ -176,13 +150,6 @@ def test_subject_without_organs_or_with_a_missing_file_stops_naming_it(chain, tm
     with pytest.raises(Exception) as e:
         wf.run()
     assert "sub_gone" in error_text(e.value) and "nowhere.nii.gz" in error_text(e.value)
-
-
-def test_every_config_is_json_with_4_space_indent():
-    for path in glob.glob(configs(B, "*.json")[0]):
-        text = open(path).read()
-        json.loads(text)
-        assert text.startswith('{\n    "'), path
 
 
 def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
