@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import gc
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -136,29 +137,6 @@ def one_process_group_env(monkeypatch) -> None:
         monkeypatch.setenv(k, v)
 
 
-def torchrun_two_processes(
-    config_file: str,
-    args: list[str],
-    cwd: str,
-    timeout: int = 300,
-    run_id: str = "training",
-    engine_runs: int | None = 2,
-) -> str:
-    """``torchrun --standalone --nproc_per_node=2 -m monai.bundle run <run_id>`` on CPU; returns the log, asserting a
-    zero exit code and, unless ``engine_runs`` is None, that many "Engine run finished" lines (2: each rank's
-    trainer, for configs whose trainer logs it on every rank)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *args]  # fmt: skip
-    res = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    if engine_runs is not None:
-        assert log.count("Engine run finished") == engine_runs, log[-3000:]  # both ranks stepped through their epochs
-    return log
-
-
 def save_untrained(bundle: str, names: list[str], net_id: str, path, **override) -> str:
     """Save the randomly initialised (seed 0) weights of ``net_id`` from ``bundle``'s merged ``names`` to ``path``:
     the weights a run starts from when only their sameness across runs matters. Returns ``path`` as a string."""
@@ -166,3 +144,41 @@ def save_untrained(bundle: str, names: list[str], net_id: str, path, **override)
     torch.manual_seed(0)
     torch.save(wf.parser.get_parsed_content(net_id).state_dict(), str(path))
     return str(path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_jobs(jobs: dict[str, dict], root, timeout: int = 600) -> dict[str, str]:
+    """Run several bundle runs one after another in ONE ``torchrun --nproc_per_node=2`` launch on CPU (gloo), which
+    saves the start of two interpreters and torchrun per run (``ddp_jobs.py``). ``jobs``: name -> ``{"config_file":
+    [...], "overrides": {...}, "run_id": "training"}`` (``run_id`` optional). Asserts a zero exit code; returns each
+    job's log, both ranks' output one after the other, as one ``torchrun -m monai.bundle run`` of it would print."""
+    root = str(root)
+    log_dir = os.path.join(root, "ddp_logs")
+    os.makedirs(log_dir, exist_ok=True)
+    spec = [{"name": name, "config_file": job["config_file"], "run_id": job.get("run_id", "training"),
+             "overrides": job.get("overrides", {}), "port": free_port(), "cwd": root, "log_dir": log_dir}
+            for name, job in jobs.items()]  # fmt: skip
+    jobs_file = os.path.join(root, "ddp_jobs.json")
+    with open(jobs_file, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_jobs.py"), jobs_file]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    logs = {}
+    for name in jobs:
+        parts = []
+        for rank in (0, 1):
+            with open(os.path.join(log_dir, f"{name}.rank{rank}.log"), encoding="utf-8", errors="replace") as f:
+                parts.append(f.read())
+        logs[name] = "".join(parts)
+    return logs

@@ -14,7 +14,7 @@ import torch
 
 from medfm.data import generate_synthetic_petct
 
-from .helpers import config_list, configs, run_cli, torchrun_two_processes, workflow
+from .helpers import config_list, configs, run_cli, workflow
 
 pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
 
@@ -59,20 +59,6 @@ def test_finetune_seg_loads_pretraining_and_records_split(seg_model):
 
     scalars, _ = event_tags(str(seg_model["out"] / "logs"))
     assert "train_loss" in scalars, scalars  # the training loss reaches TensorBoard as a scalar
-
-
-def test_finetune_seg_runs_two_processes_on_cpu(work, tmp_path):
-    """``multi_gpu_finetune.json``: both ranks start from the pre-trained encoders, validate together (ignite's
-    metrics all-reduce) and rank 0 alone logs and writes the best model."""
-    out = tmp_path / "out"
-    files = _files("finetune_seg.json", "demo_seg.json", "multi_gpu_finetune.json")
-    args = ["--dataset_dir", work["data"], "--output_dir", str(out), "--pretrained_checkpoint", work["pre"],
-            "--epochs", "1", "--val_interval", "1"]  # fmt: skip
-    log = torchrun_two_processes(files, args, str(tmp_path), engine_runs=None)
-    assert log.count("loaded 58 encoder tensors") == 2, log[-3000:]  # each rank's network
-    assert log.count("Epoch[1] Metrics -- val_mean_dice") == 1, log[-3000:]  # rank 0's StatsHandler
-    weights = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in weights)
 
 
 def test_label_fraction_takes_a_seeded_subset(work, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
 import re
 import signal
 import subprocess
@@ -23,7 +22,6 @@ from .helpers import (
     error_text,
     event_tags,
     run_cli,
-    torchrun_two_processes,
     workflow,
 )
 
@@ -184,13 +182,3 @@ def test_empty_or_missing_dataset_dir_is_an_error(tmp_path):
         wf.run()
     assert str(tmp_path / "nowhere") in error_text(info.value)
     assert not (tmp_path / "nowhere").exists()
-
-
-def test_multi_gpu_config_runs_two_processes_on_cpu(tmp_path, demo_dir):
-    out = tmp_path / "out"
-    files = config_list(B, *TRAIN, "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", demo_dir, "--output_dir", str(out), "--epochs", "1"], str(tmp_path))
-    # 4 demo cases, 2 ranks, batch 2: one iteration per rank; rank 0 alone writes the checkpoint
-    assert [os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))] == [
-        "checkpoint_iter=1.pt"
-    ]

@@ -15,10 +15,8 @@ from PIL import Image
 from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
 
 from .helpers import (
-    config_list,
     event_tags,
     run_bundle,
-    torchrun_two_processes,
     workflow,
     zoo_checks_and_export,
 )
@@ -123,18 +121,6 @@ def test_no_routing_switch_turns_the_routing_loss_off(chain, tmp_path):
     assert wf.parser.get_parsed_content("loss_def").route_weight == 0.0
     wf.run()
     assert os.path.isfile(tmp_path / "out" / "models" / "model.pt")
-
-
-def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
-    out = tmp_path / "out"
-    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--epochs", "1"],
-                           str(tmp_path))  # fmt: skip
-    # rank 0 alone writes: one checkpoint for the one epoch, and the weights without DDP's "module." prefix
-    ckpts = glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))
-    assert len(ckpts) == 1
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert state and not any(k.startswith("module.") for k in state)
 
 
 def test_metadata_net_in_out_and_export(chain, tmp_path):

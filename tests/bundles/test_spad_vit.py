@@ -18,12 +18,10 @@ from medfm.data import build_spad_datalist, ensure_demo_spad
 from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
 
 from .helpers import (
-    config_list,
     configs,
     error_text,
     event_tags,
     run_bundle,
-    torchrun_two_processes,
     workflow,
     zoo_checks_and_export,
 )
@@ -181,15 +179,3 @@ def test_user_dataset_dir_without_images_is_an_error(tmp_path):
         wf.run()
     assert str(empty) in error_text(e.value) and "no images" in error_text(e.value)
     assert not os.path.exists(os.path.join(str(empty), "images"))
-
-
-def test_multi_gpu_mim_runs_two_processes_on_cpu(chain, tmp_path):
-    out = tmp_path / "out"
-    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--tokenizer_ckpt",
-                                   chain["tok_ckpt"], "--max_steps", "3"], str(tmp_path))  # fmt: skip
-    # 12 demo images in aniso_d buckets {0: 2, 1: 2, 2: 2, 5: 6}, batch 2: 6 batches, 3 per rank;
-    # max_steps 3 -> one epoch of 3 iterations; rank 0 alone writes the checkpoint
-    ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))
-    assert ckpts == ["checkpoint_iter=3.pt"]
-    assert os.path.isfile(out / "models" / "model.pt")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from medfm.data import export_petct_studies, generate_synthetic_petct, studies_datalist
+from medfm.data import export_petct_studies, generate_synthetic_petct
 from medfm.utils import SERVED, build_served_bundle, merged_config
 
-from ..bundles.helpers import REPO, run_cli, torchrun_two_processes
+from ..bundles.helpers import REPO, run_cli
 
 B = os.path.join(REPO, "bundles", "fratmae_petct")
 
@@ -146,43 +146,6 @@ def test_served_train_config_runs_without_monailabel(served, tmp_path):
     assert saved.keys() == state.keys()
     served, epoch = _served_and_epoch_scores(res.stdout + res.stderr)
     assert any(not torch.equal(saved[k], state[k]) for k in state) == _replaced(served, epoch), (served, epoch)
-
-
-@pytest.mark.slow
-def test_served_multi_gpu_training_as_monailabel_launches_it(served, tmp_path):
-    """MONAI Label's multi-GPU ``/train``: its train config (the served train.json with the datastore's pairs, the
-    epochs and a CheckpointLoader of models/model.pt) exported, then ``torchrun`` with multi_gpu_train.json
-    merged over it; here 2 processes on CPU (gloo). Both ranks step and validate (ignite's metrics all-reduce
-    over the ranks) with the unwrapped network; rank 0 logs and rewrites models/model.pt."""
-    _, out, _ = served
-    generate_synthetic_petct(str(tmp_path / "ds"), num_cases=3, shape=(24, 20, 40), spacing=(4.0, 4.0, 4.0), seed=4)
-    export_petct_studies(str(tmp_path / "ds"), str(tmp_path / "studies"))
-    pairs = studies_datalist(str(tmp_path / "studies"))
-    config = json.loads((out / "configs" / "train.json").read_text())
-    parser = ConfigParser(config)
-    model = out / "models" / "model.pt"
-    loader = {
-        "_target_": "CheckpointLoader",
-        "load_path": str(model),
-        "load_dict": {"model": "$@network"},
-        "strict": False,
-    }
-    overrides = {"bundle_root": str(out), "train#trainer#max_epochs": 1, "train#dataset#data": pairs[:2],
-                 "validate#dataset#data": pairs[2:], "val_interval": 1,
-                 "train#handlers": [loader, *config["train"]["handlers"]]}  # fmt: skip
-    for k, v in overrides.items():
-        parser[k] = v
-    exported = tmp_path / "monailabel_train.json"
-    exported.write_text(json.dumps(parser.config, indent=2))
-    before = model.read_bytes()
-    files = f"['{exported}','{out / 'configs' / 'multi_gpu_train.json'}']"
-    # a rank that did not step or validate would leave the other waiting in an all-reduce: no exit
-    log = torchrun_two_processes(files, [], str(tmp_path), run_id="run", engine_runs=None)
-    assert "Epoch: 1/1, Iter: 1/1" in log, log[-3000:]
-    # rank 0's StatsHandler only: the served weights' validation before training, then epoch 1's
-    assert log.count("Epoch[1] Metrics -- val_mean_dice") == 2, log[-3000:]
-    served, epoch = _served_and_epoch_scores(log)
-    assert (model.read_bytes() != before) == _replaced(served, epoch), (served, epoch)
 
 
 # an input of the demo network's size for each served segmentation network
