@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import gc
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -182,3 +184,22 @@ def torchrun_jobs(jobs: dict[str, dict], root, timeout: int = 600) -> dict[str, 
                 parts.append(f.read())
         logs[name] = "".join(parts)
     return logs
+
+
+@contextlib.contextmanager
+def captured_logs(name: str = "medfm"):
+    """The messages logged under logger ``name`` (INFO and up) while the block runs: what a command-line run of the
+    same configs prints from that logger."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
