@@ -81,7 +81,10 @@ def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, da
     assert sorted(os.listdir(os.path.join(out, "models"))) == ["checkpoint_iter=2.pt", "checkpoint_iter=3.pt"]
     second = run_cli(["run", "training", "--config_file", files, *args, "--num_workers", "2"], cwd=str(tmp_path))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "checkpoint_iter=3.pt" in second.stdout + second.stderr
+    assert "checkpoint_iter=3.pt" in second.stdout + second.stderr and "resuming from" in second.stdout + second.stderr
+    # the restart trained the 3 iterations left on top of the checkpoint, up to the end of epoch 3 (2 per epoch)
+    last = torch.load(os.path.join(out, "models", "checkpoint_iter=6.pt"), weights_only=True)
+    assert last["trainer"]["iteration"] == 6 and last["trainer"]["epoch_length"] == 2
     final = torch.load(os.path.join(out, "models", "model.pt"), weights_only=True)
     model = {k[len("model."):]: v for k, v in ref.items() if k.startswith("model.")}
     assert final.keys() == model.keys()
