@@ -9,12 +9,12 @@ import re
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfm.data import export_petct_studies, generate_synthetic_petct
 from medfm.utils import SERVED, build_served_bundle, merged_config
 
-from ..bundles.helpers import REPO, run_cli
+from ..bundles.helpers import REPO, captured_logs
 
 B = os.path.join(REPO, "bundles", "fratmae_petct")
 
@@ -129,22 +129,24 @@ def _served_and_epoch_scores(log: str) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_served_train_config_runs_without_monailabel(served, tmp_path):
-    """``monai.bundle run`` of the served train.json on a studies folder (what MONAI Label does in-process, less
-    its checkpoint loader): one labelled study trains, the other validates, and the best model replaces
-    models/model.pt."""
+    """The served train.json run on a studies folder (what MONAI Label does in-process, less its checkpoint loader):
+    one labelled study trains, the other validates, and the best model replaces models/model.pt."""
     root, out, state = served
     generate_synthetic_petct(str(tmp_path / "ds"), num_cases=2, shape=(24, 20, 40), spacing=(4.0, 4.0, 4.0), seed=2)
     export_petct_studies(str(tmp_path / "ds"), str(tmp_path / "studies"))
-    train = str(out / "configs" / "train.json")
-    res = run_cli(["run", "--config_file", train, "--dataset_dir", str(tmp_path / "studies"),
-                   "--train#trainer#max_epochs", "1", "--val_fraction", "0.5", "--val_interval", "1"],
-                  cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # in this process, as ``python -m monai.bundle run --config_file <served>/configs/train.json`` would run it
+    wf = ConfigWorkflow(config_file=str(out / "configs" / "train.json"), meta_file=str(out / "configs" /
+                        "metadata.json"), logging_file=False, run_id="run", dataset_dir=str(tmp_path / "studies"),
+                        val_fraction=0.5, val_interval=1, **{"train#trainer#max_epochs": 1})  # fmt: skip
+    with captured_logs("monai.handlers.StatsHandler") as log:
+        wf.initialize()
+        wf.run()
+        wf.finalize()
     split = json.loads((out / "runs" / "serve_train" / "split.json").read_text())
     assert len(split["train"]) == 1 and len(split["val"]) == 1
     saved = torch.load(out / "models" / "model.pt", weights_only=True)
     assert saved.keys() == state.keys()
-    served, epoch = _served_and_epoch_scores(res.stdout + res.stderr)
+    served, epoch = _served_and_epoch_scores("\n".join(log))
     assert any(not torch.equal(saved[k], state[k]) for k in state) == _replaced(served, epoch), (served, epoch)
 
 
