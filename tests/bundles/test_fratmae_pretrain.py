@@ -14,10 +14,9 @@ from medfm.data import ensure_demo_petct, generate_synthetic_petct
 from medfm.networks.nets import FratMAE
 
 from .helpers import (
-    config_list,
     error_text,
     event_tags,
-    run_cli,
+    run_bundle,
     workflow,
 )
 
@@ -42,12 +41,10 @@ def _run_inprocess(tmp_path, demo_dir, extra=(), **override):
     return wf, trainer
 
 
-def test_demo_runs_from_another_directory_with_cli(tmp_path):
+def test_demo_runs_from_another_directory(tmp_path):
+    """In this process (FratMAE's command-line runs: the killed and resumed run of ``test_exact_resume.py``)."""
     data, out = tmp_path / "data", tmp_path / "out"
-    files = config_list(B, *TRAIN)
-    res = run_cli(["run", "--config_file", files, "--dataset_dir", str(data), "--output_dir", str(out),
-                   "--epochs", "2"], cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_bundle(B, tmp_path, TRAIN, "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "2", mode=None)
     assert len(glob.glob(str(data / "imagesTr" / "*_0001.nii.gz"))) == 8  # demo data generated where asked
     ckpts = glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))
     assert ckpts
