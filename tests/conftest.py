@@ -18,6 +18,27 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """``demo_data(bundle)``: the folder of that bundle's synthetic demo data (FratMAE: 4 cases), generated once per
+    session and shared by every test that only reads it (runs write their caches under their output folders)."""
+    from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, ensure_demo_spad
+
+    makers = {"fratmae_petct": lambda d: ensure_demo_petct(d, num_cases=4, seed=0),
+              "spad_vit": lambda d: ensure_demo_spad(d, seed=0),
+              "panfm_panorgan": lambda d: ensure_demo_panfm(d, seed=0),
+              "midol_multimodal": lambda d: ensure_demo_midol(d, seed=0)}  # fmt: skip
+    root = tmp_path_factory.mktemp("demo_data")
+    made: dict[str, str] = {}
+
+    def get(bundle: str) -> str:
+        if bundle not in made:
+            made[bundle] = makers[bundle](str(root / bundle))
+        return made[bundle]
+
+    return get
+
+
 def bundle_config(bundle: str, *names: str) -> list[str]:
     """Absolute paths of a bundle's config files."""
     return [os.path.join(BUNDLES, bundle, "configs", n) for n in names]

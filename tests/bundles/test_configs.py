@@ -21,7 +21,6 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
-from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, ensure_demo_spad
 from medfm.utils import SERVED
 
 from .helpers import REPO, SCHEMA, configs, one_process_group_env, workflow
@@ -85,15 +84,6 @@ COMBINATIONS: dict[str, list[tuple[tuple[str, ...], str, dict[str, Any]]]] = {
     ],
 }
 
-# the synthetic demo data each bundle's checks read (as small as the bundle's demo configs accept)
-DEMO_DATA = {
-    "fratmae_petct": lambda d: ensure_demo_petct(d, num_cases=4, seed=0),
-    "spad_vit": lambda d: ensure_demo_spad(d, seed=0),
-    "panfm_panorgan": lambda d: ensure_demo_panfm(d, seed=0),
-    "midol_multimodal": lambda d: ensure_demo_midol(d, seed=0),
-}
-
-
 def _config_files(bundle: str) -> list[str]:
     """Names of a bundle's JSON config files, ``metadata.json`` aside."""
     names = (os.path.basename(p) for p in glob.glob(configs(bundle, "*.json")[0]))
@@ -140,7 +130,6 @@ PROPERTY_CASES = [(b, *combo) for b in BUNDLES for combo in COMBINATIONS.get(b, 
 
 def test_every_bundle_has_a_table_of_combinations():
     assert BUNDLES and set(BUNDLES) == set(COMBINATIONS), (BUNDLES, sorted(COMBINATIONS))
-    assert set(DEMO_DATA) == set(COMBINATIONS)
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -196,20 +185,6 @@ def test_metadata_validates_against_the_schema(bundle):
     if not os.path.isfile(SCHEMA):
         pytest.skip(f"metadata schema not found at {SCHEMA}")
     verify_metadata(meta_file=meta, filepath=SCHEMA)  # raises on any violation
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    """``demo_data(bundle)``: the bundle's synthetic demo data, generated once per module."""
-    root = tmp_path_factory.mktemp("config_data")
-    made: dict[str, str] = {}
-
-    def get(bundle: str) -> str:
-        if bundle not in made:
-            made[bundle] = DEMO_DATA[bundle](str(root / bundle))
-        return made[bundle]
-
-    return get
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medfm.data import ensure_demo_petct, generate_synthetic_petct
+from medfm.data import generate_synthetic_petct
 from medfm.networks.nets import FratMAE
 
 from .helpers import (
@@ -27,10 +27,8 @@ TRAIN = ["train.json", "demo.json"]
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("fratmae") / "demo_data")
-    ensure_demo_petct(d, num_cases=4, seed=0)
-    return d
+def demo_dir(demo_data):
+    return demo_data(B)
 
 
 def _run_inprocess(tmp_path, demo_dir, extra=(), **override):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
+from medfm.data import MODALITIES, build_image_folder_datalist
 
 from .helpers import (
     event_tags,
@@ -30,10 +30,9 @@ def _cli(cwd, names, *overrides, mode="training", cli=False):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, demo_data):
     root = tmp_path_factory.mktemp("midol")
-    data = str(root / "data")
-    ensure_demo_midol(data, seed=0)
+    data = demo_data(B)
     out = {k: str(root / k) for k in ("pre", "cls", "probe", "seg", "inf", "eval")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process

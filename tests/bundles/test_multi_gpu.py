@@ -20,10 +20,6 @@ import torch
 from monai.bundle import ConfigParser
 
 from medfm.data import (
-    ensure_demo_midol,
-    ensure_demo_panfm,
-    ensure_demo_petct,
-    ensure_demo_spad,
     export_petct_studies,
     generate_synthetic_petct,
     studies_datalist,
@@ -37,16 +33,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, demo_data):
     """Each bundle's demo data; untrained demo-size weights where a run needs a checkpoint to load."""
     root = tmp_path_factory.mktemp("ddp_data")
-    d = {
-        "fratmae_petct": ensure_demo_petct(str(root / "petct"), num_cases=4, seed=0),
-        "spad_vit": ensure_demo_spad(str(root / "spad"), seed=0),
-        "panfm_panorgan": ensure_demo_panfm(str(root / "panfm"), seed=0),
-        "midol_multimodal": ensure_demo_midol(str(root / "midol"), seed=0),
-        "fratmae_finetune": str(root / "petct_ft"),
-    }
+    d = {b: demo_data(b) for b in ("fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal")}
+    d["fratmae_finetune"] = str(root / "petct_ft")
     generate_synthetic_petct(d["fratmae_finetune"], num_cases=6, shape=(48, 32, 96), spacing=(10.0, 10.0, 20.0),
                              seed=3)  # fmt: skip
     # the frozen tokenizer and FratMAE's pre-training only have to load: untrained weights of the demo size

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from medfm.data import ORGANS, PANFM_DEMO_LABELS, ensure_demo_panfm, read_subject_table
+from medfm.data import ORGANS, PANFM_DEMO_LABELS, read_subject_table
 
 from .helpers import (
     error_text,
@@ -27,10 +27,9 @@ def _cli(cwd, names, *overrides, mode="training", cli=False):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, demo_data):
     root = tmp_path_factory.mktemp("panfm")
-    data = str(root / "data")
-    ensure_demo_panfm(data, seed=0)
+    data = demo_data(B)
     out = {k: str(root / k) for k in ("pre", "ft", "probe", "inf", "eval")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process

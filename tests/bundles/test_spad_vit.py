@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medfm.data import build_spad_datalist, ensure_demo_spad
+from medfm.data import build_spad_datalist
 from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
 
 from .helpers import (
@@ -46,11 +46,10 @@ def _tokenizer_sizes() -> dict:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, demo_data):
     """The demo chain, each step reading the previous step's output, all under one temporary folder."""
     root = tmp_path_factory.mktemp("spad")
-    data = str(root / "data")
-    ensure_demo_spad(data, seed=0)
+    data = demo_data(B)
     out = {k: str(root / k) for k in ("tok", "mim", "seg", "inf", "eval", "cls")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process
