@@ -12,6 +12,8 @@ import pytest
 
 from .bench_inprocess import bench_records
 
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from .bench_inprocess import bench_records
 
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
+
 
 @pytest.fixture(scope="module")
 def runs() -> tuple[dict, dict]:

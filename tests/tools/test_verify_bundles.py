@@ -9,6 +9,8 @@ import pytest
 
 from ..bundles.helpers import REPO, SCHEMA
 
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
+
 
 def _run(*args):
     """``python tools/verify_bundles.py --schema SCHEMA *args`` in this process (its release mode, which puts bundle
