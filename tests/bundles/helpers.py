@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import gc
 import glob
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -86,14 +89,12 @@ def run_bundle(bundle: str, cwd, names: list[str], *overrides: str, mode: str | 
 
 
 def zoo_checks_and_export(bundle: str, ckpt_file: str, input_shape: list[int], cwd) -> str:
-    """``verify_metadata`` (when the schema is beside the repo), ``verify_net_in_out`` and a traced ``ckpt_export``
-    of ``ckpt_file`` on ``inference.json`` + ``demo_inference.json``, called in this process as the model zoo's CI
-    calls them (each raises on failure); returns the TorchScript file."""
-    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+    """``verify_net_in_out`` and a traced ``ckpt_export`` of ``ckpt_file`` on ``inference.json`` +
+    ``demo_inference.json``, called in this process as the model zoo's CI calls them (each raises on failure);
+    returns the TorchScript file. (``verify_metadata`` of every bundle is in ``test_configs.py``.)"""
+    from monai.bundle import ckpt_export, verify_net_in_out
 
     meta = configs(bundle, "metadata.json")[0]
-    if os.path.isfile(SCHEMA):
-        verify_metadata(meta_file=meta, filepath=SCHEMA)
     files = configs(bundle, "inference.json", "demo_inference.json")
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file=files)
     ts = os.path.join(str(cwd), "model.ts")
@@ -138,29 +139,6 @@ def one_process_group_env(monkeypatch) -> None:
         monkeypatch.setenv(k, v)
 
 
-def torchrun_two_processes(
-    config_file: str,
-    args: list[str],
-    cwd: str,
-    timeout: int = 300,
-    run_id: str = "training",
-    engine_runs: int | None = 2,
-) -> str:
-    """``torchrun --standalone --nproc_per_node=2 -m monai.bundle run <run_id>`` on CPU; returns the log, asserting a
-    zero exit code and, unless ``engine_runs`` is None, that many "Engine run finished" lines (2: each rank's
-    trainer, for configs whose trainer logs it on every rank)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *args]  # fmt: skip
-    res = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    if engine_runs is not None:
-        assert log.count("Engine run finished") == engine_runs, log[-3000:]  # both ranks stepped through their epochs
-    return log
-
-
 def save_untrained(bundle: str, names: list[str], net_id: str, path, **override) -> str:
     """Save the randomly initialised (seed 0) weights of ``net_id`` from ``bundle``'s merged ``names`` to ``path``:
     the weights a run starts from when only their sameness across runs matters. Returns ``path`` as a string."""
@@ -168,3 +146,60 @@ def save_untrained(bundle: str, names: list[str], net_id: str, path, **override)
     torch.manual_seed(0)
     torch.save(wf.parser.get_parsed_content(net_id).state_dict(), str(path))
     return str(path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_jobs(jobs: dict[str, dict], root, timeout: int = 600) -> dict[str, str]:
+    """Run several bundle runs one after another in ONE ``torchrun --nproc_per_node=2`` launch on CPU (gloo), which
+    saves the start of two interpreters and torchrun per run (``ddp_jobs.py``). ``jobs``: name -> ``{"config_file":
+    [...], "overrides": {...}, "run_id": "training"}`` (``run_id`` optional). Asserts a zero exit code; returns each
+    job's log, both ranks' output one after the other, as one ``torchrun -m monai.bundle run`` of it would print."""
+    root = str(root)
+    log_dir = os.path.join(root, "ddp_logs")
+    os.makedirs(log_dir, exist_ok=True)
+    spec = [{"name": name, "config_file": job["config_file"], "run_id": job.get("run_id", "training"),
+             "overrides": job.get("overrides", {}), "port": free_port(), "cwd": root, "log_dir": log_dir}
+            for name, job in jobs.items()]  # fmt: skip
+    jobs_file = os.path.join(root, "ddp_jobs.json")
+    with open(jobs_file, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_jobs.py"), jobs_file]  # fmt: skip
+    res = subprocess.run(
+        cmd, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    logs = {}
+    for name in jobs:
+        parts = []
+        for rank in (0, 1):
+            with open(os.path.join(log_dir, f"{name}.rank{rank}.log"), encoding="utf-8", errors="replace") as f:
+                parts.append(f.read())
+        logs[name] = "".join(parts)
+    return logs
+
+
+@contextlib.contextmanager
+def captured_logs(name: str = "medfm"):
+    """The messages logged under logger ``name`` (INFO and up) while the block runs: what a command-line run of the
+    same configs prints from that logger."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

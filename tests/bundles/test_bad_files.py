@@ -25,6 +25,8 @@ from .. import bad_files
 from ..tools import load_tool
 from .helpers import config_list, error_text, run_cli, save_untrained, workflow
 
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
+
 INFER = ["inference.json", "demo_inference.json"]
 check_data = load_tool("check_data")
 PANFM_SHAPES = {"brain": [16, 16, 16], "heart": [16, 16, 8], "adipose": [16, 16, 8], "liver": [16, 16, 8],

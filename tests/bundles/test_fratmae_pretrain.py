@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import glob
-import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from medfm.data import ensure_demo_petct, generate_synthetic_petct
+from medfm.data import generate_synthetic_petct
 from medfm.networks.nets import FratMAE
 
 from .helpers import (
-    REPO,
-    SCHEMA,
-    config_list,
-    configs,
     error_text,
     event_tags,
-    one_process_group_env,
-    run_cli,
-    torchrun_two_processes,
+    run_bundle,
     workflow,
 )
 
@@ -39,10 +27,8 @@ TRAIN = ["train.json", "demo.json"]
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("fratmae") / "demo_data")
-    ensure_demo_petct(d, num_cases=4, seed=0)
-    return d
+def demo_dir(demo_data):
+    return demo_data(B)
 
 
 def _run_inprocess(tmp_path, demo_dir, extra=(), **override):
@@ -53,93 +39,10 @@ def _run_inprocess(tmp_path, demo_dir, extra=(), **override):
     return wf, trainer
 
 
-def test_metadata_verifies_against_schema():
-    if not os.path.isfile(SCHEMA):
-        pytest.skip(f"metadata schema not found at {SCHEMA}")
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=configs(B, "metadata.json")[0], filepath=SCHEMA)  # raises on any violation
-
-
-@pytest.mark.parametrize(
-    "names",
-    [TRAIN, ["train.json"], ["train.json", "multi_gpu_train.json"], [*TRAIN, "mae.json"], [*TRAIN, "axial.json"]],
-)
-def test_check_properties_nothing_missing(names, monkeypatch, demo_dir, tmp_path):
-    if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
-        one_process_group_env(monkeypatch)
-    wf = workflow(B, names, dataset_dir=demo_dir, output_dir=str(tmp_path / "out"))
-    wf.initialize()
-    try:
-        assert wf.check_properties() == []
-    finally:
-        wf.finalize()
-
-
-def _ids(cfg, prefix=""):
-    out = set()
-    if isinstance(cfg, dict):
-        for k, v in cfg.items():
-            key = f"{prefix}#{k}" if prefix else str(k)
-            out.add(key)
-            out |= _ids(v, key)
-    elif isinstance(cfg, list):
-        for i, v in enumerate(cfg):
-            key = f"{prefix}#{i}"
-            out.add(key)
-            out |= _ids(v, key)
-    return out
-
-
-def _refs(cfg):
-    if isinstance(cfg, dict):
-        return set().union(*[_refs(v) for v in cfg.values()]) if cfg else set()
-    if isinstance(cfg, list):
-        return set().union(*[_refs(v) for v in cfg]) if cfg else set()
-    if isinstance(cfg, str):
-        return set(re.findall(r"[@%]([A-Za-z_][\w#]*)", cfg.split("'", 1)[0] if cfg.startswith("$'") else cfg))
-    return set()
-
-
-# override file -> the config it is merged over; files with "imports" stand alone
-BASE_OF = {"demo_seg.json": "finetune_seg.json", "demo_stage.json": "finetune_stage.json",
-           "finetune_stage.json": "finetune_seg.json",
-           "demo_inference.json": "inference.json", "evaluate.json": "inference.json",
-           "evaluate_stage.json": "finetune_stage.json", "serve_train.json": "finetune_seg.json",
-           "serve_inference.json": "inference.json", "multi_gpu_finetune.json": "finetune_seg.json",
-           "serve_multi_gpu_train.json": "serve_train.json"}  # fmt: skip
-ALL_CONFIGS = sorted(
-    os.path.basename(p)
-    for p in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json"))
-    if os.path.basename(p) != "metadata.json"
-)
-
-
-def _merged(name):
-    cfg = json.load(open(configs(B, name)[0]))
-    if "imports" in cfg:
-        return [cfg]
-    return _merged(BASE_OF.get(name, "train.json")) + [cfg]
-
-
-@pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_every_reference_resolves(name):
-    ids, refs = set(), set()
-    for cfg in _merged(name):
-        for k, v in cfg.items():
-            ids.add(k)
-            ids |= _ids(v, k)
-        refs |= _refs(cfg)
-    missing = sorted(r for r in refs if r not in ids)
-    assert not missing, f"{name} refers to ids that do not exist: {missing}"
-
-
-def test_demo_runs_from_another_directory_with_cli(tmp_path):
+def test_demo_runs_from_another_directory(tmp_path):
+    """In this process (FratMAE's command-line runs: the killed and resumed run of ``test_exact_resume.py``)."""
     data, out = tmp_path / "data", tmp_path / "out"
-    files = config_list(B, *TRAIN)
-    res = run_cli(["run", "--config_file", files, "--dataset_dir", str(data), "--output_dir", str(out),
-                   "--epochs", "2"], cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_bundle(B, tmp_path, TRAIN, "--dataset_dir", str(data), "--output_dir", str(out), "--epochs", "2", mode=None)
     assert len(glob.glob(str(data / "imagesTr" / "*_0001.nii.gz"))) == 8  # demo data generated where asked
     ckpts = glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))
     assert ckpts
@@ -177,34 +80,6 @@ def test_axial_and_coronal_stacks(tmp_path, demo_dir, stack, expected):
     _, trainer = _run_inprocess(tmp_path, demo_dir, extra)
     assert tuple(trainer.state.batch["pet"].shape[2:]) == expected
     assert tuple(trainer.state.batch["ct"].shape[2:]) == expected
-
-
-def test_killed_run_resumes_from_last_checkpoint(tmp_path, demo_dir):
-    out = tmp_path / "out"
-    files = config_list(B, *TRAIN)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files,
-           "--dataset_dir", demo_dir, "--output_dir", str(out), "--epochs", "500"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    pattern = str(out / "models" / "checkpoint_iter=*.pt")
-    while time.time() < deadline and len(glob.glob(pattern)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = glob.glob(pattern)
-    assert saved, "no checkpoint was written before the kill"
-    last_iter = max(int(re.search(r"iter=(\d+)", p).group(1)) for p in saved)
-    state = torch.load(str(out / "models" / f"checkpoint_iter={last_iter}.pt"), weights_only=True)
-    iters_per_epoch = state["trainer"]["epoch_length"]
-    epoch = last_iter // iters_per_epoch
-    res = run_cli(["run", "training", "--config_file", files, "--dataset_dir", demo_dir, "--output_dir", str(out),
-                   "--epochs", str(epoch + 1)], cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    log = res.stdout + res.stderr
-    assert f"checkpoint_iter={last_iter}.pt" in log and "resuming from" in log
-    final = torch.load(str(out / "models" / f"checkpoint_iter={last_iter + iters_per_epoch}.pt"), weights_only=True)
-    # exactly one more epoch ran on top of the checkpoint, not a fresh start
-    assert final["trainer"]["iteration"] == last_iter + iters_per_epoch
 
 
 # --- bad input stops with a clear error naming the case and the problem ---
@@ -270,13 +145,3 @@ def test_empty_or_missing_dataset_dir_is_an_error(tmp_path):
         wf.run()
     assert str(tmp_path / "nowhere") in error_text(info.value)
     assert not (tmp_path / "nowhere").exists()
-
-
-def test_multi_gpu_config_runs_two_processes_on_cpu(tmp_path, demo_dir):
-    out = tmp_path / "out"
-    files = config_list(B, *TRAIN, "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", demo_dir, "--output_dir", str(out), "--epochs", "1"], str(tmp_path))
-    # 4 demo cases, 2 ranks, batch 2: one iteration per rank; rank 0 alone writes the checkpoint
-    assert [os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))] == [
-        "checkpoint_iter=1.pt"
-    ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 
 import numpy as np
@@ -13,15 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medfm.data import MODALITIES, build_image_folder_datalist, ensure_demo_midol
+from medfm.data import MODALITIES, build_image_folder_datalist
 
 from .helpers import (
-    config_list,
-    configs,
     event_tags,
-    one_process_group_env,
     run_bundle,
-    torchrun_two_processes,
     workflow,
     zoo_checks_and_export,
 )
@@ -35,10 +30,9 @@ def _cli(cwd, names, *overrides, mode="training", cli=False):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, demo_data):
     root = tmp_path_factory.mktemp("midol")
-    data = str(root / "data")
-    ensure_demo_midol(data, seed=0)
+    data = demo_data(B)
     out = {k: str(root / k) for k in ("pre", "cls", "probe", "seg", "inf", "eval")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process
@@ -120,22 +114,6 @@ def test_evaluation_reports_dice_per_image(chain):
     assert all(0.0 <= v <= 1.0 for v in values)
 
 
-@pytest.mark.parametrize(
-    "names, kind",
-    [(["train.json", "demo.json"], "train"), (["train.json", "demo.json", "no_routing.json"], "train"),
-     (["finetune_seg.json", "finetune_cls.json", "demo_seg.json", "demo_cls.json"], "train"),
-     (["finetune_seg.json", "demo_seg.json"], "train"),
-     (["inference.json", "demo_inference.json"], "infer"),
-     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
-)  # fmt: skip
-def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
-    extra = {"pretrained_checkpoint": chain["pre_ckpt"]} if names[0].startswith("finetune") else {}
-    extra |= {"ckpt_path": chain["seg_ckpt"]} if kind == "infer" else {}
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
-    wf.initialize()
-    assert wf.check_properties() == []
-
-
 def test_no_routing_switch_turns_the_routing_loss_off(chain, tmp_path):
     wf = workflow(B, ["train.json", "demo.json", "no_routing.json"], dataset_dir=chain["data"],
                   output_dir=str(tmp_path / "out"), epochs=1)  # fmt: skip
@@ -145,36 +123,6 @@ def test_no_routing_switch_turns_the_routing_loss_off(chain, tmp_path):
     assert os.path.isfile(tmp_path / "out" / "models" / "model.pt")
 
 
-def test_multi_gpu_config_properties(chain, tmp_path, monkeypatch):
-    one_process_group_env(monkeypatch)
-    wf = workflow(B, ["train.json", "demo.json", "multi_gpu_train.json"], dataset_dir=chain["data"],
-                  output_dir=str(tmp_path / "out"))  # fmt: skip
-    wf.initialize()
-    try:
-        assert wf.check_properties() == []
-    finally:
-        wf.finalize()
-
-
-def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
-    out = tmp_path / "out"
-    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--epochs", "1"],
-                           str(tmp_path))  # fmt: skip
-    # rank 0 alone writes: one checkpoint for the one epoch, and the weights without DDP's "module." prefix
-    ckpts = glob.glob(str(out / "models" / "checkpoint_iter=*.pt"))
-    assert len(ckpts) == 1
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert state and not any(k.startswith("module.") for k in state)
-
-
 def test_metadata_net_in_out_and_export(chain, tmp_path):
     ts = zoo_checks_and_export(B, chain["seg_ckpt"], [1, 3, 32, 32], tmp_path)
     assert torch.jit.load(ts)(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
-
-
-def test_every_config_is_json_with_4_space_indent():
-    for path in glob.glob(os.path.join(os.path.dirname(configs(B, "x")[0]), "*.json")):
-        text = open(path).read()
-        json.loads(text)
-        assert text.startswith('{\n    "'), path

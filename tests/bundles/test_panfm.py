@@ -4,24 +4,17 @@ masking mode), fine-tuning and linear probing, inference and evaluation with the
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import os
 
 import pytest
 import torch
 
-from medfm.data import ORGANS, PANFM_DEMO_LABELS, ensure_demo_panfm, read_subject_table
+from medfm.data import ORGANS, PANFM_DEMO_LABELS, read_subject_table
 
 from .helpers import (
-    SCHEMA,
-    config_list,
-    configs,
     error_text,
     event_tags,
     run_bundle,
-    run_cli,
-    torchrun_two_processes,
     workflow,
 )
 
@@ -34,10 +27,9 @@ def _cli(cwd, names, *overrides, mode="training", cli=False):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, demo_data):
     root = tmp_path_factory.mktemp("panfm")
-    data = str(root / "data")
-    ensure_demo_panfm(data, seed=0)
+    data = demo_data(B)
     out = {k: str(root / k) for k in ("pre", "ft", "probe", "inf", "eval")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process
@@ -133,28 +125,6 @@ def test_evaluation_writes_auroc_and_the_robustness_protocol(chain):
     assert os.path.isfile(os.path.join(chain["eval"], "auroc.csv"))
 
 
-@pytest.mark.parametrize(
-    "names, kind",
-    [(["train.json", "demo.json"], "train"), (["finetune.json", "demo_finetune.json"], "train"),
-     (["finetune.json", "linear_probe.json", "demo_finetune.json"], "train"),
-     (["inference.json", "demo_inference.json"], "infer"),
-     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
-)  # fmt: skip
-def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
-    extra = {"pretrained_checkpoint": chain["pre_ckpt"]} if names[0] == "finetune.json" else {}
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
-    wf.initialize()
-    assert wf.check_properties() == []
-
-
-def test_metadata_verifies(tmp_path):
-    if not os.path.isfile(SCHEMA):
-        pytest.skip(f"metadata schema not found at {SCHEMA}")
-    res = run_cli(["verify_metadata", "--meta_file", configs(B, "metadata.json")[0], "--filepath", SCHEMA],
-                  cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-
-
 def test_subject_without_organs_or_with_a_missing_file_stops_naming_it(chain, tmp_path):
     table = tmp_path / "subjects.csv"
     header = ["subject", *ORGANS]
@@ -176,22 +146,3 @@ def test_subject_without_organs_or_with_a_missing_file_stops_naming_it(chain, tm
     with pytest.raises(Exception) as e:
         wf.run()
     assert "sub_gone" in error_text(e.value) and "nowhere.nii.gz" in error_text(e.value)
-
-
-def test_every_config_is_json_with_4_space_indent():
-    for path in glob.glob(configs(B, "*.json")[0]):
-        text = open(path).read()
-        json.loads(text)
-        assert text.startswith('{\n    "'), path
-
-
-def test_multi_gpu_pretraining_runs_two_processes_on_cpu(chain, tmp_path):
-    out = tmp_path / "out"
-    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--max_steps", "2"],
-                           str(tmp_path))  # fmt: skip
-    # 48 subjects, 2 ranks, batch 8, drop_last: 3 iterations per rank make one epoch; rank 0 writes the checkpoint
-    ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))
-    assert ckpts == ["checkpoint_iter=3.pt"]
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)

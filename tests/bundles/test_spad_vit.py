@@ -14,18 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from medfm.data import build_spad_datalist, ensure_demo_spad
+from medfm.data import build_spad_datalist
 from medfm.networks.nets import SpadViTMIM, SpadViTSegmenter, SpadVT
 
 from .helpers import (
-    REPO,
-    config_list,
     configs,
     error_text,
     event_tags,
-    one_process_group_env,
     run_bundle,
-    torchrun_two_processes,
     workflow,
     zoo_checks_and_export,
 )
@@ -50,11 +46,10 @@ def _tokenizer_sizes() -> dict:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, demo_data):
     """The demo chain, each step reading the previous step's output, all under one temporary folder."""
     root = tmp_path_factory.mktemp("spad")
-    data = str(root / "data")
-    ensure_demo_spad(data, seed=0)
+    data = demo_data(B)
     out = {k: str(root / k) for k in ("tok", "mim", "seg", "inf", "eval", "cls")}
     common = ["--dataset_dir", data]
     # the command-line smoke run of this bundle; the other runs go in-process
@@ -155,35 +150,6 @@ def test_classification_reports_auc_and_accuracy(chain):
     assert os.path.isfile(os.path.join(chain["cls"], "models", "model.pt"))
 
 
-@pytest.mark.parametrize(
-    "names, kind",
-    [(["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"], "train"),
-     (["finetune_seg.json", "demo.json", "demo_seg.json"], "train"),
-     (["finetune_seg.json", "finetune_cls.json", "demo.json", "demo_cls.json"], "train"),
-     (["inference.json", "demo_inference.json"], "infer"),
-     (["inference.json", "evaluate.json", "demo_inference.json"], "infer")],
-)  # fmt: skip
-def test_check_properties_nothing_missing(names, kind, chain, tmp_path):
-    extra = {"pretrained_checkpoint": chain["mim_ckpt"]} if names[0].startswith("finetune") else {}
-    extra |= {"ckpt_path": chain["seg_ckpt"]} if kind == "infer" else {}
-    wf = workflow(B, names, workflow_type=kind, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"), **extra)
-    wf.initialize()
-    assert wf.check_properties() == []
-
-
-def test_check_properties_mim_and_multi_gpu(chain, tmp_path, monkeypatch):
-    for names in (["train.json", "demo.json"], ["train.json", "demo.json", "multi_gpu_train.json"]):
-        if "multi_gpu_train.json" in names:  # a one-process group, as torchrun would set up
-            one_process_group_env(monkeypatch)
-        wf = workflow(B, names, dataset_dir=chain["data"], output_dir=str(tmp_path / "out"),
-                      tokenizer_ckpt=chain["tok_ckpt"])  # fmt: skip
-        wf.initialize()
-        try:
-            assert wf.check_properties() == []
-        finally:
-            wf.finalize()
-
-
 def test_metadata_net_in_out_and_export(chain, tmp_path):
     ts = zoo_checks_and_export(B, chain["seg_ckpt"], [1, 3, 32, 64, 64], tmp_path)
     exported = torch.jit.load(ts)
@@ -213,22 +179,3 @@ def test_user_dataset_dir_without_images_is_an_error(tmp_path):
         wf.run()
     assert str(empty) in error_text(e.value) and "no images" in error_text(e.value)
     assert not os.path.exists(os.path.join(str(empty), "images"))
-
-
-def test_every_config_is_json_with_4_space_indent():
-    for path in glob.glob(os.path.join(REPO, "bundles", B, "configs", "*.json")):
-        text = open(path).read()
-        json.loads(text)
-        assert text.startswith('{\n    "'), path
-
-
-def test_multi_gpu_mim_runs_two_processes_on_cpu(chain, tmp_path):
-    out = tmp_path / "out"
-    files = config_list(B, "train.json", "demo.json", "multi_gpu_train.json")
-    torchrun_two_processes(files, ["--dataset_dir", chain["data"], "--output_dir", str(out), "--tokenizer_ckpt",
-                                   chain["tok_ckpt"], "--max_steps", "3"], str(tmp_path))  # fmt: skip
-    # 12 demo images in aniso_d buckets {0: 2, 1: 2, 2: 2, 5: 6}, batch 2: 6 batches, 3 per rank;
-    # max_steps 3 -> one epoch of 3 iterations; rank 0 alone writes the checkpoint
-    ckpts = sorted(os.path.basename(p) for p in glob.glob(str(out / "models" / "checkpoint_iter=*.pt")))
-    assert ckpts == ["checkpoint_iter=3.pt"]
-    assert os.path.isfile(out / "models" / "model.pt")

@@ -22,12 +22,12 @@ pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
 BUNDLES = ["fratmae_petct", "spad_vit", "panfm_panorgan", "midol_multimodal"]
 
 
-def _train_two_steps(bundle: str, tmp, name: str, **switches) -> dict[str, torch.Tensor]:
+def _train_two_steps(bundle: str, data: str, tmp, name: str, **switches) -> dict[str, torch.Tensor]:
     extra = {}
     if bundle == "spad_vit":  # MIM pre-training starts from a tokenizer: untrained weights serve here
         extra["tokenizer_ckpt"] = save_untrained("spad_vit", ["train.json", "demo.json"], "tokenizer_def",
                                                  tmp / "tokenizer.pt")  # fmt: skip
-    wf = workflow(bundle, ["train.json", "demo.json"], dataset_dir=str(tmp / "data"), output_dir=str(tmp / name),
+    wf = workflow(bundle, ["train.json", "demo.json"], dataset_dir=data, output_dir=str(tmp / name),
                   cache_dir=str(tmp / "cache"), num_workers=0, **extra, **switches)  # fmt: skip
     wf.initialize()
     trainer = wf.trainer
@@ -40,10 +40,11 @@ def _train_two_steps(bundle: str, tmp, name: str, **switches) -> dict[str, torch
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_switches_train_as_eager(bundle, tmp_path):
-    eager = _train_two_steps(bundle, tmp_path, "eager")
-    ckpt = _train_two_steps(bundle, tmp_path, "ckpt", grad_checkpointing=True)
-    both = _train_two_steps(bundle, tmp_path, "both", grad_checkpointing=True, compile="eager")
+def test_switches_train_as_eager(bundle, tmp_path, demo_data):
+    data = demo_data(bundle)
+    eager = _train_two_steps(bundle, data, tmp_path, "eager")
+    ckpt = _train_two_steps(bundle, data, tmp_path, "ckpt", grad_checkpointing=True)
+    both = _train_two_steps(bundle, data, tmp_path, "both", grad_checkpointing=True, compile="eager")
     assert eager.keys() == ckpt.keys() == both.keys()
     moved = [k for k in eager if eager[k].is_floating_point()]
     for k in moved:

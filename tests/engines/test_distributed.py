@@ -56,7 +56,7 @@ def _end_worker(rank: int, tmp: str) -> None:
 
 def test_end_distributed_releases_the_reducer_and_frees_the_group(tmp_path):
     end_distributed(torch.nn.Linear(2, 2))  # without a process group: nothing to do, no error
-    mp.spawn(_end_worker, args=(str(tmp_path),), nprocs=2, join=True)  # both processes exit
+    mp.start_processes(_end_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")  # both exit
     for rank in range(2):
         state = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert state["reducer"] and state["logger"] and not state["initialized"]

@@ -15,8 +15,6 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from medfm.data import ensure_demo_midol, ensure_demo_panfm, ensure_demo_petct, ensure_demo_spad
-
 from ..bundles.helpers import config_list, run_cli, save_untrained, workflow
 
 pytestmark = pytest.mark.slow  # end-to-end runs through the bundle configs
@@ -60,10 +58,10 @@ def _assert_resume_exact(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root):
+def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root, demo_data):
     """A real process killed with SIGKILL right after its checkpoint of iteration 3 (the middle of epoch 2), restarted
     through the CLI with two data-loader workers, ends with the weights of an uninterrupted run with none."""
-    data = ensure_demo_petct(str(data_root / "petct"), num_cases=4, seed=0)
+    data = demo_data("fratmae_petct")
     common = dict(dataset_dir=data, epochs=3, cache_dir=str(data_root / "petct_cache"))
     ref = _final_state("fratmae_petct", ["train.json", "demo.json"], str(tmp_path / "ref"), **common)
     # an override file whose extra handler kills the process after the checkpoint of iteration 3 is written
@@ -81,7 +79,10 @@ def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, da
     assert sorted(os.listdir(os.path.join(out, "models"))) == ["checkpoint_iter=2.pt", "checkpoint_iter=3.pt"]
     second = run_cli(["run", "training", "--config_file", files, *args, "--num_workers", "2"], cwd=str(tmp_path))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "checkpoint_iter=3.pt" in second.stdout + second.stderr
+    assert "checkpoint_iter=3.pt" in second.stdout + second.stderr and "resuming from" in second.stdout + second.stderr
+    # the restart trained the 3 iterations left on top of the checkpoint, up to the end of epoch 3 (2 per epoch)
+    last = torch.load(os.path.join(out, "models", "checkpoint_iter=6.pt"), weights_only=True)
+    assert last["trainer"]["iteration"] == 6 and last["trainer"]["epoch_length"] == 2
     final = torch.load(os.path.join(out, "models", "model.pt"), weights_only=True)
     model = {k[len("model."):]: v for k, v in ref.items() if k.startswith("model.")}
     assert final.keys() == model.keys()
@@ -93,15 +94,15 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("resume_data")
 
 
-def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root):
-    data = ensure_demo_petct(str(data_root / "petct"), num_cases=4, seed=0)
+def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root, demo_data):
+    data = demo_data("fratmae_petct")
     # 4 cases, batch 2: 2 iterations per epoch; stopped at iteration 3, the middle of epoch 2
     _assert_resume_exact(tmp_path, "fratmae_petct", ["train.json", "demo.json"], 3, dataset_dir=data, epochs=3,
                          cache_dir=str(data_root / "petct_cache"))
 
 
-def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
-    data = ensure_demo_spad(str(data_root / "spad"), seed=0)
+def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root, demo_data):
+    data = demo_data("spad_vit")
     # the frozen tokenizer only has to be the same in every run: untrained weights of the demo size
     tok = save_untrained("spad_vit", ["train.json", "demo.json"], "tokenizer_def", tmp_path / "tokenizer.pt",
                          dataset_dir=data, output_dir=str(tmp_path / "probe"))  # fmt: skip
@@ -110,30 +111,30 @@ def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root):
                          tokenizer_ckpt=tok, cache_dir=str(data_root / "spad_cache"))
 
 
-def test_spad_vt_tokenizer_training_resumes_exactly(tmp_path, data_root):
-    data = ensure_demo_spad(str(data_root / "spad"), seed=0)
+def test_spad_vt_tokenizer_training_resumes_exactly(tmp_path, data_root, demo_data):
+    data = demo_data("spad_vit")
     # 6 iterations per epoch; stopped at iteration 4 of 6 (generator and discriminator, both optimizers, the GAN gate)
     names = ["train.json", "demo.json", "train_tokenizer.json", "demo_tokenizer.json"]
     _assert_resume_exact(tmp_path, "spad_vit", names, 4, dataset_dir=data, max_steps=6,
                          cache_dir=str(data_root / "spad_tok_cache"))
 
 
-def test_panfm_pretraining_resumes_exactly(tmp_path, data_root):
-    data = ensure_demo_panfm(str(data_root / "panfm"), seed=0)
+def test_panfm_pretraining_resumes_exactly(tmp_path, data_root, demo_data):
+    data = demo_data("panfm_panorgan")
     # 48 demo subjects, batch 8: 6 iterations per epoch; stopped at iteration 4 of 6
     _assert_resume_exact(tmp_path, "panfm_panorgan", ["train.json", "demo.json"], 4, dataset_dir=data, max_steps=6,
                          cache_dir=str(data_root / "panfm_cache"))
 
 
-def test_midol_pretraining_resumes_exactly(tmp_path, data_root):
-    data = ensure_demo_midol(str(data_root / "midol"), seed=0)
+def test_midol_pretraining_resumes_exactly(tmp_path, data_root, demo_data):
+    data = demo_data("midol_multimodal")
     # 40 demo images, batch 8: 5 iterations per epoch; stopped at iteration 7, the middle of epoch 2
     _assert_resume_exact(tmp_path, "midol_multimodal", ["train.json", "demo.json"], 7, dataset_dir=data, epochs=2,
                          cache_dir=str(data_root / "midol_cache"))
 
 
-def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root):
-    data = ensure_demo_midol(str(data_root / "midol"), seed=0)
+def test_midol_classification_finetuning_resumes_exactly(tmp_path, data_root, demo_data):
+    data = demo_data("midol_multimodal")
     # the pre-trained weights only have to be the same in every run: untrained pre-training weights of the demo size
     pre = save_untrained("midol_multimodal", ["train.json", "demo.json"], "network_def", tmp_path / "pretrained.pt",
                          dataset_dir=data, output_dir=str(tmp_path / "p"))  # fmt: skip

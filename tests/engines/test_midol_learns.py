@@ -86,6 +86,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_short_pretraining_lowers_both_loss_terms_clearly(tmp_path, one_thread):
     images = tiny_images(str(tmp_path), per_modality=16)  # 80 images, batch 20: 40 steps
     crop = MultiCropd("image", global_size=32, local_size=16, num_local=2).set_random_state(123)

@@ -89,7 +89,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 
 def test_two_ranks_give_the_loss_and_gradient_of_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")  # no re-imports
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     a, b, tokens = _batch()
     a = a.clone().requires_grad_(True)

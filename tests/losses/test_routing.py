@@ -259,7 +259,7 @@ def _spawn_target(rank, world, tmp):
 
 
 def test_distributed_two_processes_match_one_process(tmp_path):
-    mp.spawn(_spawn_target, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_spawn_target, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     student, teacher = _views(b=8, seed=0)
     loss = MIDoLLoss(out_dim=7)

@@ -64,7 +64,7 @@ def hub_endpoint(root: Path, repo_id: str, revision: str, commit: str = "0123456
                  ) -> Iterator[str]:  # fmt: skip
     """Serve ``root`` as ``repo_id`` at ``revision`` on a free loopback port; yields the endpoint URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(Path(root), repo_id, revision, commit))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench.py"
 HAVE_EINOPS = importlib.util.find_spec("einops") is not None  # MONAI's MaskedAutoEncoderViT needs it

@@ -1,4 +1,4 @@
-"""tools/bench.py midol and crop-cache: tiny runs as subprocesses (the timed claims are the base sizes' in
+"""tools/bench.py midol and crop-cache: tiny runs in this process (the timed claims are the base sizes' in
 docs/benchmarks.md); the records carry what the docs quote, and the counted FLOPs agree with a hand count."""
 
 from __future__ import annotations
@@ -10,19 +10,27 @@ from pathlib import Path
 
 import pytest
 
+from .bench_inprocess import bench_records
+
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
+
 REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "tools" / "bench.py"
 
 
-def _records(*args: str) -> list[dict]:
-    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", timeout=300, cwd=REPO)  # fmt: skip
+def _cli_records(*args: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
 
 
-def test_midol_step_and_pipeline_records():
-    runs = _records("midol", "--size", "tiny", "--steps", "1", "--workers", "0")
+@pytest.fixture
+def records(monkeypatch):
+    return lambda *args: bench_records(monkeypatch, *args)
+
+
+def test_midol_step_and_pipeline_records(records):
+    runs = records("midol", "--size", "tiny", "--steps", "1", "--workers", "0")
     recs = {(r["case"], r.get("workers")): r for r in runs}
     ours, monai = recs[("midol_swin", None)], recs[("monai_swin", None)]
     assert ours["params"] < monai["params"]  # MONAI's encoder merges patches once more after the last stage
@@ -35,8 +43,8 @@ def test_midol_step_and_pipeline_records():
     assert data["flops_per_image"] == pytest.approx(ours["flops_per_step"] / 2 * 14 / 3, rel=1e-6)
 
 
-def test_crop_cache_records():
-    recs = {r["dataset"]: r for r in _records("crop-cache", "--shape", "48", "40", "32", "--roi", "16", "8", "16",
+def test_crop_cache_records(records):
+    recs = {r["dataset"]: r for r in records("crop-cache", "--shape", "48", "40", "32", "--roi", "16", "8", "16",
                                                "--samples", "3")}  # fmt: skip
     old, new = recs["PersistentDataset"], recs["CropCacheDataset"]
     voxels = 48 * 40 * 32
@@ -46,9 +54,9 @@ def test_crop_cache_records():
     assert new["samples_per_s"] > 0 and old["samples_per_s"] > 0
 
 
-def test_device_mode_runs_each_model_and_its_peer_on_the_cpu():
+def test_device_mode_runs_each_model_and_its_peer_on_the_cpu(records):
     """``gpu --device cpu``: the code a GPU runs (placement, bf16 autocast, synced timing), on the CPU."""
-    runs = _records("gpu", "--device", "cpu", "--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
+    runs = records("gpu", "--device", "cpu", "--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
                     "--models", "midol", "fratmae", "--matmul-sizes", "128")  # fmt: skip
     recs = {r["case"]: r for r in runs if r["case"] != "matmul_peak"}
     peaks = [r for r in runs if r["case"] == "matmul_peak"]
@@ -86,8 +94,9 @@ def test_data_case_records_both_datasets_and_the_gpu_estimate(monkeypatch):
 
 def test_panfm_eval_memory_follows_the_test_set_only_when_materialised():
     """``bench.py panfm-eval``: four fresh processes; 12 more subjects (8.3 MB of voxels each) raise the peak RSS of
-    the materialised protocol by about their size, and of the streamed (shipped) one by far less."""
-    recs = {(r["mode"], r["subjects"]): r["peak_rss_mb"] for r in _records("panfm-eval", "--subjects", "4", "16",
+    the materialised protocol by about their size, and of the streamed (shipped) one by far less. The tool runs as a
+    command: on Linux a child's peak RSS starts from its parent's (kept across exec), and this process is large."""
+    recs = {(r["mode"], r["subjects"]): r["peak_rss_mb"] for r in _cli_records("panfm-eval", "--subjects", "4", "16",
                                                                              "--batch", "2")}  # fmt: skip
     data_mb = 12 * 8.3
     grown = {m: recs[(m, 16)] - recs[(m, 4)] for m in ("streamed", "materialised")}

@@ -1,31 +1,22 @@
-"""tools/bench.py panfm: tiny runs as subprocesses; token buckets make the padded tokens, and so the FLOPs of a
+"""tools/bench.py panfm: tiny runs in this process; token buckets make the padded tokens, and so the FLOPs of a
 step, follow the subjects' tokens (times at the tiny size are overhead; the timed claim is the base size's)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "tools" / "bench.py"
+from .bench_inprocess import bench_records
 
-
-def _run(*extra: str) -> dict[float, dict]:
-    cmd = [sys.executable, str(BENCH), "panfm", "--size", "tiny", "--steps", "1", "--warmup", "0", "--pool", "32",
-           "--rates", "0", "0.6", *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    records = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
-    return {r["missing_rate"]: r for r in records}
+pytestmark = pytest.mark.slow  # runs the bundles or the tool end to end
 
 
 @pytest.fixture(scope="module")
 def runs() -> tuple[dict, dict]:
-    return _run(), _run("--buckets", "1")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        args = ("panfm", "--size", "tiny", "--steps", "1", "--warmup", "0", "--pool", "32", "--rates", "0", "0.6")
+        bucketed = {r["missing_rate"]: r for r in bench_records(monkeypatch, *args)}
+        shuffled = {r["missing_rate"]: r for r in bench_records(monkeypatch, *args, "--buckets", "1")}
+    return bucketed, shuffled
 
 
 def test_records(runs):

@@ -109,6 +109,7 @@ def test_missing_and_misshapen_tensors_are_reported():
     assert not report.ok
 
 
+@pytest.mark.slow
 def test_cli_writes_a_strictly_loadable_backbone(tmp_path):
     ckpt = _dino_checkpoint()
     torch.save(ckpt, tmp_path / "M-IDoL.pth")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from medfm.networks.nets import SpadViTMIM, SpadVT
@@ -33,6 +34,7 @@ def _release_files(tmp_path):
     return vit, tok
 
 
+@pytest.mark.slow
 def test_converter_maps_both_release_checkpoints_without_unmatched_keys(tmp_path):
     vit, tok = _release_files(tmp_path)
     out = tmp_path / "out"
@@ -53,6 +55,7 @@ def test_converter_maps_both_release_checkpoints_without_unmatched_keys(tmp_path
         torch.testing.assert_close(v, tok[k])
 
 
+@pytest.mark.slow
 def test_converter_refuses_and_writes_nothing_when_keys_do_not_match(tmp_path):
     _release_files(tmp_path)
     out = tmp_path / "out"

@@ -84,6 +84,7 @@ def _run_rows(module, capsys, data, extra=()):
     return rows, float(end.split("MI_t ")[1].split(",")[0]), float(end.split("H_t ")[1].split(",")[0])
 
 
+@pytest.mark.slow
 def test_demo_pretraining_does_not_collapse(module, tmp_path, capsys):
     """The shipped demo recipe (train.json + demo.json), 48 steps on a 32-subject synthetic cohort: both loss terms
     end clearly below log out_dim (256 prototypes: what a collapsed, uniform target and student give), and the

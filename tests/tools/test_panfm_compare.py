@@ -29,6 +29,7 @@ def test_normalised_entropy_and_t_interval(module):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_compare_tables_cover_every_organ_mode_and_condition(module, tmp_path, capsys):
     assert module.main(["--seeds", "0", "--steps", "2", "--test-subjects", "6", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

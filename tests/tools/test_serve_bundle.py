@@ -9,12 +9,12 @@ import re
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 
-from medfm.data import export_petct_studies, generate_synthetic_petct, studies_datalist
+from medfm.data import export_petct_studies, generate_synthetic_petct
 from medfm.utils import SERVED, build_served_bundle, merged_config
 
-from ..bundles.helpers import REPO, run_cli, torchrun_two_processes
+from ..bundles.helpers import REPO, captured_logs
 
 B = os.path.join(REPO, "bundles", "fratmae_petct")
 
@@ -129,60 +129,25 @@ def _served_and_epoch_scores(log: str) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_served_train_config_runs_without_monailabel(served, tmp_path):
-    """``monai.bundle run`` of the served train.json on a studies folder (what MONAI Label does in-process, less
-    its checkpoint loader): one labelled study trains, the other validates, and the best model replaces
-    models/model.pt."""
+    """The served train.json run on a studies folder (what MONAI Label does in-process, less its checkpoint loader):
+    one labelled study trains, the other validates, and the best model replaces models/model.pt."""
     root, out, state = served
     generate_synthetic_petct(str(tmp_path / "ds"), num_cases=2, shape=(24, 20, 40), spacing=(4.0, 4.0, 4.0), seed=2)
     export_petct_studies(str(tmp_path / "ds"), str(tmp_path / "studies"))
-    train = str(out / "configs" / "train.json")
-    res = run_cli(["run", "--config_file", train, "--dataset_dir", str(tmp_path / "studies"),
-                   "--train#trainer#max_epochs", "1", "--val_fraction", "0.5", "--val_interval", "1"],
-                  cwd=str(tmp_path))  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # in this process, as ``python -m monai.bundle run --config_file <served>/configs/train.json`` would run it
+    wf = ConfigWorkflow(config_file=str(out / "configs" / "train.json"), meta_file=str(out / "configs" /
+                        "metadata.json"), logging_file=False, run_id="run", dataset_dir=str(tmp_path / "studies"),
+                        val_fraction=0.5, val_interval=1, **{"train#trainer#max_epochs": 1})  # fmt: skip
+    with captured_logs("monai.handlers.StatsHandler") as log:
+        wf.initialize()
+        wf.run()
+        wf.finalize()
     split = json.loads((out / "runs" / "serve_train" / "split.json").read_text())
     assert len(split["train"]) == 1 and len(split["val"]) == 1
     saved = torch.load(out / "models" / "model.pt", weights_only=True)
     assert saved.keys() == state.keys()
-    served, epoch = _served_and_epoch_scores(res.stdout + res.stderr)
+    served, epoch = _served_and_epoch_scores("\n".join(log))
     assert any(not torch.equal(saved[k], state[k]) for k in state) == _replaced(served, epoch), (served, epoch)
-
-
-@pytest.mark.slow
-def test_served_multi_gpu_training_as_monailabel_launches_it(served, tmp_path):
-    """MONAI Label's multi-GPU ``/train``: its train config (the served train.json with the datastore's pairs, the
-    epochs and a CheckpointLoader of models/model.pt) exported, then ``torchrun`` with multi_gpu_train.json
-    merged over it; here 2 processes on CPU (gloo). Both ranks step and validate (ignite's metrics all-reduce
-    over the ranks) with the unwrapped network; rank 0 logs and rewrites models/model.pt."""
-    _, out, _ = served
-    generate_synthetic_petct(str(tmp_path / "ds"), num_cases=3, shape=(24, 20, 40), spacing=(4.0, 4.0, 4.0), seed=4)
-    export_petct_studies(str(tmp_path / "ds"), str(tmp_path / "studies"))
-    pairs = studies_datalist(str(tmp_path / "studies"))
-    config = json.loads((out / "configs" / "train.json").read_text())
-    parser = ConfigParser(config)
-    model = out / "models" / "model.pt"
-    loader = {
-        "_target_": "CheckpointLoader",
-        "load_path": str(model),
-        "load_dict": {"model": "$@network"},
-        "strict": False,
-    }
-    overrides = {"bundle_root": str(out), "train#trainer#max_epochs": 1, "train#dataset#data": pairs[:2],
-                 "validate#dataset#data": pairs[2:], "val_interval": 1,
-                 "train#handlers": [loader, *config["train"]["handlers"]]}  # fmt: skip
-    for k, v in overrides.items():
-        parser[k] = v
-    exported = tmp_path / "monailabel_train.json"
-    exported.write_text(json.dumps(parser.config, indent=2))
-    before = model.read_bytes()
-    files = f"['{exported}','{out / 'configs' / 'multi_gpu_train.json'}']"
-    # a rank that did not step or validate would leave the other waiting in an all-reduce: no exit
-    log = torchrun_two_processes(files, [], str(tmp_path), run_id="run", engine_runs=None)
-    assert "Epoch: 1/1, Iter: 1/1" in log, log[-3000:]
-    # rank 0's StatsHandler only: the served weights' validation before training, then epoch 1's
-    assert log.count("Epoch[1] Metrics -- val_mean_dice") == 2, log[-3000:]
-    served, epoch = _served_and_epoch_scores(log)
-    assert (model.read_bytes() != before) == _replaced(served, epoch), (served, epoch)
 
 
 # an input of the demo network's size for each served segmentation network

@@ -230,6 +230,7 @@ def test_random_drop_is_deterministic_per_subject():
     assert checked > 150
 
 
+@pytest.mark.slow
 def test_random_drop_is_the_same_in_another_process():
     """Drops do not depend on Python's per-process string hash (PYTHONHASHSEED) or any global RNG."""
     code = (
