@@ -1,6 +1,6 @@
 """Download a bundle zip, check its sha256, and extract it safely.
 
-    python tools/download_bundle.py --url https://…/fratmae_petct_v0.2.0.zip --name fratmae_petct \\
+    python tools/download_bundle.py --url https://…/fratmae_petct_v0.3.0.zip --name fratmae_petct \\
         --sha256 <published hash> --bundle-dir ./bundles_downloaded
 
 Unlike ``python -m monai.bundle download --url …``, a wrong hash stops before anything is extracted, and a

@@ -11,7 +11,7 @@ SKIP. The network checks use ``configs/demo_inference.json`` merged over
 ``inference.json`` when the bundle has one (the paper-size network is checked by ``verify_net_in_out`` too
 with ``--full``). Prints one line per check and exits 1 if any fails.
 
-    python tools/verify_bundles.py --release dist/fratmae_petct_v0.2.0.zip [...]
+    python tools/verify_bundles.py --release dist/fratmae_petct_v0.3.0.zip [...]
 
 checks release zips as the zoo's CI does: each ``large_files.yml`` entry fetched again from its URL by MONAI's
 ``download_large_files`` (hash-checked), ``required_packages_version`` without ``medfm`` and at installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import threading
 import zipfile
 
@@ -70,12 +71,13 @@ def test_zip_layout_and_large_files(release):
     with zipfile.ZipFile(release["zip"]) as zf:
         names = zf.namelist()
         entry = yaml.safe_load(zf.read(f"{B}/large_files.yml"))["large_files"][0]
-    assert release["zip"].name == f"{B}_v0.2.0.zip"
+    version = json.load(open(f"{REPO}/bundles/{B}/configs/metadata.json", encoding="utf-8"))["version"]
+    assert release["zip"].name == f"{B}_v{version}.zip"
     assert all(n.startswith(f"{B}/") for n in names)
     assert {f"{B}/configs/train.json", f"{B}/configs/inference.json", f"{B}/configs/metadata.json",
             f"{B}/docs/README.md", f"{B}/LICENSE", f"{B}/models/model.pt"} <= set(names)  # fmt: skip
     assert not [n for n in names if "/runs/" in n or "/demo_data/" in n]
-    assert entry == {"path": "models/model.pt", "url": f"{release['base']}/{B}_v0.2.0/models/model.pt",
+    assert entry == {"path": "models/model.pt", "url": f"{release['base']}/{B}_v{version}/models/model.pt",
                      "hash_val": sha256_file(release["weights"]), "hash_type": "sha256"}  # fmt: skip
 
 

@@ -1,7 +1,14 @@
 from .batch import StepSeededGenerators, plain_tensor
 from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
-from .distributed import EVERY_RANK_HANDLERS, end_distributed, handlers_for_rank
+from .distributed import (
+    EVERY_RANK_HANDLERS,
+    ddp_device_ids,
+    end_distributed,
+    handlers_for_rank,
+    init_distributed,
+    local_device,
+)
 from .failures import FailedItemsError, FailedItemsWriter, SkipFailedIteration, failed_items
 from .fratmae_pretrain import FratMAEPretrainPrepareBatch
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
@@ -26,6 +33,9 @@ __all__ = [
     "SkipFailedIteration",
     "failed_items",
     "EVERY_RANK_HANDLERS",
+    "ddp_device_ids",
+    "init_distributed",
+    "local_device",
     "AtomicCheckpointSaver",
     "BestModelSaver",
     "FratMAEPretrainPrepareBatch",
