@@ -57,7 +57,7 @@ def _usage_worker(rank: int, tmp: str) -> None:
 def test_usage_entropy_synced_over_two_ranks_uses_the_global_usage_with_the_local_gradient(tmp_path):
     """Value: sum_k pbar_k log pbar_k of the usage averaged over both ranks; gradient: d/dpbar = log pbar + 1 at that
     global pbar, through this rank's mean over its own N tokens only (N = 3)."""
-    mp.spawn(_usage_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.start_processes(_usage_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")  # no re-imports
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     pbar = (_rank_probs(0).double().mean(0) + _rank_probs(1).double().mean(0)) / 2
     value = float((pbar * pbar.log()).sum())

@@ -12,7 +12,7 @@ from .distributed import (
 from .failures import FailedItemsError, FailedItemsWriter, SkipFailedIteration, failed_items
 from .fratmae_pretrain import FratMAEPretrainPrepareBatch
 from .image_handler import ReconstructionImageHandler, reconstruction_panel
-from .iteration import TrainingIteration, logged_terms, loss_scalar, loss_terms
+from .iteration import TrainingIteration, clip_and_step, logged_terms, loss_scalar, loss_terms
 from .midol_pretrain import MIDoLPretrainIteration, MIDoLPretrainPrepareBatch
 from .panfm_handlers import OrganAttentionPlot, attention_bar_image
 from .panfm_pretrain import PanFMPretrainIteration, PanFMPretrainPrepareBatch
@@ -66,6 +66,7 @@ __all__ = [
     "executed_config",
     "handlers_for_rank",
     "latest_checkpoint",
+    "clip_and_step",
     "logged_terms",
     "loss_scalar",
     "loss_terms",

@@ -14,7 +14,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ["TrainingIteration", "logged_terms", "loss_scalar", "loss_terms"]
+__all__ = ["TrainingIteration", "clip_and_step", "logged_terms", "loss_scalar", "loss_terms"]
 
 
 class TrainingIteration:
@@ -53,14 +53,21 @@ class TrainingIteration:
             terms = {"loss": engine.loss_function(preds, targets)}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         terms["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
-        engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        clip_and_step(engine, self.grad_clip_norm)
         logged = logged_terms(terms, engine.optimizer)
         return {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: preds, Keys.LOSS: terms["loss"].detach(),
                 "terms": logged}  # fmt: skip
+
+
+def clip_and_step(engine: Any, grad_clip_norm: float | None) -> None:
+    """The end of a supervised step after ``backward()``: fire ``BACKWARD_COMPLETED``, clip the total gradient norm of
+    ``engine.network`` to ``grad_clip_norm`` (``None``: no clipping), step ``engine.optimizer``, fire
+    ``MODEL_COMPLETED``."""
+    engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), grad_clip_norm)
+    engine.optimizer.step()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
 
 def logged_terms(

@@ -16,6 +16,8 @@ from torch import nn
 from medfm.losses.tokenizer import hinge_d_loss
 from medfm.utils.dist import get_world_size, is_distributed, unwrap
 
+from .iteration import clip_and_step
+
 __all__ = ["SpadTokenizerIteration"]
 
 
@@ -143,11 +145,7 @@ class SpadTokenizerIteration:
             terms = engine.loss_function.forward_terms(preds, targets, fake_logits=fake_logits)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             terms["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
-        engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        clip_and_step(engine, self.grad_clip_norm)
 
         # discriminator step
         self.d_optimizer.zero_grad(set_to_none=True)
