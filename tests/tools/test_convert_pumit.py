@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,14 +56,17 @@ def test_converter_maps_both_release_checkpoints_without_unmatched_keys(tmp_path
         torch.testing.assert_close(v, tok[k])
 
 
-@pytest.mark.slow
-def test_converter_refuses_and_writes_nothing_when_keys_do_not_match(tmp_path):
+def test_converter_refuses_and_writes_nothing_when_keys_do_not_match(tmp_path, capsys):
+    """The tool's ``main`` in this process (its command line is the test above)."""
     _release_files(tmp_path)
     out = tmp_path / "out"
+    spec = importlib.util.spec_from_file_location("convert_pumit", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     # the release is ViT-tiny here; converting into the default ViT-B must fail on shapes
-    res = _run("--vit", str(tmp_path / "pumit-b.ckpt"), "--out-dir", str(out))
-    assert res.returncode == 1
-    assert "shape mismatches" in res.stdout and "not written" in res.stdout
+    assert tool.main(["--vit", str(tmp_path / "pumit-b.ckpt"), "--out-dir", str(out)]) == 1
+    stdout = capsys.readouterr().out
+    assert "shape mismatches" in stdout and "not written" in stdout
     assert not (out / "spad_vit_mim.pt").exists()
 
 
