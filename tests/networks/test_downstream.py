@@ -60,6 +60,21 @@ def test_classifier_logits():
     assert net(torch.rand(3, 2, 16, 8, 16)).shape == (3, 2)
 
 
+def test_segmenter_feature_layers_follow_the_trunk_index_convention():
+    """Negative indices count from the end and an int n means the last n blocks, as every backbone's
+    ``forward_intermediates``; both give the same network as the positive indices they stand for."""
+    torch.manual_seed(0)
+    ref = FratMAESegmenter(patch_size=8, feature_size=4, feature_layers=[1, 2, 3], **ENC).eval()
+    x = torch.rand(1, 2, 16, 16, 16)
+    for layers in ([-3, -2, -1], 3):
+        net = FratMAESegmenter(patch_size=8, feature_size=4, feature_layers=layers, **ENC).eval()
+        assert net.feature_layers == [1, 2, 3]
+        net.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(net(x), ref(x))
+    with pytest.raises(ValueError, match="feature_layers"):
+        FratMAESegmenter(patch_size=8, feature_layers=[0, 1, 4], **ENC)  # 4 blocks: index 4 is out of range
+
+
 @pytest.mark.parametrize("bad", [{"patch_size": 12}, {"patch_size": 2}, {"patch_size": 8, "feature_layers": [0]}])
 def test_segmenter_ill_args(bad):
     with pytest.raises(ValueError):

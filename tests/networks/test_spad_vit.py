@@ -229,6 +229,20 @@ def test_segmenter_output_matches_input_for_2d_and_3d(shape, aniso_d):
     assert net.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_segmenter_feature_layers_follow_the_trunk_index_convention():
+    """Negative indices and an int count resolve as in ``forward_intermediates``; out of range is a ValueError."""
+    kw = dict(decoder_channels=(4, 4, 8, 8, 8, 8), **TINY)
+    depth = SpadViTSegmenter(3, feature_layers=(0, 1, 1, 1), **kw).encoder.blocks.__len__()
+    neg = SpadViTSegmenter(3, feature_layers=(-depth, 1 - depth, -1, -1), **kw)
+    assert neg.feature_layers == (0, 1, depth - 1, depth - 1)
+    if depth >= 4:
+        assert SpadViTSegmenter(3, feature_layers=4, **kw).feature_layers == tuple(range(depth - 4, depth))
+    with pytest.raises(ValueError, match="feature_layers"):
+        SpadViTSegmenter(3, feature_layers=(0, 1, 1, depth), **kw)
+    with pytest.raises(ValueError, match="4 blocks"):
+        SpadViTSegmenter(3, feature_layers=(0, 1, 1), **kw)
+
+
 @pytest.mark.parametrize("shape, aniso_d", [((2, 3, 1, 64, 64), 5), ((2, 3, 8, 64, 64), 2)])
 def test_segmenter_deep_supervision(shape, aniso_d):
     kw = dict(feature_layers=(0, 1, 1, 1), decoder_channels=(4, 4, 8, 8, 8, 8), **TINY)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
+from medfm.networks.blocks.trunk import resolve_indices
 from medfm.networks.blocks.twin_encoder import evenly_spaced_layers, twin_features, twin_vit_encoders
 
 __all__ = ["FratMAEClassifier", "FratMAESegmenter"]
@@ -35,7 +36,8 @@ class FratMAESegmenter(nn.Module):
             keywords).
         feature_size: decoder width at full resolution (UNETR: 16).
         feature_layers: encoder blocks (0-based) giving the skips and the bottleneck, shallowest first;
-            ``log2(patch)`` entries. Default: evenly spaced, ending with the last block. The last entry is the
+            ``log2(patch)`` entries (negative ones count from the end; an int ``n``: the last ``n`` blocks; stored
+            resolved). Default: evenly spaced, ending with the last block. The last entry is the
             bottleneck: the last block gives the encoder's final normed output (UNETR); an earlier block gives
             that block's output (like the skips) and the deeper blocks are not run (their parameters and the final
             norm then get no gradient: multi-GPU runs need ``find_unused_parameters``).
@@ -63,11 +65,16 @@ class FratMAESegmenter(nn.Module):
             raise ValueError(f"patch_size must be a power of two >= 4, got {patch_size}.")
         self.encoders = twin_vit_encoders(in_channels=1, patch_size=patch_size, **encoder_kwargs)
         num_layers = self.encoders["pet"].num_layers
-        layers = list(feature_layers) if feature_layers is not None else evenly_spaced_layers(num_layers, levels)
-        if len(layers) != levels or any(not 0 <= i < num_layers for i in layers):
+        if feature_layers is None:
+            layers = evenly_spaced_layers(num_layers, levels)
+        else:  # the trunk's index convention: negative from the end, an int n for the last n blocks
+            try:
+                layers = resolve_indices(feature_layers, num_layers)
+            except ValueError as e:
+                raise ValueError(f"feature_layers: {e}") from None
+        if len(layers) != levels:
             raise ValueError(
-                f"feature_layers must hold {levels} block indices in [0, {num_layers}) for patch {patch_size}, "
-                f"got {layers}."
+                f"feature_layers must hold {levels} block indices for patch {patch_size}, got {feature_layers!r}."
             )
         self.feature_layers, self.num_layers = layers, num_layers
         h2 = 2 * self.encoders["pet"].hidden_size

@@ -49,7 +49,8 @@ class SpadViTSegmenter(nn.Module):
 
     Args:
         out_channels: classes (background included).
-        feature_layers: four block indices feeding the pyramid.
+        feature_layers: four block indices feeding the pyramid (negative ones count from the end; an int ``n``: the
+            last ``n`` blocks), stored resolved.
         decoder_channels: channels per level 0 … p+1 (``p + 2`` values; the reference's BTCV decoder: 32, 64 in
             the full-resolution stem, 128, 256, 512, 512 on the pyramid levels).
         deep_supervision: add the auxiliary heads and return their logits in training.
@@ -71,17 +72,17 @@ class SpadViTSegmenter(nn.Module):
         p = self.encoder.patch_size.bit_length() - 1
         if p < 2:
             raise ValueError(f"SpadViTSegmenter needs patch_size >= 4, got {self.encoder.patch_size}.")
-        if len(feature_layers) != 4:
-            raise ValueError(f"feature_layers must name 4 blocks, got {list(feature_layers)}.")
         if len(decoder_channels) != p + 2:
             raise ValueError(
                 f"decoder_channels needs {p + 2} values (levels 0..{p + 1}), got {list(decoder_channels)}."
             )
-        try:
-            self.encoder.blocks.resolve(feature_layers)
+        try:  # the trunk's index convention: negative from the end, an int n for the last n blocks
+            layers = self.encoder.blocks.resolve(feature_layers)
         except ValueError as e:
             raise ValueError(f"feature_layers: {e}") from None
-        self.feature_layers = tuple(int(i) for i in feature_layers)
+        if len(layers) != 4:
+            raise ValueError(f"feature_layers must name 4 blocks, got {feature_layers!r}.")
+        self.feature_layers = tuple(layers)
         self.patch_level = p
         c = self.encoder.hidden_size
         ch = list(decoder_channels)
