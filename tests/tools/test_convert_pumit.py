@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from medfm.networks.nets import SpadViTMIM, SpadVT
 from medfm.networks.pumit_release import convert_pumit_tokenizer
 
 from ..helpers_spad import TINY_VIT, official_vit_state
+from . import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "convert_pumit.py")
@@ -60,9 +60,7 @@ def test_converter_refuses_and_writes_nothing_when_keys_do_not_match(tmp_path, c
     """The tool's ``main`` in this process (its command line is the test above)."""
     _release_files(tmp_path)
     out = tmp_path / "out"
-    spec = importlib.util.spec_from_file_location("convert_pumit", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_pumit")
     # the release is ViT-tiny here; converting into the default ViT-B must fail on shapes
     assert tool.main(["--vit", str(tmp_path / "pumit-b.ckpt"), "--out-dir", str(out)]) == 1
     stdout = capsys.readouterr().out

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from . import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-spec = importlib.util.spec_from_file_location("demo_losses", os.path.join(REPO, "tools", "demo_losses.py"))
-demo_losses = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo_losses)
+demo_losses = load_tool("demo_losses")
 
 REF = {"a/pretrain": [{"loss": 1.0}, {"loss": 0.5}], "b/finetune": [{"loss": 2.0}]}
 
