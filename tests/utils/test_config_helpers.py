@@ -8,7 +8,7 @@ from ignite.metrics import Accuracy
 from monai.data import MetaTensor
 
 from medfm.engines.distributed import ddp_device_ids, init_distributed, local_device
-from medfm.utils.bundle import class_scores_and_labels, copy_key, image_meta
+from medfm.utils.bundle import DEMO_SIZES, class_scores_and_labels, copy_key, demo_size, image_meta
 
 
 def test_class_scores_and_labels_feed_accuracy_like_a_hand_count():
@@ -73,3 +73,13 @@ def test_copy_key_keeps_the_source_and_names_a_missing_one():
     assert "label" not in items[0]  # the input is left alone
     with pytest.raises(ValueError, match="item 1 has no 'mask'"):
         copy_key([items[0], {"image": "c.png"}], "mask", "label")
+
+
+def test_demo_size_is_a_fresh_config_copy_and_names_an_unknown_bundle():
+    size = demo_size("midol_multimodal")
+    assert size["depths"] == [2, 2] and isinstance(size["num_heads"], list)  # as a JSON config writes it
+    size["depths"].append(2)
+    assert DEMO_SIZES["midol_multimodal"]["depths"] == (2, 2)
+    assert demo_size("fratmae_petct") == {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "mlp_dim": 192}
+    with pytest.raises(ValueError, match="no demo size for bundle 'nope'"):
+        demo_size("nope")

@@ -12,8 +12,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 __all__ = [
-    "PANFM_DEMO_ORGAN_SHAPES", "bundle_root", "class_scores_and_labels", "copy_key", "default_device", "image_meta",
-    "organ_loading", "panfm_demo_organ_shapes",
+    "DEMO_SIZES", "PANFM_DEMO_ORGAN_SHAPES", "bundle_root", "class_scores_and_labels", "copy_key", "default_device",
+    "demo_size", "image_meta", "organ_loading", "panfm_demo_organ_shapes",
 ]  # fmt: skip
 
 # Pan-FM's demo organ grids (voxels per axis), read by its three demo overlays (pre-training, fine-tuning, inference):
@@ -22,6 +22,23 @@ PANFM_DEMO_ORGAN_SHAPES: dict[str, tuple[int, int, int]] = {
     "brain": (16, 16, 16), "heart": (16, 16, 8), "adipose": (16, 16, 8), "liver": (16, 16, 8),
     "kidney": (8, 8, 8), "spleen": (8, 8, 8), "pancreas": (16, 8, 8),
 }  # fmt: skip
+
+
+# Each bundle's demo encoder size (the ``size`` mapping its encoder takes), read by all of the bundle's demo overlays
+# (pre-training, fine-tuning, inference): the weights the demo chain passes on fit only when they agree.
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "fratmae_petct": {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "mlp_dim": 192},
+    "midol_multimodal": {
+        "patch_size": 2,
+        "window_size": 4,
+        "embed_dim": 16,
+        "depths": (2, 2),
+        "num_heads": (2, 4),
+        "mlp_ratio": 4.0,
+    },
+    "panfm_panorgan": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128},
+    "spad_vit": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "mlp_dim": 128},
+}
 
 
 def bundle_root(fallback: str = ".") -> str:
@@ -110,3 +127,14 @@ def organ_loading(organs: Sequence[str], organ_shapes: Mapping[str, Sequence[int
     from medfm.transforms import LoadOrgansd
 
     return Compose([LoadOrgansd(organs=organs, organ_shapes=organ_shapes, intensity=intensity)])
+
+
+def demo_size(bundle: str) -> dict[str, Any]:
+    """The demo encoder size of ``bundle`` (:data:`DEMO_SIZES`) as a config writes it, a fresh copy each call.
+
+    Raises:
+        ValueError: ``bundle`` has no demo size.
+    """
+    if bundle not in DEMO_SIZES:
+        raise ValueError(f"no demo size for bundle {bundle!r}; known: {sorted(DEMO_SIZES)}.")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO_SIZES[bundle].items()}

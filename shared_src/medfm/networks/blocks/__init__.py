@@ -10,6 +10,7 @@ from .moe import MoEProjector
 from .patch_embed import PatchEmbed, patchify, token_grid, unpatchify
 from .pos_embed import sincos_pos_embed
 from .rope import Rope3D, apply_rope, rope_frequencies
+from .sizes import SPAD_VIT_SIZES, SWIN_SIZES, resolve_size
 from .soft_quantizer import SoftQuantizer, SoftQuantizerOutput
 from .spad import (
     MAX_ANISO_D,
@@ -56,6 +57,8 @@ __all__ = [
     "TextEncoder",
     "TransformerBlock",
     "TransformerTrunk",
+    "SPAD_VIT_SIZES",
+    "SWIN_SIZES",
     "VIT_SIZES",
     "ViTEncoder",
     "WindowAttention",
@@ -71,6 +74,7 @@ __all__ = [
     "load_clip_text_weights",
     "patchify",
     "resolve_indices",
+    "resolve_size",
     "rope_frequencies",
     "sincos_pos_embed",
     "token_entropy",

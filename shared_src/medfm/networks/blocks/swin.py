@@ -25,7 +25,8 @@ from the feature size at forward time; neither is in the state dict.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .sizes import SWIN_SIZES, resolve_size
 from .transformer_block import Mlp
 from .trunk import resolve_indices
 from .vit_encoder import init_trunc_normal_weights
@@ -266,28 +268,36 @@ class SwinBackbone(nn.Module):
     Args:
         img_size: training image side (sets the per-stage windows).
         in_channels: image channels.
-        patch_size: patch side.
-        window_size: attention window side.
-        embed_dim: stage-1 width; stage i has ``embed_dim * 2**i``.
-        depths: blocks per stage.
-        num_heads: heads per stage.
-        mlp_ratio: MLP width / token width.
+        patch_size: patch side; None takes the ``size``'s.
+        window_size: attention window side; None takes the ``size``'s.
+        embed_dim: stage-1 width; stage i has ``embed_dim * 2**i``; None takes the ``size``'s.
+        depths: blocks per stage; None takes the ``size``'s.
+        num_heads: heads per stage; None takes the ``size``'s.
+        mlp_ratio: MLP width / token width; None takes the ``size``'s.
         drop_path_rate: stochastic depth, increasing linearly from 0 to this over all blocks.
+        size: a name of :data:`~medfm.networks.blocks.SWIN_SIZES` (``base``: Swin-B) or a mapping of its six
+            keywords (``patch_size``, ``window_size``, ``embed_dim``, ``depths``, ``num_heads``, ``mlp_ratio``), for
+            those passed as None.
     """
 
     def __init__(
         self,
         img_size: int = 224,
         in_channels: int = 3,
-        patch_size: int = 4,
-        window_size: int = 7,
-        embed_dim: int = 128,
-        depths: Sequence[int] = (2, 2, 18, 2),
-        num_heads: Sequence[int] = (4, 8, 16, 32),
-        mlp_ratio: float = 4.0,
+        patch_size: int | None = None,
+        window_size: int | None = None,
+        embed_dim: int | None = None,
+        depths: Sequence[int] | None = None,
+        num_heads: Sequence[int] | None = None,
+        mlp_ratio: float | None = None,
         drop_path_rate: float = 0.1,
+        size: str | Mapping[str, Any] = "base",
     ) -> None:
         super().__init__()
+        given = {"patch_size": patch_size, "window_size": window_size, "embed_dim": embed_dim, "depths": depths}
+        patch_size, window_size, embed_dim, depths, num_heads, mlp_ratio = resolve_size(
+            SWIN_SIZES, size, **given, num_heads=num_heads, mlp_ratio=mlp_ratio
+        ).values()
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"depths={tuple(depths)} and num_heads={tuple(num_heads)} need the same length >= 1.")
         if min(depths) < 1 or window_size < 1 or patch_size < 1 or embed_dim < 1:

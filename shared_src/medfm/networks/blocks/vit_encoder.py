@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from .patch_embed import PatchEmbed, token_grid
 from .pos_embed import sincos_pos_embed
+from .sizes import VIT_SIZES, resolve_size
 from .transformer_block import TransformerBlock
 from .trunk import TransformerTrunk
 
@@ -37,15 +38,6 @@ def init_trunc_normal_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-VIT_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 192, "num_layers": 12, "num_heads": 3, "mlp_dim": 768},
-    "small": {"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536},
-    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
-    "large": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
-}
-"""ViT sizes by name (Dosovitskiy et al.; DeiT for tiny/small): ``ViTEncoder(**VIT_SIZES["base"], patch_size=16)``."""
-
-
 class ViTEncoder(nn.Module):
     """Vision Transformer encoder (Dosovitskiy et al., arXiv:2010.11929) as used by MAE (He et al.,
     arXiv:2111.06377): patch embedding, fixed sine-cosine position embedding computed from the token grid,
@@ -54,18 +46,20 @@ class ViTEncoder(nn.Module):
 
     Masked tokens never enter: pass ``ids_keep`` and only those tokens are embedded and encoded.
 
-    All arguments are keywords (sizes by name: :data:`VIT_SIZES`).
+    All arguments are keywords (sizes by name: ``size``, :data:`VIT_SIZES`).
 
     Args:
         in_channels: image channels.
         patch_size: patch size (int or per spatial dim).
-        hidden_size: token width (ViT-B: 768).
-        num_layers: blocks (ViT-B: 12).
-        num_heads: heads (ViT-B: 12).
-        mlp_dim: MLP width (ViT-B: 3072).
+        hidden_size: token width (ViT-B: 768); None takes the ``size``'s.
+        num_layers: blocks (ViT-B: 12); None takes the ``size``'s.
+        num_heads: heads (ViT-B: 12); None takes the ``size``'s.
+        mlp_dim: MLP width (ViT-B: 3072); None takes the ``size``'s.
         qkv_bias: bias on q, k, v.
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this rate.
         spatial_dims: 2 or 3.
+        size: a name of :data:`VIT_SIZES` (``base``: ViT-B) or a mapping of the four size keywords, for those
+            passed as None.
     """
 
     def __init__(
@@ -73,15 +67,19 @@ class ViTEncoder(nn.Module):
         *,
         in_channels: int = 1,
         patch_size: int | Sequence[int] = 16,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        mlp_dim: int | None = None,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         spatial_dims: int = 3,
+        size: str | Mapping[str, int] = "base",
     ) -> None:
         super().__init__()
+        hidden_size, num_layers, num_heads, mlp_dim = resolve_size(
+            VIT_SIZES, size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim
+        ).values()
         if num_layers < 1:
             raise ValueError(f"num_layers must be positive, got {num_layers}.")
         self.hidden_size = hidden_size

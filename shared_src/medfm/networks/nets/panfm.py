@@ -22,6 +22,7 @@ from medfm.masking.saliency import organ_attention_share
 from medfm.networks.blocks import PatchEmbed, TransformerBlock, init_transformer_weights, sincos_pos_embed, token_grid
 from medfm.networks.blocks.dino_head import DINOHead
 from medfm.networks.blocks.ema import EMATeacherPair
+from medfm.networks.blocks.sizes import VIT_SIZES, resolve_size
 from medfm.networks.blocks.trunk import TransformerTrunk
 from medfm.organs import PANFM_ORGANS
 from medfm.utils.dist import is_distributed
@@ -69,14 +70,16 @@ class PanFMEncoder(nn.Module):
         organ_shapes: organ -> spatial shape of its image (2 or 3 dims), each a multiple of its patch size.
         patch_size: one patch size for all organs (int or per dim), or organ -> patch size.
         in_channels: image channels.
-        hidden_size: token width (ViT-B: 768).
-        num_layers: blocks (ViT-B: 12).
-        num_heads: heads (ViT-B: 12).
-        mlp_dim: MLP width (ViT-B: 3072).
+        hidden_size: token width (ViT-B: 768); None takes the ``size``'s.
+        num_layers: blocks (ViT-B: 12); None takes the ``size``'s.
+        num_heads: heads (ViT-B: 12); None takes the ``size``'s.
+        mlp_dim: MLP width (ViT-B: 3072); None takes the ``size``'s.
         drop_path_rate: stochastic depth, linearly increasing over blocks up to this rate.
         qkv_bias: bias on q, k, v.
         pos_embed_scale: factor on the sine-cosine position embeddings, kept in the buffer ``pos_scale`` (saved
             with the weights, so a checkpoint keeps the factor it was trained with).
+        size: a name of :data:`~medfm.networks.blocks.VIT_SIZES` (``base``: ViT-B) or a mapping of the four size
+            keywords, for those passed as None.
 
     Each organ also has a mean image (buffer ``input_mean_<organ>``, zeros unless
     :meth:`update_input_mean` fills it) that is subtracted from its images before the patch embedding. Checkpoints
@@ -90,15 +93,19 @@ class PanFMEncoder(nn.Module):
         *,
         patch_size: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 8,
         in_channels: int = 1,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 3072,
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        mlp_dim: int | None = None,
         drop_path_rate: float = 0.0,
         qkv_bias: bool = True,
         pos_embed_scale: float = 1.0,
+        size: str | Mapping[str, int] = "base",
     ) -> None:
         super().__init__()
+        hidden_size, num_layers, num_heads, mlp_dim = resolve_size(
+            VIT_SIZES, size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim
+        ).values()
         self.organs = tuple(organs)
         if not self.organs or len(set(self.organs)) != len(self.organs):
             raise ValueError(f"organs must be distinct names, at least one, got {list(organs)}.")

@@ -14,7 +14,7 @@ projections (``attn.qkv`` = q/k/v, ``mlp.fc1`` = w1/w2); ``tools/convert_pumit.p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from medfm.networks.blocks.eva_block import eva_block
 from medfm.networks.blocks.rope import Rope3D
+from medfm.networks.blocks.sizes import SPAD_VIT_SIZES, resolve_size
 from medfm.networks.blocks.spad import SpadConv3d, default_aniso_d
 from medfm.networks.blocks.trunk import TransformerTrunk
 from medfm.networks.blocks.vit_encoder import init_trunc_normal_weights
@@ -62,23 +63,25 @@ class SpadViT(nn.Module):
     Args:
         in_channels: image channels (the release: 3, grey images replicated).
         patch_size: in-plane patch size; must be a power of two (16).
-        hidden_size, num_layers, num_heads, mlp_dim: transformer sizes.
+        hidden_size, num_layers, num_heads, mlp_dim: transformer sizes; None takes the ``size``'s.
         pos_embed_shape: shape (d, h, w) of the learnable position embedding (5, 10, 10: the pre-training grid).
         rope_base_z, rope_base_xy: 3D RoPE frequency bases (2333, 10000).
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         input_mean, input_std: per-channel input normalisation applied inside (ImageNet's, as the release);
             None leaves inputs as they come.
         grad_checkpointing: recompute blocks in backward to save memory.
+        size: a name of :data:`~medfm.networks.blocks.SPAD_VIT_SIZES` (``base``: the release) or a mapping of the
+            four transformer sizes, for those passed as None.
     """
 
     def __init__(
         self,
         in_channels: int = 3,
         patch_size: int = 16,
-        hidden_size: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        mlp_dim: int = 2048,
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        mlp_dim: int | None = None,
         pos_embed_shape: Sequence[int] = (5, 10, 10),
         rope_base_z: float = 2333.0,
         rope_base_xy: float = 10000.0,
@@ -86,8 +89,12 @@ class SpadViT(nn.Module):
         input_mean: Sequence[float] | None = IMAGENET_MEAN,
         input_std: Sequence[float] | None = IMAGENET_STD,
         grad_checkpointing: bool = False,
+        size: str | Mapping[str, int] = "base",
     ) -> None:
         super().__init__()
+        hidden_size, num_layers, num_heads, mlp_dim = resolve_size(
+            SPAD_VIT_SIZES, size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim
+        ).values()
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"patch_size must be a power of two, got {patch_size}.")
         if (input_mean is None) != (input_std is None):
