@@ -79,7 +79,7 @@ def test_served_folder_holds_what_monailabel_reads(served):
         for part in path.split("#"):
             node = node[part]
     assert train["epochs"] == "@train#trainer#max_epochs" and "run" in train
-    assert train["network_def"]["hidden_size"] == 96  # the demo network
+    assert train["network_def"]["size"] == "$medfm.utils.bundle.demo_size('fratmae_petct')"  # the demo network
 
 
 def test_bad_requests_are_refused_clearly(served, tmp_path):
