@@ -170,6 +170,6 @@ def test_served_multi_gpu_config_lets_ddp_skip_unused_parameters(bundle, tmp_pat
     unused = [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None]
     merged = ConfigParser()  # as torchrun with --config_file "[train.json, multi_gpu_train.json]" merges them
     merged.read_config([str(out / "configs" / "train.json"), str(out / "configs" / "multi_gpu_train.json")])
-    assert merged["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    assert merged["network"]["_target_"] == "medfm.engines.distributed.ddp"
     if unused:
         assert merged["network"]["find_unused_parameters"] is True, unused

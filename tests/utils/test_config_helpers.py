@@ -7,7 +7,7 @@ import torch
 from ignite.metrics import Accuracy
 from monai.data import MetaTensor
 
-from medfm.engines.distributed import ddp_device_ids, init_distributed, local_device
+from medfm.engines.distributed import ddp, ddp_device_ids, init_distributed, local_device
 from medfm.utils.bundle import DEMO_SIZES, class_scores_and_labels, copy_key, demo_size, image_meta
 
 
@@ -60,6 +60,30 @@ def test_init_distributed_joins_a_gloo_group_once(tmp_path, monkeypatch):
         group = dist.group.WORLD
         init_distributed("cpu")  # a second call keeps the group
         assert dist.group.WORLD is group
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_wraps_the_module_as_distributed_data_parallel_built_by_hand(monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29534")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    try:
+        init_distributed("cpu")
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 2)
+        net = ddp(module, find_unused_parameters=True)
+        hand = DistributedDataParallel(torch.nn.Linear(3, 2), device_ids=None, find_unused_parameters=True)
+        assert isinstance(net, DistributedDataParallel) and net.module is module
+        assert (net.device_ids, net.find_unused_parameters) == (hand.device_ids, hand.find_unused_parameters)
+        assert ddp(torch.nn.Linear(3, 2)).find_unused_parameters is False
+        with pytest.raises(ValueError, match="Identity has no parameters or buffers"):
+            ddp(torch.nn.Identity())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

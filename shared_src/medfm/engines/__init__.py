@@ -3,6 +3,7 @@ from .best_model import BestModelSaver, ServedModelSaver
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, atomic_torch_save, latest_checkpoint
 from .distributed import (
     EVERY_RANK_HANDLERS,
+    ddp,
     ddp_device_ids,
     end_distributed,
     handlers_for_rank,
@@ -33,6 +34,7 @@ __all__ = [
     "SkipFailedIteration",
     "failed_items",
     "EVERY_RANK_HANDLERS",
+    "ddp",
     "ddp_device_ids",
     "init_distributed",
     "local_device",

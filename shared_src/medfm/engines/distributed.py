@@ -3,8 +3,8 @@
 A multi-GPU overlay (``multi_gpu_train.json``) merged over a training config under ``torchrun`` sets::
 
     "device": "$medfm.engines.distributed.local_device()",
-    "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": <the single-process network>,
-                "device_ids": "$medfm.engines.distributed.ddp_device_ids(@device)", ...},
+    "network": {"_target_": "medfm.engines.distributed.ddp", "module": <the single-process network>,
+                "find_unused_parameters": ...},
     "initialize": ["$medfm.engines.distributed.init_distributed(@device)", ...],
     "finalize": ["$medfm.engines.end_distributed(@network)"]
 
@@ -31,6 +31,7 @@ from .step_seed import StepSeedHandler
 
 __all__ = [
     "EVERY_RANK_HANDLERS",
+    "ddp",
     "ddp_device_ids",
     "end_distributed",
     "handlers_for_rank",
@@ -132,3 +133,22 @@ def ddp_device_ids(device: torch.device | str) -> list[torch.device] | None:
     """
     device = torch.device(device)
     return [device] if device.type == "cuda" else None
+
+
+def ddp(module: torch.nn.Module, find_unused_parameters: bool = False) -> DistributedDataParallel:
+    """``module`` wrapped in ``DistributedDataParallel`` on the device it is on (:func:`ddp_device_ids` of it).
+
+    Args:
+        module: the single-process network, moved to this process's device already.
+        find_unused_parameters: let DDP tolerate parameters without a gradient in an iteration.
+
+    Raises:
+        ValueError: ``module`` has neither parameters nor buffers to tell its device.
+    """
+    tensor = next(module.parameters(), None)
+    tensor = tensor if tensor is not None else next(module.buffers(), None)
+    if tensor is None:
+        raise ValueError(f"{type(module).__name__} has no parameters or buffers: nothing for DistributedDataParallel.")
+    return DistributedDataParallel(
+        module, device_ids=ddp_device_ids(tensor.device), find_unused_parameters=find_unused_parameters
+    )
