@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from medfm.data import build_spad_datalist
@@ -35,9 +36,14 @@ def _cli(cwd, names, *overrides, mode="training", cli=False):
 
 
 def _demo_sizes(name: str) -> dict:
-    """``network_def#…`` overrides of a demo config as constructor keyword arguments."""
+    """``network_def#…`` overrides of a demo config as constructor keyword arguments (``$`` expressions evaluated)."""
     cfg = json.load(open(configs(B, name)[0]))
-    return {k.split("#", 1)[1]: v for k, v in cfg.items() if k.startswith("network_def#")}
+    return {k.split("#", 1)[1]: _value(v) for k, v in cfg.items() if k.startswith("network_def#")}
+
+
+def _value(v):
+    """A config value as a run reads it (``$medfm…`` expressions evaluated)."""
+    return ConfigParser({"imports": ["$import medfm"], "v": v}).get_parsed_content("v")
 
 
 def _tokenizer_sizes() -> dict:
