@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .checks import LoadImageNamedd, MinSpatialSized, source_name
 from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
+from .one_hot import SegmentationOneHotd
 from .panfm import (
     SUPPORTED_DROP_MODES,
     SUPPORTED_ORGAN_INTENSITY,
@@ -52,6 +53,7 @@ __all__ = [
     "MultiCropd",
     "ResizeNormalized",
     "SEGMENTATION_PATCHES",
+    "SegmentationOneHotd",
     "ScaleIntensity8Bitd",
     "STACKS",
     "SUPPORTED_DROP_MODES",
