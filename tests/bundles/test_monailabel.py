@@ -146,11 +146,30 @@ def _study_midol(root) -> list[tuple[str, str, str]]:
 STUDIES = {"fratmae_petct": _study_fratmae, "spad_vit": _study_spad, "midol_multimodal": _study_midol}
 
 
+def _installed_app(python: str, name: str) -> str | None:
+    """The folder ``monailabel apps --download --name <name>`` copies from, where MONAI Label 0.8.5 looks first:
+    ``sample-apps`` beside the ``monailabel`` package, then ``<prefix>/monailabel/sample-apps`` (where pip installs
+    them); ``None`` when neither holds the app."""
+    probe = "import sys, sysconfig; print(sysconfig.get_paths()['purelib']); print(sys.prefix)"
+    res = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    purelib, prefix = res.stdout.splitlines()[:2]
+    for root in (os.path.join(purelib, "sample-apps"), os.path.join(prefix, "monailabel", "sample-apps")):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
 @pytest.fixture(scope="module")
 def app_template(tmp_path_factory) -> str:
-    """MONAI Label's stock ``monaibundle`` app, fetched once for the three servers (each gets its own copy)."""
+    """MONAI Label's stock ``monaibundle`` app, fetched once for the three servers (each gets its own copy). The
+    copy is made here as ``monailabel apps --download`` makes it (the same folder, the same files left out), which
+    saves that command's start (it imports MONAI Label); the command runs where the app is not in either place."""
     python = _label_python()
     apps = tmp_path_factory.mktemp("apps")
+    installed = _installed_app(python, "monaibundle")
+    if installed:
+        shutil.copytree(installed, apps / "monaibundle", ignore=shutil.ignore_patterns("logs", "model", "__pycache__"))
+        return str(apps / "monaibundle")
     cmd = [python, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)]
     res = subprocess.run(cmd, cwd=str(apps), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

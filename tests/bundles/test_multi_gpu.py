@@ -1,5 +1,5 @@
-"""Every bundle's multi-GPU configs under ``torchrun`` with 2 processes on CPU (gloo): one launch per distributed
-mechanism, each running every bundle's configs of that mechanism one after another (``helpers.torchrun_jobs``).
+"""Every bundle's multi-GPU configs under ``torchrun`` with 2 processes on CPU (gloo), in one launch that runs every
+bundle's configs of both distributed mechanisms one after another (``helpers.torchrun_jobs``).
 
 - Pre-training (``train.json`` + ``demo.json`` + ``multi_gpu_train.json``): DistributedDataParallel, each rank's
   share of the batches (the bundle's own sampler split by rank), rank 0 alone logging and writing checkpoints, the
@@ -48,23 +48,12 @@ def data(tmp_path_factory, demo_data):
     return d
 
 
-# --- pre-training: one launch, every bundle ---
+# --- pre-training: every bundle ---
 
 
 @pytest.fixture(scope="module")
-def pretraining(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_pretraining")
-    lengths = {"fratmae_petct": {"epochs": 1}, "spad_vit": {"max_steps": 3, "tokenizer_ckpt": data["tokenizer"]},
-               "panfm_panorgan": {"max_steps": 2}, "midol_multimodal": {"epochs": 1}}  # fmt: skip
-    jobs = {
-        b: {"config_file": configs(b, "train.json", "demo.json", "multi_gpu_train.json"),
-            "overrides": {"dataset_dir": data[b], "output_dir": str(root / b), **extra}}
-        for b, extra in lengths.items()
-    }  # fmt: skip
-    logs = torchrun_jobs(jobs, root)
-    for b, log in logs.items():  # each rank's trainer logs the end of its run: both ranks stepped through their epochs
-        assert log.count("Engine run finished") == 2, (b, log[-3000:])
-    return {b: root / b for b in jobs}
+def pretraining(launch):
+    return launch["pretraining"]
 
 
 def _checkpoints(out) -> list[str]:
@@ -100,7 +89,7 @@ def test_midol_pretraining_runs_two_processes_on_cpu(pretraining):
     assert state and not any(k.startswith("module.") for k in state)
 
 
-# --- fine-tuning: one launch, every bundle and MONAI Label's multi-GPU /train of a served bundle ---
+# --- fine-tuning: every bundle and MONAI Label's multi-GPU /train of a served bundle ---
 
 # bundle -> (fine-tuning configs, run length, the validation metric rank 0 logs)
 FINETUNE = {
@@ -138,19 +127,41 @@ def _served_job(root) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def finetuning(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_finetuning")
+def finetuning(launch):
+    return launch["finetuning"]
+
+
+PRE_LENGTHS = {"fratmae_petct": {"epochs": 1}, "spad_vit": {"max_steps": 3}, "panfm_panorgan": {"max_steps": 2},
+               "midol_multimodal": {"epochs": 1}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def launch(data, tmp_path_factory):
+    """Both mechanisms in one ``torchrun`` launch (one start of torchrun and two interpreters): every bundle's
+    pre-training, then every bundle's fine-tuning and MONAI Label's multi-GPU ``/train`` of a served bundle."""
+    root = tmp_path_factory.mktemp("ddp")
+    pre_root, ft_root = root / "pretraining", root / "finetuning"
     jobs = {}
+    for b, length in PRE_LENGTHS.items():
+        extra = {"tokenizer_ckpt": data["tokenizer"]} if b == "spad_vit" else {}
+        jobs[f"pre_{b}"] = {"config_file": configs(b, "train.json", "demo.json", "multi_gpu_train.json"),
+                            "overrides": {"dataset_dir": data[b], "output_dir": str(pre_root / b), **length,
+                                          **extra}}  # fmt: skip
     for b, (names, length, _) in FINETUNE.items():
         pre = data["fratmae_pre"] if b == "fratmae_petct" else "none"  # the others start from random weights
         dataset = data["fratmae_finetune"] if b == "fratmae_petct" else data[b]
-        jobs[b] = {"config_file": configs(b, *names, "multi_gpu_finetune.json"),
-                   "overrides": {"dataset_dir": dataset, "output_dir": str(root / b), "pretrained_checkpoint": pre,
-                                 "val_interval": 1, **length}}  # fmt: skip
+        jobs[f"ft_{b}"] = {"config_file": configs(b, *names, "multi_gpu_finetune.json"),
+                           "overrides": {"dataset_dir": dataset, "output_dir": str(ft_root / b),
+                                         "pretrained_checkpoint": pre, "val_interval": 1, **length}}  # fmt: skip
     (root / "serve").mkdir()
-    jobs["served"], served = _served_job(root / "serve")
+    jobs["ft_served"], served = _served_job(root / "serve")
     logs = torchrun_jobs(jobs, root)
-    return {"logs": logs, "out": {b: root / b for b in FINETUNE}, "served": served}
+    for b in PRE_LENGTHS:  # each rank's trainer logs the end of its run: both ranks stepped through their epochs
+        log = logs[f"pre_{b}"]
+        assert log.count("Engine run finished") == 2, (b, log[-3000:])
+    return {"pretraining": {b: pre_root / b for b in PRE_LENGTHS},
+            "finetuning": {"logs": {name[len("ft_"):]: log for name, log in logs.items() if name.startswith("ft_")},
+                           "out": {b: ft_root / b for b in FINETUNE}, "served": served}}  # fmt: skip
 
 
 @pytest.mark.parametrize("bundle", sorted(FINETUNE))

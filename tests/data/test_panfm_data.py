@@ -154,10 +154,10 @@ def test_table_other_errors(tmp_path: Path, files: dict[str, str]):
 
 # --------------------------------------------------------------------------------------------- generator
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("panfm") / "demo"
-    assert generate_synthetic_panfm(str(root)) == str(root / "subjects.csv")
-    return root
+def demo(demo_data) -> Path:
+    """The session's Pan-FM demo (``conftest.demo_data``: :func:`generate_synthetic_panfm` with its defaults, seed
+    0), read only."""
+    return Path(demo_data("panfm_panorgan"))
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_demo_images_are_smooth_structure_plus_noise(demo: Path):
 
 def test_generator_is_deterministic_and_refuses_overwrite(tmp_path: Path):
     a, b, c = (tmp_path / n for n in "abc")
-    generate_synthetic_panfm(str(a), 6, seed=5, organ_shapes=TINY_SHAPES)
+    assert generate_synthetic_panfm(str(a), 6, seed=5, organ_shapes=TINY_SHAPES) == str(a / "subjects.csv")
     generate_synthetic_panfm(str(b), 6, seed=5, organ_shapes=TINY_SHAPES)
     generate_synthetic_panfm(str(c), 6, seed=6, organ_shapes=TINY_SHAPES)
     assert (a / "subjects.csv").read_text() == (b / "subjects.csv").read_text()

@@ -41,9 +41,14 @@ def _final_state(bundle: str, names: list[str], out: str, stop_at: int | None = 
 
 
 def _assert_resume_exact(
-    tmp_path, bundle: str, names: list[str], stop_at: int, files: tuple[str, ...] = (), **override
+    tmp_path, bundle: str, names: list[str], stop_at: int, files: tuple[str, ...] = (), ref: dict | None = None,
+    **override,
 ) -> None:
-    ref = _final_state(bundle, names, str(tmp_path / "ref"), **override)
+    """``ref``: the uninterrupted run's final state when it was computed already (then ``files`` must be empty)."""
+    if ref is None:
+        ref = _final_state(bundle, names, str(tmp_path / "ref"), **override)
+    elif files:
+        raise ValueError(f"files {files} are compared with the reference run's own folder: pass no ref")
     out = str(tmp_path / "run")
     part = _final_state(bundle, names, out, stop_at=stop_at, **override)
     assert int(part["iteration"]) == stop_at < int(ref["iteration"])
@@ -58,12 +63,24 @@ def _assert_resume_exact(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root, demo_data):
+@pytest.fixture(scope="module")
+def fratmae_ref(tmp_path_factory, data_root, demo_data) -> dict:
+    """The final state of the uninterrupted FratMAE demo pre-training (3 epochs, a checkpoint every iteration) that
+    both FratMAE tests compare with, run once: it depends on the configs and the data, not on the output folder."""
+    torch.manual_seed(0)
+    return _final_state("fratmae_petct", ["train.json", "demo.json"], str(tmp_path_factory.mktemp("fratmae_ref")),
+                        **_fratmae_common(data_root, demo_data))  # fmt: skip
+
+
+def _fratmae_common(data_root, demo_data) -> dict:
+    return dict(dataset_dir=demo_data("fratmae_petct"), epochs=3, cache_dir=str(data_root / "petct_cache"))
+
+
+def test_killed_fratmae_run_resumes_exactly_with_other_worker_count(tmp_path, data_root, demo_data, fratmae_ref):
     """A real process killed with SIGKILL right after its checkpoint of iteration 3 (the middle of epoch 2), restarted
     through the CLI with two data-loader workers, ends with the weights of an uninterrupted run with none."""
-    data = demo_data("fratmae_petct")
-    common = dict(dataset_dir=data, epochs=3, cache_dir=str(data_root / "petct_cache"))
-    ref = _final_state("fratmae_petct", ["train.json", "demo.json"], str(tmp_path / "ref"), **common)
+    common = _fratmae_common(data_root, demo_data)
+    data, ref = common["dataset_dir"], fratmae_ref
     # an override file whose extra handler kills the process after the checkpoint of iteration 3 is written
     kill = {"train#trainer#train_handlers": "$list(@train#handlers) + [type('Kill', (), {'attach': lambda self, e: "
             "e.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED(once=3), lambda _: "
@@ -94,11 +111,10 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("resume_data")
 
 
-def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root, demo_data):
-    data = demo_data("fratmae_petct")
+def test_fratmae_pretraining_resumes_exactly(tmp_path, data_root, demo_data, fratmae_ref):
     # 4 cases, batch 2: 2 iterations per epoch; stopped at iteration 3, the middle of epoch 2
-    _assert_resume_exact(tmp_path, "fratmae_petct", ["train.json", "demo.json"], 3, dataset_dir=data, epochs=3,
-                         cache_dir=str(data_root / "petct_cache"))
+    _assert_resume_exact(tmp_path, "fratmae_petct", ["train.json", "demo.json"], 3, ref=fratmae_ref,
+                         **_fratmae_common(data_root, demo_data))  # fmt: skip
 
 
 def test_spad_vit_pretraining_resumes_exactly(tmp_path, data_root, demo_data):

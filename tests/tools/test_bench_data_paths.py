@@ -93,9 +93,10 @@ def test_data_case_records_both_datasets_and_the_gpu_estimate(monkeypatch):
 
 
 def test_panfm_eval_memory_follows_the_test_set_only_when_materialised():
-    """``bench.py panfm-eval``: four fresh processes; 12 more subjects (8.3 MB of voxels each) raise the peak RSS of
-    the materialised protocol by about their size, and of the streamed (shipped) one by far less. The tool runs as a
-    command: on Linux a child's peak RSS starts from its parent's (kept across exec), and this process is large."""
+    """``bench.py panfm-eval``: four measurements, each in a fork of the just-started command with its peak RSS
+    reset; 12 more subjects (8.3 MB of voxels each) raise the peak RSS of the materialised protocol by about their
+    size, and of the streamed (shipped) one by far less. The tool runs as a command: a fork of this process would
+    reuse the memory earlier tests freed without raising its RSS."""
     recs = {(r["mode"], r["subjects"]): r["peak_rss_mb"] for r in _cli_records("panfm-eval", "--subjects", "4", "16",
                                                                              "--batch", "2")}  # fmt: skip
     data_mb = 12 * 8.3

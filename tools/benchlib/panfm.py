@@ -152,8 +152,9 @@ class _OrganMeans(nn.Module):
         return self.linear(torch.stack([images[o].flatten(1).mean(1) for o in self.organs], 1) * present)
 
 
-def _panfm_eval_child(mode: str, n: int, batch: int) -> None:
-    """One measurement in this (fresh) process: peak RSS of the robustness protocol over ``n`` subjects."""
+def _panfm_eval_measure(mode: str, n: int, batch: int) -> dict[str, float]:
+    """One measurement in this process: peak RSS of the robustness protocol over ``n`` subjects (the process's
+    high-water mark, so it must be fresh: a fresh interpreter, or a fork whose mark was just reset)."""
     import resource
 
     from monai.bundle import ConfigParser
@@ -167,29 +168,84 @@ def _panfm_eval_child(mode: str, n: int, batch: int) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         missing_organ_robustness(_OrganMeans(list(shapes)), data, list(shapes), ["a", "b"], out, batch_size=batch)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mb": round(peak_kib / 1024, 1), "seconds": round(time.perf_counter() - start, 2)}),
-          file=_STDOUT)  # fmt: skip
+    if os.path.exists("/proc/self/status"):  # this process's own peak (ru_maxrss may hold an exec'ing parent's)
+        peak_kib = _status_kib("VmHWM")
+    else:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mb": round(peak_kib / 1024, 1), "seconds": round(time.perf_counter() - start, 2)}
+
+
+_CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" resets the process's peak RSS to its current RSS
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter that MALLOC_MMAP_THRESHOLD_ sets
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``: peak RSS; ``VmRSS``: current RSS)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"no {field} in /proc/self/status")
+
+
+def _measure_in_fork(mode: str, n: int, batch: int, mmap_threshold: int) -> dict[str, float]:
+    """:func:`_panfm_eval_measure` in a fork of this process, its peak RSS reset at the start: a fresh process
+    without a second interpreter start. This process must have computed nothing yet (its freed memory would be
+    reused by the child without raising its RSS), which holds for ``bench.py panfm-eval`` run as a command."""
+    import ctypes
+    import traceback
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, send the record, exit without running the parent's cleanup
+        code = 1
+        try:
+            os.close(read_fd)
+            if mmap_threshold and ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1:
+                raise RuntimeError(f"mallopt(M_MMAP_THRESHOLD, {mmap_threshold}) failed")
+            with open(_CLEAR_REFS, "w", encoding="ascii") as f:
+                f.write("5")
+            with os.fdopen(write_fd, "w", encoding="utf-8") as w:
+                w.write(json.dumps(_panfm_eval_measure(mode, n, batch)))
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported to the parent through the exit code and stderr
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, encoding="utf-8") as r:
+        text = r.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the panfm-eval measurement ({mode}, {n} subjects) failed; its traceback is above")
+    return json.loads(text)
+
+
+def _measure_in_new_interpreter(mode: str, n: int, batch: int, mmap_threshold: int) -> dict[str, float]:
+    """:func:`_panfm_eval_measure` in a new interpreter (where the peak RSS cannot be reset)."""
+    import subprocess
+
+    cmd = [sys.executable, str(BENCH_SCRIPT), "panfm-eval", "--child", mode, "--subjects", str(n), "--batch",
+           str(batch)]  # fmt: skip
+    env = dict(os.environ)
+    if mmap_threshold:  # glibc: allocations above this size are mmapped and returned when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
 
 
 def _run_panfm_eval(args: argparse.Namespace) -> int:
     if args.child:
-        _panfm_eval_child(args.child, args.subjects[0], args.batch)
+        print(json.dumps(_panfm_eval_measure(args.child, args.subjects[0], args.batch)), file=_STDOUT)
         return 0
-    import subprocess
-
+    forked = hasattr(os, "fork") and os.path.exists(_CLEAR_REFS)
+    measure = _measure_in_fork if forked else _measure_in_new_interpreter
     for mode in ("streamed", "materialised"):
         for n in args.subjects:
-            cmd = [sys.executable, str(BENCH_SCRIPT), "panfm-eval", "--child", mode, "--subjects", str(n), "--batch",
-                   str(args.batch)]  # fmt: skip
-            env = dict(os.environ)
-            if args.mmap_threshold:  # glibc: allocations above this size are mmapped and returned when freed
-                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            rec = measure(mode, n, args.batch, args.mmap_threshold)
             _emit({"case": "panfm_eval", "mode": mode, "subjects": n, "batch": args.batch,
                    "malloc_mmap_threshold": args.mmap_threshold or "glibc default",
-                   "mb_per_subject": round(_PANFM_SUBJECT_VOXELS * 4 / 2**20, 2),
-                   **json.loads(res.stdout)})  # fmt: skip
+                   "process": "fork" if forked else "interpreter",
+                   "mb_per_subject": round(_PANFM_SUBJECT_VOXELS * 4 / 2**20, 2), **rec})  # fmt: skip
     return 0
 
 
