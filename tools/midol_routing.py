@@ -236,7 +236,7 @@ def _run(
 ) -> dict:
     """Pre-train one variant (config ids in ``overrides`` replaced), then measure its final teacher. Without a
     ``max_steps`` id the run takes the fewest whole epochs that hold ``steps`` iterations; ``steps_done`` records
-    the iterations actually run."""
+    the iterations actually run. The result and the logged terms of every step go to ``<out>/result.json``."""
     if length["max_steps"]:
         count = {"max_steps": steps}
     else:
@@ -254,6 +254,8 @@ def _run(
     result["steps_done"] = int(trainer.state.iteration)
     result["training"] = training_balance(curve, int(result["num_experts"]))
     pre.finalize()
+    with open(f"{out}/result.json", "w", encoding="utf-8") as f:  # the run's numbers and its per-step terms
+        json.dump({**result, "curve": [{k: float(v) for k, v in t.items()} for t in curve]}, f)
     return result
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.spatial.distance import cosine, euclidean
@@ -155,3 +157,7 @@ def test_overrides_reach_the_run_and_variants_select(tmp_path, capsys):
     for when in ("first", "last"):
         assert abs(float(rows[f"target mass, {when} 10 steps"].split("|")[2]) - 0.2) < 2e-3
     assert not (tmp_path / "no_routing_seed0").exists()
+    saved = json.loads((tmp_path / "routing_seed0" / "result.json").read_text())  # every step's terms, kept
+    assert saved["steps_done"] == len(saved["curve"]) == 2
+    mass = [sum(t[f"target_mass_{e}"] for e in range(5)) for t in saved["curve"]]
+    assert all(abs(m - 1.0) < 1e-3 for m in mass)
