@@ -3,7 +3,8 @@
 
     python tools/panfm_collapse.py [--data DIR] [--subjects 96] [--steps 144] [--seed 0] [--every 12]
                                    [--invert-half] [--freeze-last-layer N] [--koleo W] [--pos-scale S]
-                                   [--embed-norm] [--set KEY=VALUE ...]
+                                   [--embed-norm] [--attention] [--shift N] [--view-noise S] [--shrink V]
+                                   [--set KEY=VALUE ...]
 
 Pre-trains ``train.json`` + ``demo.json`` in-process (same network, loss, optimizer, sampler, schedules and
 :class:`medfm.engines.PanFMPretrainIteration` as the bundle; ``--set`` overrides config ids, e.g.
@@ -28,6 +29,14 @@ the student heads' prototypes for the first N steps (DINO and iBOT freeze them d
 L2-normalised student CLS features of the batch) to the loss. Two encoder variants: ``--pos-scale S`` multiplies the
 fixed sine-cosine position embeddings of student and teacher by ``S`` (0 removes them), and ``--embed-norm`` puts a
 LayerNorm (one per branch, shared by the organs) after each organ's patch embedding.
+
+``--attention`` also prints, at the same steps (and before training), for every block of the teacher on the subjects
+with every organ, the CLS attention profile (:func:`attention_profile`: the normalised entropy of the token-normalised
+organ shares, per head and over tokens, and the shares; the last block's shares are what SGM reads) and each organ's
+reliance (:func:`organ_reliance`: how far the CLS moves when the organ is masked). Three variants of the views and
+data: ``--shift N`` and ``--view-noise S`` give the teacher's and the student's pass each its own view (every image
+rolled by up to N voxels per axis, Gaussian noise of sd S; :func:`view_variants`), and ``--shrink V`` pulls the
+images of every organ but adipose and heart toward the cohort's mean image (``mean + V (x - mean)``).
 
 At the end it prints the teacher's CLS target on the same subjects with every organ (one presence pattern, so any
 difference between their targets comes from the images): ``MI_t`` over them, their mean ``H_t`` and the mean
@@ -203,15 +212,12 @@ def _print_attention(net, batch, organs: Sequence[str], step: int | str) -> None
     """``--attention``: the teacher's CLS attention profile and organ reliance on the subjects with every organ."""
     images, present = {o: batch["image_" + o].float() for o in organs}, batch["present"].bool()
     encoder = net.teacher.encoder
-    blocks = attention_profile(encoder, images, present)
-    last = blocks[-1]
+    for i, r in enumerate(attention_profile(encoder, images, present)):
+        print(f"attn {step} block {i}: organ entropy {float(r['organ'].mean()):.4f}, per head "
+              f"{float(r['organ_heads'].mean()):.4f}, over tokens {float(r['token'].mean()):.4f}, share "
+              + " ".join(f"{o}={v:.3f}" for o, v in zip(organs, r["share"].mean(0).tolist())))  # fmt: skip
     reliance = organ_reliance(encoder, images, present)
-    print(f"attn {step}: organ entropy by block " + " ".join(f"{float(r['organ'].mean()):.4f}" for r in blocks)
-          + f"; last block: per head {float(last['organ_heads'].mean()):.4f}, over tokens "
-          f"{float(last['token'].mean()):.4f}, share " + " ".join(
-              f"{o}={v:.3f}" for o, v in zip(organs, last["share"].mean(0).tolist()))
-          + "; reliance " + " ".join(f"{o}={v:.2f}" for o, v in zip(organs, reliance.tolist())),
-          flush=True)  # fmt: skip
+    print(f"reliance {step}: " + " ".join(f"{o}={v:.2f}" for o, v in zip(organs, reliance.tolist())), flush=True)
 
 
 def _add_variants(net, loss, optimizer, state, freeze_steps: int, koleo_weight: float) -> None:

@@ -197,3 +197,44 @@ def test_organ_reliance_matches_a_loop_over_subjects(module):
             want = sum(float((cls(b, o) - base[b]).norm()) for b in rows) / len(rows) / spread
             assert float(got[o]) == pytest.approx(want, rel=1e-4)
     assert float(got[1]) > 0  # the heart: only subject 0 counts (subject 2 has no other organ)
+
+
+def test_view_variants_give_teacher_and_student_their_own_rolled_views(module):
+    """``--shift`` / ``--view-shift``: each pass sees every subject's organ image rolled by at most ``shift`` voxels
+    per axis (found by trying every roll), drawn anew per pass, so teacher and student views differ; the batch
+    itself is left as it is. ``--view-noise`` adds noise of the given sd on top."""
+    import itertools
+
+    from medfm.networks.nets import PanFMSelfDistill
+
+    torch.manual_seed(0)
+    shapes = {"brain": (8, 8, 8), "heart": (8, 8, 4)}
+    net = PanFMSelfDistill(
+        ("brain", "heart"), shapes, patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+        out_dim=8, patch_out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4,
+    )  # fmt: skip
+    seen = []
+    teacher, student = net.forward_teacher, net.forward
+    net.forward_teacher = lambda images, present: seen.append(images) or teacher(images, present)
+    net.forward = lambda images, present, organ_mask=None: seen.append(images) or student(images, present, organ_mask)
+    module.view_variants(net, 1, 0.0, seed=0)
+    images = {o: torch.rand(4, 1, *s) for o, s in shapes.items()}
+    kept = {o: v.clone() for o, v in images.items()}
+    present = torch.ones(4, 2, dtype=torch.bool)
+    net.forward_teacher(images, present)
+    net(images, present, None)
+    assert all(torch.equal(images[o], kept[o]) for o in shapes)
+    rolls = list(itertools.product((-1, 0, 1), repeat=3))
+    found = []
+    for view in seen:
+        for o in shapes:
+            for b in range(4):
+                match = [r for r in rolls if torch.equal(view[o][b], torch.roll(kept[o][b], r, dims=(1, 2, 3)))]
+                assert match, (o, b)
+                found.append(match[0])
+    assert found[: len(found) // 2] != found[len(found) // 2 :]  # the student's view is not the teacher's
+    assert len(set(found)) > 3
+    module.view_variants(net, 0, 0.1, seed=0)  # noise of sd 0.1 on top (a constant image: rolls leave it as is)
+    net.forward_teacher({o: torch.full((4, 1, *s), 0.5) for o, s in shapes.items()}, present)
+    noise = torch.cat([(seen[-1][o] - 0.5).flatten() for o in shapes])
+    assert float(noise.std()) == pytest.approx(0.1, rel=0.1) and abs(float(noise.mean())) < 0.02
