@@ -3,7 +3,8 @@
 
     python tools/panfm_collapse.py [--data DIR] [--subjects 96] [--steps 144] [--seed 0] [--every 12]
                                    [--invert-half] [--freeze-last-layer N] [--koleo W] [--pos-scale S]
-                                   [--embed-norm] [--set KEY=VALUE ...]
+                                   [--embed-norm] [--attention] [--shift N] [--view-noise S] [--shrink V]
+                                   [--set KEY=VALUE ...]
 
 Pre-trains ``train.json`` + ``demo.json`` in-process (same network, loss, optimizer, sampler, schedules and
 :class:`medfm.engines.PanFMPretrainIteration` as the bundle; ``--set`` overrides config ids, e.g.
@@ -28,6 +29,14 @@ the student heads' prototypes for the first N steps (DINO and iBOT freeze them d
 L2-normalised student CLS features of the batch) to the loss. Two encoder variants: ``--pos-scale S`` multiplies the
 fixed sine-cosine position embeddings of student and teacher by ``S`` (0 removes them), and ``--embed-norm`` puts a
 LayerNorm (one per branch, shared by the organs) after each organ's patch embedding.
+
+``--attention`` also prints, at the same steps (and before training), for every block of the teacher on the subjects
+with every organ, the CLS attention profile (:func:`attention_profile`: the normalised entropy of the token-normalised
+organ shares, per head and over tokens, and the shares; the last block's shares are what SGM reads) and each organ's
+reliance (:func:`organ_reliance`: how far the CLS moves when the organ is masked). Three variants of the views and
+data: ``--shift N`` and ``--view-noise S`` give the teacher's and the student's pass each its own view (every image
+rolled by up to N voxels per axis, Gaussian noise of sd S; :func:`view_variants`), and ``--shrink V`` pulls the
+images of every organ but adipose and heart toward the cohort's mean image (``mean + V (x - mean)``).
 
 At the end it prints the teacher's CLS target on the same subjects with every organ (one presence pattern, so any
 difference between their targets comes from the images): ``MI_t`` over them, their mean ``H_t`` and the mean
@@ -78,6 +87,64 @@ def koleo(x: torch.Tensor) -> torch.Tensor:
     return -torch.log(d.min(1).values + 1e-8).mean()
 
 
+def normalised_entropy(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``H(p) / log n`` of each row of ``p`` (..., K) over the ``n`` entries where ``keep`` (..., K) is True (rows
+    with ``n < 2`` give NaN)."""
+    p = torch.where(keep, p, torch.zeros_like(p))
+    h = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    n = keep.sum(-1).to(p.dtype)
+    return torch.where(n >= 2, h / n.clamp_min(2).log(), torch.full_like(h, float("nan")))
+
+
+@torch.no_grad()
+def attention_profile(encoder, images, present: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """The CLS attention of every block of a :class:`~medfm.networks.nets.panfm.PanFMEncoder`, on its input.
+
+    Per block: ``token`` (B,) mean over heads of the normalised entropy of the attention over the valid keys
+    (CLS included; 1 = uniform per token); ``share`` (B, O) the token-normalised organ share of the attention
+    averaged over heads (:func:`medfm.masking.organ_attention_share`, what SGM reads in the last block);
+    ``organ`` (B,) its normalised entropy over the present organs; ``organ_heads`` (B,) the mean over heads of the
+    same entropy computed per head (lower than ``organ`` when heads prefer different organs)."""
+    from medfm.masking import organ_attention_share
+
+    tokens, token_organ, _ = encoder.pack(images, present)
+    b = tokens.shape[0]
+    valid = torch.cat([token_organ.new_ones(b, 1, dtype=torch.bool), token_organ >= 0], 1)
+    x = torch.cat([encoder.cls_token.expand(b, -1, -1), tokens], 1)
+    key_mask = None if bool(valid.all()) else valid
+    _, outs = encoder.blocks(x, list(range(encoder.num_layers)), attn_mask=key_mask)
+    rows = []
+    for block, inp in zip(encoder.blocks, [x, *outs[:-1]]):
+        att = block.cls_attention(inp, key_mask)  # (B, H, N)
+        heads = att.shape[1]
+        share = organ_attention_share(att.mean(1)[:, 1:], token_organ, present)
+        per_head = torch.stack([organ_attention_share(att[:, h, 1:], token_organ, present) for h in range(heads)], 1)
+        rows.append({
+            "token": normalised_entropy(att, valid[:, None, :].expand_as(att)).mean(1), "share": share,
+            "organ": normalised_entropy(share, present),
+            "organ_heads": normalised_entropy(per_head, present[:, None, :].expand_as(per_head)).mean(1),
+        })  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def organ_reliance(encoder, images, present: torch.Tensor) -> torch.Tensor:
+    """(O,) how far the CLS of each subject moves when one of its organs is masked (its tokens become the mask
+    token, as SGM and random masking do), ``||cls - cls_without_o||``, averaged over the subjects that have the
+    organ and at least one other, divided by the mean distance between the CLS of two distinct subjects."""
+    base = encoder(images, present).cls
+    b = base.shape[0]
+    spread = torch.cdist(base, base).sum() / max(1, b * b - b)
+    out = []
+    for o in range(present.shape[1]):
+        hide = torch.zeros_like(present)
+        hide[:, o] = True
+        rows = present[:, o] & (present.sum(1) >= 2)
+        moved = (encoder(images, present, organ_mask=hide).cls - base).norm(dim=1)
+        out.append(moved[rows].mean() / spread if bool(rows.any()) else torch.tensor(float("nan")))
+    return torch.stack(out)
+
+
 class _NormedEmbed(torch.nn.Module):
     """A patch embedding followed by a LayerNorm over its tokens (``--embed-norm``)."""
 
@@ -104,6 +171,53 @@ def _change_encoder(net, pos_scale: float, embed_norm: bool) -> None:
         for branch, ln in ((net.student, norm), (net.teacher, copy.deepcopy(norm).requires_grad_(False))):
             for o in branch.encoder.organs:
                 branch.encoder.patch_embed[o] = _NormedEmbed(branch.encoder.patch_embed[o], ln)
+
+
+def view_variants(net, shift: int, noise: float, seed: int) -> None:
+    """Give the teacher's and the student's pass each its own view (``--shift``, ``--view-noise``): every organ image
+    of every subject rolled by up to ``shift`` voxels along each axis, plus Gaussian noise of sd ``noise``, drawn
+    anew for each pass (so the two views of a step differ)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def view(images):
+        out = {}
+        for organ, x in images.items():
+            x = x.clone()
+            if shift:
+                for b in range(x.shape[0]):
+                    s = torch.randint(-shift, shift + 1, (x.ndim - 2,), generator=gen).tolist()
+                    x[b] = torch.roll(x[b], s, dims=tuple(range(1, x.ndim - 1)))
+            out[organ] = x + noise * torch.randn(x.shape, generator=gen) if noise else x
+        return out
+
+    teacher, student = net.forward_teacher, net.forward
+    net.forward_teacher = lambda images, present: teacher(view(images), present)
+    net.forward = lambda images, present, organ_mask=None: student(view(images), present, organ_mask)
+
+
+def _shrink(items: list[dict], organs: Sequence[str], keep: Sequence[str], factor: float) -> None:
+    """``--shrink``: each image of an organ not in ``keep`` becomes ``mean + factor (x - mean)``, with ``mean`` the
+    cohort's mean image of that organ (0: the organ looks the same in every subject)."""
+    for o in organs:
+        if o in keep:
+            continue
+        have = [it for it in items if bool(torch.as_tensor(it["present"])[list(organs).index(o)])]
+        if have:
+            mean = torch.stack([torch.as_tensor(it["image_" + o]) for it in have]).mean(0)
+            for it in have:
+                it["image_" + o] = mean + factor * (torch.as_tensor(it["image_" + o]) - mean)
+
+
+def _print_attention(net, batch, organs: Sequence[str], step: int | str) -> None:
+    """``--attention``: the teacher's CLS attention profile and organ reliance on the subjects with every organ."""
+    images, present = {o: batch["image_" + o].float() for o in organs}, batch["present"].bool()
+    encoder = net.teacher.encoder
+    for i, r in enumerate(attention_profile(encoder, images, present)):
+        print(f"attn {step} block {i}: organ entropy {float(r['organ'].mean()):.4f}, per head "
+              f"{float(r['organ_heads'].mean()):.4f}, over tokens {float(r['token'].mean()):.4f}, share "
+              + " ".join(f"{o}={v:.3f}" for o, v in zip(organs, r["share"].mean(0).tolist())))  # fmt: skip
+    reliance = organ_reliance(encoder, images, present)
+    print(f"reliance {step}: " + " ".join(f"{o}={v:.2f}" for o, v in zip(organs, reliance.tolist())), flush=True)
 
 
 def _add_variants(net, loss, optimizer, state, freeze_steps: int, koleo_weight: float) -> None:
@@ -144,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--koleo", type=float, default=0.0, help="weight of a KoLeo term on the student CLS (default 0)")
     p.add_argument("--pos-scale", type=float, default=1.0, help="factor on the position embeddings (default 1)")
     p.add_argument("--embed-norm", action="store_true", help="LayerNorm after the patch embeddings")
+    p.add_argument("--attention", action="store_true", help="print the teacher's CLS attention profile too")
+    p.add_argument("--shift", type=int, default=0, help="per-view roll of every image by up to N voxels per axis")
+    p.add_argument("--view-noise", type=float, default=0.0, help="per-view Gaussian noise of this sd (default 0)")
+    p.add_argument("--shrink", type=float, default=1.0,
+                   help="non-dominant organs' images pulled toward the cohort mean by this factor (default 1: none)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (Python literals)")
     args = p.parse_args(argv)
     import tempfile
@@ -183,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in items[1::2]:
             for o in organs:
                 item["image_" + o] = 1 - item["image_" + o]
+    if args.shrink != 1.0:
+        _shrink(items, organs, ("adipose", "heart"), args.shrink)
     epochs = max(1, -(-args.steps // len(sampler)))
     iteration.total_steps = epochs * len(sampler)
     scheduler = WarmupCosineSchedule(optimizer, parser.get_parsed_content("warmup_steps"), iteration.total_steps)
@@ -192,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    optim_set_to_none=True, fire_event=lambda event: None, state=state)  # fmt: skip
 
     _add_variants(net, loss, optimizer, state, args.freeze_last_layer, args.koleo)
+    if args.shift or args.view_noise:
+        view_variants(net, args.shift, args.view_noise, args.seed)
     full = [it for it in items if bool(torch.as_tensor(it["present"]).all())][:16]
     batch = default_collate(full) if len(full) >= 2 else None
     if batch is not None:
@@ -209,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{mean_offdiag_cosine(net.teacher.head.mlp(out.cls)):.4f}")  # fmt: skip
     print(f"lr {optimizer.param_groups[0]['lr']:.2e}, {iteration.total_steps} steps, log out_dim "
           f"{torch.log(torch.tensor(float(loss.cls_loss.center.shape[1]))):.3f}")  # fmt: skip
+    if args.attention and batch is not None:
+        _print_attention(net, batch, organs, "init")
     print("step    cls  patch      T    H_t  H_t_raw    H_s   MI_t   MI_s  proto_cos  d_student")
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -230,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{subject_information(q_s):6.3f} "
                       f"{mean_offdiag_cosine(net.student.head.last_weight().detach()):10.3f} {moved ** 0.5:10.4f}",
                       flush=True)  # fmt: skip
+                if args.attention and batch is not None:
+                    _print_attention(net, batch, organs, n)
             if n >= args.steps:
                 break
         if state.iteration >= args.steps:

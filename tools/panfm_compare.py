@@ -2,7 +2,7 @@
 """Random organ masking vs saliency-guided masking (SGM) for Pan-FM at demo scale.
 
     python tools/panfm_compare.py [--seeds 0 1 2] [--steps 96] [--subjects 48] [--test-subjects 0]
-                                  [--out-dir DIR] [--write-docs]
+                                  [--organ-variation V] [--view-shift N] [--out-dir DIR] [--write-docs]
 
 For each masking mode (``random``, ``sgm``) and seed: pre-train ``train.json`` + ``demo.json`` on the synthetic
 pan-organ cohort (:func:`medfm.data.generate_synthetic_panfm`, ``--subjects``, seed 0; its dominant organs are
@@ -16,6 +16,11 @@ adipose and heart), then measure
   encoder, evaluated with the missing-organ protocol (:func:`medfm.metrics.missing_organ_robustness`) on a held-out
   cohort (``--test-subjects``, generator seed 1) or, with ``--test-subjects 0``, on the probe's validation subjects;
   the AUROC drop when a dominant organ is missing is ``AUROC(all organs) - AUROC(without it)``.
+
+Two options change the setting (both off by default): ``--organ-variation V`` generates both cohorts with the
+between-subject variation of every organ but the dominant ones scaled by ``V`` (``organ_variation`` of the
+generator), and ``--view-shift N`` gives the teacher's and the student's pass of each pre-training step their own
+view, every organ image rolled by up to ``N`` voxels per axis (``view_variants`` of ``tools/panfm_collapse.py``).
 
 Each number is reported as the mean over seeds with a 95% t-interval (``mean ± t(0.975, n-1) sd / sqrt(n)``), and
 SGM - random as the mean of the per-seed differences (same seed: same initialisation, data order and probe split)
@@ -88,7 +93,17 @@ def _attention(pretrain_ckpt: str, data_dir: str, wf) -> tuple[np.ndarray, float
     return total / np.maximum(count, 1), float(np.concatenate(entropies).mean())
 
 
-def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, out: str) -> dict:
+def _collapse_tool():
+    """``tools/panfm_collapse.py`` as a module (tools are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("panfm_collapse", Path(__file__).with_name("panfm_collapse.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, out: str, view_shift: int = 0) -> dict:
     from monai.data import Dataset
 
     from medfm.data import read_subject_table
@@ -97,6 +112,8 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, 
     pre = _workflow(["train.json", "demo.json"], dataset_dir=data_dir, output_dir=f"{out}/pretrain", masking=mode,
                     seed=seed, max_steps=steps)  # fmt: skip
     pre.initialize()
+    if view_shift:  # the parsed network_def is the trainer's network: its passes now see their own views
+        _collapse_tool().view_variants(pre.parser.get_parsed_content("network_def"), view_shift, 0.0, seed)
     pre.run()
     ckpt = f"{out}/pretrain/models/model.pt"
     share, entropy = _attention(ckpt, data_dir, pre)
@@ -182,23 +199,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=48, help="pre-training and probe cohort size (default 48)")
     p.add_argument("--test-subjects", type=int, default=0,
                    help="held-out test cohort size (generator seed 1); 0 tests on the probe's validation split")
+    p.add_argument("--organ-variation", type=float, default=1.0,
+                   help="factor on the between-subject variation of the non-dominant organs (default 1)")
+    p.add_argument("--view-shift", type=int, default=0, help="per-view roll of every image in pre-training (default 0)")
     p.add_argument("--modes", nargs="+", default=["random", "sgm"], choices=["random", "sgm", "mix"])
     p.add_argument("--out-dir", default=None, help="run folder (default: a temporary folder)")
     p.add_argument("--write-docs", action="store_true", help=f"write the tables into {DOCS.relative_to(REPO)}")
     args = p.parse_args(argv)
     from medfm.data import generate_synthetic_panfm
+    from medfm.data.panfm import ORGANS
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="panfm_compare_") as tmp:
         root = args.out_dir or tmp
         data, test = os.path.join(root, "data"), None
+        variation = {o: args.organ_variation for o in ORGANS if o not in DOMINANT}
         if not os.path.isdir(data):
-            generate_synthetic_panfm(data, num_subjects=args.subjects, seed=0)
+            generate_synthetic_panfm(data, num_subjects=args.subjects, seed=0, organ_variation=variation)
         if args.test_subjects:
             test = os.path.join(root, "test")
             if not os.path.isdir(test):
-                generate_synthetic_panfm(test, num_subjects=args.test_subjects, seed=1)
-        results = {m: [_run(m, s, args.steps, data, test, f"{root}/{m}_seed{s}") for s in args.seeds]
+                generate_synthetic_panfm(test, num_subjects=args.test_subjects, seed=1, organ_variation=variation)
+        results = {m: [_run(m, s, args.steps, data, test, f"{root}/{m}_seed{s}", args.view_shift) for s in args.seeds]
                    for m in args.modes}  # fmt: skip
     table = _table(results)
     cmd = "python tools/panfm_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])

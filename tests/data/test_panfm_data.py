@@ -230,9 +230,39 @@ def test_generator_is_deterministic_and_refuses_overwrite(tmp_path: Path):
     assert (a / "attributes.csv").read_text() == (c / "attributes.csv").read_text()
 
 
+def test_organ_variation_blends_each_image_with_the_organ_template(tmp_path: Path):
+    """``organ_variation``: factor 0 gives every subject the same image of the organ, factor 1 the default cohort,
+    and 0.5 the midpoint of the two, voxel by voxel (up to the 1/4096 rounding of each); the other organs, the
+    labels and the missingness stay as they are."""
+    dirs = {v: tmp_path / f"v{v}" for v in (None, 0.0, 0.5)}
+    for v, d in dirs.items():
+        generate_synthetic_panfm(str(d), 8, seed=2, organ_shapes=TINY_SHAPES,
+                                 organ_variation=None if v is None else {"liver": v, "heart": 1.0})  # fmt: skip
+    tables = {v: (d / "subjects.csv").read_text() for v, d in dirs.items()}
+    assert tables[0.0] == tables[None] == tables[0.5]
+    rows = _rows(dirs[None] / "subjects.csv")
+
+    def image(v, organ, r):
+        return np.asarray(nib.load(dirs[v] / r[organ]).dataobj, dtype=np.float64)
+
+    livers = [r for r in rows if r["liver"]]
+    assert len(livers) >= 2
+    first = image(0.0, "liver", livers[0])
+    for r in livers:
+        assert np.array_equal(image(0.0, "liver", r), first)  # the template, for every subject
+        mid = (image(0.0, "liver", r) + image(None, "liver", r)) / 2
+        assert np.abs(image(0.5, "liver", r) - mid).max() <= 1.5 / 4096
+    assert not np.array_equal(image(None, "liver", livers[0]), image(None, "liver", livers[1]))
+    for organ in ("heart", "brain"):
+        for r in [r for r in rows if r[organ]]:
+            assert np.array_equal(image(0.5, organ, r), image(None, organ, r)), organ
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        ({"organ_variation": {"lung": 0.5}}, "unknown organ 'lung'"),
+        ({"organ_variation": {"liver": 1.5}}, r"organ_variation\['liver'\] must be in \[0, 1\]"),
         ({"num_subjects": 1}, "at least 2"),
         ({"organ_shapes": {"lung": (8, 8, 8)}}, "unknown organ 'lung'"),
         ({"organ_shapes": {"heart": (8, 8)}}, r"organ_shapes\['heart'\]"),

@@ -38,6 +38,13 @@ Synthetic demo (:func:`generate_synthetic_panfm`). Per subject ``i`` (own random
   all seven; if no other subject has exactly one, the first other subject with the fewest organs keeps only
   its present organ with the lowest missing probability.
 
+- Organ variation (``organ_variation``, default 1 for every organ: the cohort above): an organ with factor
+  ``v < 1`` is saved as ``T + v (x - T)``, where ``x`` is the subject's image and ``T`` the organ's template, the
+  same organ rendered (with gain, bias field and noise) for a reference subject with every latent factor and the
+  age term at 0, from a stream of its own. ``v = 0`` shows every subject the same image of that organ; ``v`` in
+  between keeps the organ's disease signs and its anatomical variation at ``v`` times their size. Labels,
+  attributes and missingness do not depend on it.
+
 Files: ``subjects.csv`` (subject, organ paths, label columns), ``attributes.csv`` (subject, age, sex, bmi;
 kept apart so attributes are never read as labels) and ``organs/<subject>_<organ>.nii.gz`` (float32, affine
 ``diag(spacing)`` centred on the origin).
@@ -217,6 +224,24 @@ def _fix_presence(subjects: list[dict[str, Any]]) -> None:
         sub["present"][keep] = True
 
 
+def _render(organ: str, rng: np.random.Generator, shape: Sequence[int], f: _Factors, a: float) -> np.ndarray:
+    """One organ image: anatomy, then gain, bias field and magnitude noise (module doc), before rounding."""
+    img = _RENDER[organ](rng, unit_grid(shape, -1.0, 1.0, np.float32), shape, f, a)
+    img = img * rng.uniform(0.9, 1.1) * (1 + 0.05 * smooth_field(rng, shape, 3))  # gain and bias field
+    return np.abs(img + 0.03 * rng.standard_normal(shape, dtype=np.float32))  # magnitude noise
+
+
+def _check_variation(organ_variation: Mapping[str, float] | None) -> dict[str, float]:
+    out = {o: 1.0 for o in ORGANS}
+    for organ, v in (organ_variation or {}).items():
+        if organ not in ORGANS:
+            raise ValueError(f"organ_variation: unknown organ {organ!r}; organs are {ORGANS}.")
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"organ_variation[{organ!r}] must be in [0, 1], got {v}.")
+        out[organ] = float(v)
+    return out
+
+
 def _save(array: np.ndarray, spacing: Sequence[float], path: str) -> None:
     save_nifti(array.astype(np.float32), centred_affine(array.shape, spacing), path)
 
@@ -227,6 +252,7 @@ def generate_synthetic_panfm(
     seed: int = 0,
     organ_shapes: Mapping[str, Sequence[int]] | None = None,
     overwrite: bool = False,
+    organ_variation: Mapping[str, float] | None = None,
 ) -> str:
     """Write the synthetic pan-organ cohort (generative model, files: module doc).
 
@@ -237,12 +263,14 @@ def generate_synthetic_panfm(
         organ_shapes: per-organ array shape overriding :data:`DEFAULT_ORGAN_SHAPES` (e.g. tiny shapes for
             tests); spacings stay :data:`DEFAULT_ORGAN_SPACINGS`.
         overwrite: replace existing files instead of raising.
+        organ_variation: organ -> factor in [0, 1] on its between-subject variation (module doc); organs not
+            named keep 1 (the default cohort).
 
     Returns:
         Path of ``subjects.csv``.
 
     Raises:
-        ValueError: ``num_subjects < 2`` or a bad ``organ_shapes`` entry.
+        ValueError: ``num_subjects < 2``, a bad ``organ_shapes`` or ``organ_variation`` entry.
         FileExistsError: a file to write exists and ``overwrite`` is False.
     """
     if num_subjects < 2:
@@ -256,6 +284,7 @@ def generate_synthetic_panfm(
         if len(shape) != 3 or min(int(n) for n in shape) < 4:
             raise ValueError(f"organ_shapes[{organ!r}] must be three sizes of at least 4 voxels, got {shape}.")
         shapes[organ] = tuple(int(n) for n in shape)
+    variation = _check_variation(organ_variation)
     ids = [f"sub_{i:03d}" for i in range(num_subjects)]
     table, attributes = os.path.join(out_dir, PANFM_TABLE), os.path.join(out_dir, "attributes.csv")
     children = [c.spawn(1 + len(ORGANS)) for c in np.random.SeedSequence(seed).spawn(num_subjects)]
@@ -268,6 +297,9 @@ def generate_synthetic_panfm(
             if os.path.exists(path):
                 raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
     os.makedirs(os.path.join(out_dir, "organs"), exist_ok=True)
+    reference = dict.fromkeys(PANFM_DEMO_LABELS, 0.0)
+    templates = {o: _render(o, np.random.default_rng([seed, 2**31 + n]), shapes[o], reference, 0.0)
+                 for n, o in enumerate(ORGANS) if variation[o] < 1.0}  # fmt: skip
     labels = {}
     for k in PANFM_DEMO_LABELS:
         n_pos = min(max(round(_PREVALENCE[k] * num_subjects), 1), num_subjects - 1)
@@ -278,11 +310,9 @@ def generate_synthetic_panfm(
         for o, on, organ_seed in zip(ORGANS, sub["present"], child[1:]):
             if not on:
                 continue
-            rng = np.random.default_rng(organ_seed)
-            shape = shapes[o]
-            img = _RENDER[o](rng, unit_grid(shape, -1.0, 1.0, np.float32), shape, sub["f"], sub["a"])
-            img = img * rng.uniform(0.9, 1.1) * (1 + 0.05 * smooth_field(rng, shape, 3))  # gain and bias field
-            img = np.abs(img + 0.03 * rng.standard_normal(shape, dtype=np.float32))  # magnitude noise
+            img = _render(o, np.random.default_rng(organ_seed), shapes[o], sub["f"], sub["a"])
+            if variation[o] < 1.0:
+                img = templates[o] + variation[o] * (img - templates[o])
             img = np.round(img * 4096) / 4096  # 12 fractional bits: far below the noise, smaller files
             _save(img, DEFAULT_ORGAN_SPACINGS[o], os.path.join(out_dir, rel[(sid, o)]))
     with open(table, "w", newline="", encoding="utf-8") as f:
