@@ -109,16 +109,18 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, 
     from medfm.data import read_subject_table
     from medfm.metrics import missing_organ_robustness
 
-    pre = _workflow(["train.json", "demo.json"], dataset_dir=data_dir, output_dir=f"{out}/pretrain", masking=mode,
-                    seed=seed, max_steps=steps)  # fmt: skip
-    pre.initialize()
-    if view_shift:  # the parsed network_def is the trainer's network: its passes now see their own views
-        _collapse_tool().view_variants(pre.parser.get_parsed_content("network_def"), view_shift, 0.0, seed)
-    pre.run()
-    ckpt = f"{out}/pretrain/models/model.pt"
-    share, entropy = _attention(ckpt, data_dir, pre)
-    organs = list(pre.parser.get_parsed_content("organs"))
-    pre.finalize()
+    if mode == "init":  # no pre-training: the probe on the encoder's random initialisation (seeded by ``seed``)
+        ckpt, share, entropy = "none", [math.nan] * 7, math.nan
+    else:
+        pre = _workflow(["train.json", "demo.json"], dataset_dir=data_dir, output_dir=f"{out}/pretrain",
+                        masking=mode, seed=seed, max_steps=steps)  # fmt: skip
+        pre.initialize()
+        if view_shift:  # the parsed network_def is the trainer's network: its passes now see their own views
+            _collapse_tool().view_variants(pre.parser.get_parsed_content("network_def"), view_shift, 0.0, seed)
+        pre.run()
+        ckpt = f"{out}/pretrain/models/model.pt"
+        share, entropy = _attention(ckpt, data_dir, pre)
+        pre.finalize()
     probe = _workflow(["finetune.json", "linear_probe.json", "demo_finetune.json"], dataset_dir=data_dir,
                       output_dir=f"{out}/probe", pretrained_checkpoint=ckpt, seed=seed)  # fmt: skip
     probe.initialize()
@@ -128,6 +130,7 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, 
     if os.path.isfile(best):
         net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     labels = list(probe.parser.get_parsed_content("label_names"))
+    organs = list(probe.parser.get_parsed_content("organs"))
     if test_dir is None:
         test = probe.parser.get_parsed_content("validate#dataset")
     else:
@@ -168,18 +171,25 @@ def _table(results: dict[str, list[dict]]) -> str:
     modes = list(results)
     first = results[modes[0]][0]
     n = len(results[modes[0]])
-    pair = "random" in results and "sgm" in results
-    head = "| " + " | ".join(modes) + (" | sgm − random |" if pair else " |")
-    rule = "|---|" + "---|" * (len(modes) + pair)
+    if "random" in results and "sgm" in results:
+        pair = ("sgm", "random")
+    elif "init" in results and len(modes) == 2:  # pre-trained against the random initialisation
+        pair = (next(m for m in modes if m != "init"), "init")
+    else:
+        pair = None
+    head = "| " + " | ".join(modes) + (f" | {pair[0]} − {pair[1]} |" if pair else " |")
+    rule = "|---|" + "---|" * (len(modes) + bool(pair))
 
     def row(name: str, get) -> str:
         cells = [_cell([get(r) for r in results[m]]) for m in modes]
         if pair:
-            cells.append(_cell([get(s) - get(r) for s, r in zip(results["sgm"], results["random"])]))
+            cells.append(_cell([get(a) - get(b) for a, b in zip(results[pair[0]], results[pair[1]])]))
         return f"| {name} | " + " | ".join(cells) + " |"
 
-    lines = [f"Mean ± half-width of the 95% t-interval over {n} seed(s); the last column pairs the runs by seed.", "",
-             "Claims (the abstract's direction: SGM flatter and more robust to a missing dominant organ):", "",
+    claims = ("Claims (the abstract's direction: SGM flatter and more robust to a missing dominant organ):"
+              if pair == ("sgm", "random") else "Attention and robustness to a missing dominant organ:")
+    lines = [f"Mean ± half-width of the 95% t-interval over {n} seed(s)"
+             + ("; the last column pairs the runs by seed." if pair else "."), "", claims, "",
              "| measure " + head, rule,
              row("attention entropy (normalised; 1 = uniform per token)", lambda r: r["entropy"])]  # fmt: skip
     for name in _dominant_drops(first):
@@ -202,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--organ-variation", type=float, default=1.0,
                    help="factor on the between-subject variation of the non-dominant organs (default 1)")
     p.add_argument("--view-shift", type=int, default=0, help="per-view roll of every image in pre-training (default 0)")
-    p.add_argument("--modes", nargs="+", default=["random", "sgm"], choices=["random", "sgm", "mix"])
+    p.add_argument("--modes", nargs="+", default=["random", "sgm"], choices=["random", "sgm", "mix", "init"],
+                   help="masking modes to pre-train with (default random sgm); init: no pre-training, the probe on "
+                   "the random initialisation")
     p.add_argument("--out-dir", default=None, help="run folder (default: a temporary folder)")
     p.add_argument("--write-docs", action="store_true", help=f"write the tables into {DOCS.relative_to(REPO)}")
     args = p.parse_args(argv)

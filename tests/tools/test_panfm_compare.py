@@ -28,7 +28,24 @@ def test_normalised_entropy_and_t_interval(module):
     assert math.isnan(module.t_interval([0.5])[1])
 
 
-@pytest.mark.slow
+def test_table_pairs_a_pre_training_mode_with_the_random_initialisation(module):
+    """``--modes random init``: the last column is the per-seed difference random − init, with its t-interval."""
+
+    def result(entropy, auroc):
+        return {"share": {o: math.nan for o in ORGANS}, "entropy": entropy,
+                "auroc": {"all organs": auroc, **{f"without {o}": auroc - 0.01 for o in ORGANS}}}  # fmt: skip
+
+    results = {"random": [result(0.9, 0.70), result(0.8, 0.74), result(0.85, 0.69)],
+               "init": [result(math.nan, 0.60), result(math.nan, 0.66), result(math.nan, 0.62)]}  # fmt: skip
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in module._table(results).splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    assert [c.strip() for c in rows["measure"]] == ["random", "init", "random − init"]
+    diff = [0.10, 0.08, 0.07]
+    mean, half = module.t_interval(diff)
+    assert rows["all organs"][2].strip() == f"{mean:.3f} ± {half:.3f}"
+    assert rows["all organs"][1].strip() == "0.627 ± {:.3f}".format(module.t_interval([0.60, 0.66, 0.62])[1])
+
+
 @pytest.mark.slow
 def test_compare_tables_cover_every_organ_mode_and_condition(module, tmp_path, capsys):
     assert module.main(["--seeds", "0", "--steps", "2", "--test-subjects", "6", "--out-dir", str(tmp_path)]) == 0
