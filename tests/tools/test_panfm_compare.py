@@ -62,3 +62,19 @@ def test_compare_tables_cover_every_organ_mode_and_condition(module, tmp_path, c
     assert "| organ | random | sgm | sgm − random |" in out
     assert (tmp_path / "sgm_seed0" / "robustness" / "robustness_auroc.csv").is_file()
     assert (tmp_path / "test" / "subjects.csv").is_file()
+
+
+@pytest.mark.slow
+def test_probe_on_the_pre_trained_teacher_beats_the_random_initialisation(module, tmp_path, capsys):
+    """The demo pre-training (train.json + demo.json, default masking, 144 steps on 96 subjects), then the linear
+    probe on its teacher encoder against the same probe on the encoder as initialised under the same seed, scored on
+    the probe's validation subjects. Seeds 0-4 of this setting gave mix − init = +0.090, +0.183, +0.110, +0.014,
+    +0.146 macro AUROC; the 5-seed measurement on a held-out cohort is in the bundle's docs (+0.086 ± 0.042)."""
+    assert module.main(["--modes", "mix", "init", "--seeds", "0", "--steps", "144", "--subjects", "96",
+                        "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| condition | mix | init | mix − init |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| all organs |"))
+    mix, init, gain = (float(c) for c in row.split("|")[2:5])
+    assert gain == pytest.approx(mix - init, abs=2e-3)
+    assert gain > 0.03, row
