@@ -116,8 +116,14 @@ def test_model_cases(records):
         r = records[case]
         assert r["size"] == "tiny" and r["batch"] == B and r["input"] == [B, 1, *SPATIAL]
         assert r["flops_per_step"] > 0 and r["flops_per_step"] == r["flops_fwd"] + r["flops_bwd"]
-        assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5, r
+        assert r["step_s"] > 0 and r["mfu"] > 0, r
         assert r["gflops"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e9, rel=1e-3)
+        bf16 = case.endswith("_bf16")  # its MFU is against the bf16 matmul peak, the others' against fp32
+        assert r["mfu"] == pytest.approx(r["gflops"] / peak["bf16_gflops" if bf16 else "fp32_gflops"], rel=2e-3)
+        if not bf16:  # a FLOP count several times too high would show here. A CPU's bf16 peak (large square
+            # matmuls) bounds nothing: on a CPU without bf16 matmul units it was 1.3 GFLOP/s (fp32: 180) and the
+            # tiny autocast step, where autocast leaves much in fp32, ran at 3.3-4.1x of it
+            assert r["mfu"] < 1.5, r
     fm = records["fratmae"]
     assert records["fratmae_bf16"]["speedup_vs_fp32"] > 0
     assert fm["model"]["encoder"] == [D, L, 3, M] and fm["model"]["tokens"] == N and fm["model"]["patch"] == PATCH

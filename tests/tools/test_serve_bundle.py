@@ -155,13 +155,18 @@ DEMO_INPUTS = {"fratmae_petct": (1, 2, 32, 32, 32), "spad_vit": (1, 3, 32, 64, 6
 
 
 @pytest.mark.parametrize("bundle", sorted(SERVED))
-def test_served_multi_gpu_config_lets_ddp_skip_unused_parameters(bundle, tmp_path):
-    """DistributedDataParallel stops at the second step when a parameter got no gradient in the first, unless
+def test_served_train_configs_fit_monailabel_and_multi_gpu(bundle, tmp_path):
+    """MONAI Label's ``BundleTrainTask`` reads ``train#handlers`` from the served train.json as written (before
+    macros and references resolve) and calls ``.get("_target_")`` on every entry to look for a checkpoint loader, so
+    every entry must be a handler written out as a dict (a ``%`` or ``@`` string fails /train with an HTTP 500).
+    DistributedDataParallel stops at the second step when a parameter got no gradient in the first, unless
     ``find_unused_parameters`` is on: the served multi-GPU /train must turn it on where the segmentation network
     leaves parameters unused (SPAD-ViT's segmenter does not use the encoder's final norm)."""
     path = os.path.join(REPO, "bundles", bundle)
     _demo_weights(path, tmp_path / "w.pt")
     out = build_served_bundle(path, tmp_path / "w.pt", tmp_path / "served", demo=True)
+    handlers = json.loads((out / "configs" / "train.json").read_text(encoding="utf-8"))["train"]["handlers"]
+    assert handlers and all(isinstance(h, dict) and "_target_" in h for h in handlers), handlers
     network = ConfigParser(json.loads((out / "configs" / "inference.json").read_text())).get_parsed_content(
         "network_def"
     )
