@@ -120,7 +120,7 @@ FRATMAE_SIZES = {
         dec_hidden=32, dec_layers=2, dec_heads=2, dec_mlp=128,
         text_width=32, text_layers=2, text_heads=2, embed_dim=32, mask_ratio=0.5,
         whole_body=(64, 64, 64), data_shape=(48, 48, 96), data_spacing=(10.0, 10.0, 20.0), data_cases=2,
-        matmul_sizes=(512, 1024), matmul_repeats=3, extra_rounds_after_s=5.0,
+        matmul_sizes=(256, 512), matmul_repeats=3, extra_rounds_after_s=5.0,
     ),
 }  # fmt: skip
 DEFAULT_STEPS = {"base": (1, 3), "tiny": (1, 3)}  # (warmup, timed steps)
