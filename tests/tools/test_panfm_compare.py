@@ -48,7 +48,8 @@ def test_table_pairs_a_pre_training_mode_with_the_random_initialisation(module):
 
 @pytest.mark.slow
 def test_compare_tables_cover_every_organ_mode_and_condition(module, tmp_path, capsys):
-    assert module.main(["--seeds", "0", "--steps", "2", "--test-subjects", "6", "--out-dir", str(tmp_path)]) == 0
+    args = ["--seeds", "0", "--steps", "2", "--subjects", "20", "--test-subjects", "6", "--out-dir", str(tmp_path)]
+    assert module.main(args) == 0
     out = capsys.readouterr().out
     assert out.count(module.START) == 1 and out.count(module.END) == 1
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
