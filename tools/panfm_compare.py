@@ -2,7 +2,8 @@
 """Random organ masking vs saliency-guided masking (SGM) for Pan-FM at demo scale.
 
     python tools/panfm_compare.py [--seeds 0 1 2] [--steps 96] [--subjects 48] [--test-subjects 0]
-                                  [--organ-variation V] [--view-shift N] [--out-dir DIR] [--write-docs]
+                                  [--organ-variation V] [--view-shift N] [--modes random sgm | MODE init]
+                                  [--out-dir DIR] [--write-docs]
 
 For each masking mode (``random``, ``sgm``) and seed: pre-train ``train.json`` + ``demo.json`` on the synthetic
 pan-organ cohort (:func:`medfm.data.generate_synthetic_panfm`, ``--subjects``, seed 0; its dominant organs are
@@ -16,6 +17,10 @@ adipose and heart), then measure
   encoder, evaluated with the missing-organ protocol (:func:`medfm.metrics.missing_organ_robustness`) on a held-out
   cohort (``--test-subjects``, generator seed 1) or, with ``--test-subjects 0``, on the probe's validation subjects;
   the AUROC drop when a dominant organ is missing is ``AUROC(all organs) - AUROC(without it)``.
+
+``--modes`` picks the pre-training masking modes (``random``, ``sgm``, ``mix``); ``init`` adds the same probe on
+the encoder as initialised under the same seed, without pre-training (no attention is measured for it), and a table
+of one mode and ``init`` pairs them as ``<mode> − init``.
 
 Two options change the setting (both off by default): ``--organ-variation V`` generates both cohorts with the
 between-subject variation of every organ but the dominant ones scaled by ``V`` (``organ_variation`` of the
@@ -110,7 +115,7 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, 
     from medfm.metrics import missing_organ_robustness
 
     if mode == "init":  # no pre-training: the probe on the encoder's random initialisation (seeded by ``seed``)
-        ckpt, share, entropy = "none", [math.nan] * 7, math.nan
+        ckpt, share, entropy = "none", None, math.nan
     else:
         pre = _workflow(["train.json", "demo.json"], dataset_dir=data_dir, output_dir=f"{out}/pretrain",
                         masking=mode, seed=seed, max_steps=steps)  # fmt: skip
@@ -131,6 +136,7 @@ def _run(mode: str, seed: int, steps: int, data_dir: str, test_dir: str | None, 
         net.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     labels = list(probe.parser.get_parsed_content("label_names"))
     organs = list(probe.parser.get_parsed_content("organs"))
+    share = [math.nan] * len(organs) if share is None else share
     if test_dir is None:
         test = probe.parser.get_parsed_content("validate#dataset")
     else:
