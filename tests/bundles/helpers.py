@@ -129,13 +129,8 @@ def error_text(exc: BaseException) -> str:
 
 def one_process_group_env(monkeypatch) -> None:
     """The environment torchrun would set for a one-process group on a free local port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port)}.items():  # fmt: skip
+                 "MASTER_PORT": str(free_port())}.items():  # fmt: skip
         monkeypatch.setenv(k, v)
 
 

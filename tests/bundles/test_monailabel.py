@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from medfm.data import (
 )
 from medfm.data.nifti import save_nifti
 
-from .helpers import REPO
+from .helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +63,6 @@ def _label_python() -> str:
             "(or set MEDFM_LABEL_PYTHON)"
         )
     return default
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flip_x(path: str) -> None:
@@ -207,7 +200,7 @@ def server(request, tmp_path_factory, app_template):
     else:  # what the tool calls, in this process
         build_served_bundle(os.path.join(REPO, "bundles", bundle), weights, served, demo=True)
 
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(apps / "monaibundle"),
            "--studies", str(root / "studies"), "--conf", "models", spec.name, "--conf", "zoo_source", "local",

@@ -43,8 +43,8 @@ def test_two_steps_print_every_column(module, tmp_path, capsys):
     assert 0.0 <= float(end[0].split("MI_t ")[1].split(",")[0]) <= math.log(256) + 1e-3
 
 
-def test_encoder_variants_scale_positions_and_norm_patch_tokens(module):
-    from medfm.networks.blocks import sincos_pos_embed
+def _two_organ_net():
+    """A one-block PanFMSelfDistill over brain (8, 8, 8) and heart (8, 8, 4), patch 4, seed 0, and its shapes."""
     from medfm.networks.nets import PanFMSelfDistill
 
     torch.manual_seed(0)
@@ -53,6 +53,12 @@ def test_encoder_variants_scale_positions_and_norm_patch_tokens(module):
         ("brain", "heart"), shapes, patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
         out_dim=8, patch_out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4,
     )  # fmt: skip
+    return shapes, net
+
+
+def test_encoder_variants_scale_positions_and_norm_patch_tokens(module):
+    from medfm.networks.blocks import sincos_pos_embed
+    shapes, net = _two_organ_net()
     module._change_encoder(net, 0.25, True)
     for branch in (net.student, net.teacher):
         assert torch.allclose(branch.encoder.pos_brain, 0.25 * sincos_pos_embed((2, 2, 2), 16))
@@ -205,14 +211,7 @@ def test_view_variants_give_teacher_and_student_their_own_rolled_views(module):
     itself is left as it is. ``--view-noise`` adds noise of the given sd on top."""
     import itertools
 
-    from medfm.networks.nets import PanFMSelfDistill
-
-    torch.manual_seed(0)
-    shapes = {"brain": (8, 8, 8), "heart": (8, 8, 4)}
-    net = PanFMSelfDistill(
-        ("brain", "heart"), shapes, patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
-        out_dim=8, patch_out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4,
-    )  # fmt: skip
+    shapes, net = _two_organ_net()
     seen = []
     teacher, student = net.forward_teacher, net.forward
     net.forward_teacher = lambda images, present: seen.append(images) or teacher(images, present)

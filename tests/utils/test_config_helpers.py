@@ -10,6 +10,8 @@ from monai.data import MetaTensor
 from medfm.engines.distributed import ddp, ddp_device_ids, init_distributed, local_device
 from medfm.utils.bundle import DEMO_SIZES, class_scores_and_labels, copy_key, demo_size, image_meta
 
+from ..bundles.helpers import one_process_group_env
+
 
 def test_class_scores_and_labels_feed_accuracy_like_a_hand_count():
     scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
@@ -50,10 +52,7 @@ def test_ddp_device_ids_name_the_cuda_device_only():
 def test_init_distributed_joins_a_gloo_group_once(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29533")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    one_process_group_env(monkeypatch)
     try:
         init_distributed("cpu")
         assert dist.is_initialized() and dist.get_backend() == "gloo"
@@ -69,10 +68,7 @@ def test_ddp_wraps_the_module_as_distributed_data_parallel_built_by_hand(monkeyp
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29534")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    one_process_group_env(monkeypatch)
     try:
         init_distributed("cpu")
         torch.manual_seed(0)
