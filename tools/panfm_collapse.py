@@ -91,7 +91,7 @@ def normalised_entropy(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``H(p) / log n`` of each row of ``p`` (..., K) over the ``n`` entries where ``keep`` (..., K) is True (rows
     with ``n < 2`` give NaN)."""
     p = torch.where(keep, p, torch.zeros_like(p))
-    h = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    h = entropy(p)
     n = keep.sum(-1).to(p.dtype)
     return torch.where(n >= 2, h / n.clamp_min(2).log(), torch.full_like(h, float("nan")))
 

@@ -36,6 +36,7 @@ with its 95% t-interval. Prints Markdown tables and, with ``--write-docs``, writ
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -67,11 +68,10 @@ def _workflow(names: Sequence[str], **override):
 
 
 def normalised_entropy(share: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """``H(a) / log |present|`` per subject with at least two present organs (share: (B, O), rows sum to 1)."""
-    keep = present.sum(1) >= 2
-    a = np.where(present, share, 0.0)[keep]
-    h = -(np.where(a > 0, a * np.log(np.clip(a, 1e-30, None)), 0.0)).sum(1)
-    return h / np.log(present[keep].sum(1))
+    """``H(a) / log |present|`` per subject with at least two present organs (share: (B, O), rows sum to 1):
+    ``normalised_entropy`` of ``tools/panfm_collapse.py`` with the one-organ subjects left out."""
+    h = _collapse_tool().normalised_entropy(torch.as_tensor(share), torch.as_tensor(present, dtype=torch.bool))
+    return h.numpy()[present.sum(1) >= 2]
 
 
 @torch.no_grad()
@@ -98,8 +98,9 @@ def _attention(pretrain_ckpt: str, data_dir: str, wf) -> tuple[np.ndarray, float
     return total / np.maximum(count, 1), float(np.concatenate(entropies).mean())
 
 
+@functools.cache
 def _collapse_tool():
-    """``tools/panfm_collapse.py`` as a module (tools are not a package)."""
+    """``tools/panfm_collapse.py`` as a module (tools are not a package), loaded once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("panfm_collapse", Path(__file__).with_name("panfm_collapse.py"))
