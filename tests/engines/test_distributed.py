@@ -12,6 +12,7 @@ from medfm.engines import (
     AtomicCheckpointSaver,
     BestModelSaver,
     ResumeFromCheckpoint,
+    RunState,
     SamplerEpochHandler,
     ServedModelSaver,
     end_distributed,
@@ -21,9 +22,9 @@ from medfm.engines import (
 
 def test_rank_zero_keeps_all_handlers_other_ranks_the_state_changing_ones():
     every_rank = (CheckpointLoader, LrScheduleHandler, ResumeFromCheckpoint, SamplerEpochHandler, ValidationHandler,
-                  ServedModelSaver)  # fmt: skip
+                  ServedModelSaver, RunState)  # fmt: skip
     rank_zero = (StatsHandler, TensorBoardStatsHandler, BestModelSaver, AtomicCheckpointSaver)
-    handlers = [object.__new__(c) for pair in zip(every_rank, rank_zero + rank_zero[:2]) for c in pair]
+    handlers = [object.__new__(c) for pair in zip(every_rank, rank_zero + rank_zero[:3]) for c in pair]
     assert handlers_for_rank(handlers, rank=0) == handlers
     # weights loaded after DDP's initial sync must reach every rank, schedules must agree, and validation must run
     # on every rank (ignite's metrics all-reduce); logging and writing files stay on rank 0

@@ -15,6 +15,7 @@ from medfm.engines import (
     BestModelSaver,
     FratMAEPretrainPrepareBatch,
     ResumeFromCheckpoint,
+    RunState,
     SamplerEpochHandler,
     StepSeedHandler,
 )
@@ -183,3 +184,27 @@ def test_best_model_saver_keeps_its_best_score_across_a_resume(tmp_path):
     assert not (tmp_path / "model.pt").exists()
     with pytest.raises(ValueError, match="best"):
         resumed.load_state_dict({})
+
+
+def test_run_state_attaches_resume_seeding_sampler_and_every_schedule_in_order(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    scheds = [torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda i: 0.5) for _ in range(2)]
+    sampler = shuffle_batch_sampler(6, 2, seed=1)
+    prep = FratMAEPretrainPrepareBatch(patch_size=2, seed=4, text_key=None)
+    state = RunState(str(tmp_path), {"model": net, "optimizer": opt}, sampler, scheds, seed=4, seed_targets=[prep])
+    assert [type(h).__name__ for h in state.handlers] == [
+        "ResumeFromCheckpoint", "StepSeedHandler", "SamplerEpochHandler", "LrScheduleHandler", "LrScheduleHandler"]
+    assert state.resume.enabled and state.step_seed.targets == [prep] and state.sampler_epoch.sampler is sampler
+    lrs, epochs = [], []
+    engine = Engine(lambda e, b: (lrs.append(opt.param_groups[0]["lr"]), epochs.append(sampler.epoch)))
+    state.attach(engine)
+    engine.run(DataLoader(range(6), batch_sampler=sampler, collate_fn=list), max_epochs=2)
+    # both schedulers step once per iteration (after it); the sampler is told each epoch; the prepare_batch reseeded
+    assert lrs == [0.25**i for i in range(6)] and epochs == [1] * 3 + [2] * 3
+    assert prep.generator("cpu").initial_seed() == derive_seed(4, 0, 6)
+    assert not RunState(str(tmp_path), {}, sampler, scheds[0], seed=0, resume=False).resume.enabled
+    with pytest.raises(ValueError, match="at least one"):
+        RunState(str(tmp_path), {}, sampler, [], seed=0)
+    with pytest.raises(TypeError, match="set_epoch"):
+        RunState(str(tmp_path), {}, object(), scheds[0], seed=0)

@@ -10,7 +10,14 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image, ImageOps
 
-from medfm.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
+from medfm.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIDoLInputd,
+    MultiCropd,
+    ResizeNormalized,
+    ScaleIntensity8Bitd,
+)
 from medfm.transforms.midol import adjust_hue, adjust_saturation, dino_crop_box, grey, solarize
 
 # every random step off: only the crop (full image, same size), the normalisation and what a test turns on
@@ -220,3 +227,37 @@ def test_scale_intensity_8bit_divides_by_255_and_min_max_scales_the_rest(tmp_pat
     torch.testing.assert_close(out16[0].as_tensor(), torch.tensor(a.T / 200.0, dtype=torch.float32))
     bare = t({"image": torch.tensor([[[2.0, 4.0, 6.0]]])})["image"]  # no meta: min-max
     torch.testing.assert_close(bare, torch.tensor([[[0.0, 0.5, 1.0]]]))
+
+
+def test_midol_input_is_the_five_steps_and_inverts_to_the_file_grid(tmp_path):
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, LoadImaged, NormalizeIntensityd, RandomizableTrait, Resized
+
+    from medfm.transforms import RowsFirstd, ToRGBd
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (12, 20), dtype=np.uint8)).save(tmp_path / "x.png")  # 12 rows, 20 columns
+    Image.fromarray((rng.uniform(size=(12, 20)) > 0.5).astype(np.uint8)).save(tmp_path / "m.png")
+    item = {"image": str(tmp_path / "x.png"), "label": str(tmp_path / "m.png")}
+    load = LoadImaged(["image", "label"], ensure_channel_first=True)
+    t = MIDoLInputd(["image", "label"], image_size=8, mode=["bilinear", "nearest"])
+    out = t(load(dict(item)))
+    ref = load(dict(item))
+    for step in (RowsFirstd(["image", "label"]), ScaleIntensity8Bitd("image"), ToRGBd("image"),
+                 Resized(["image", "label"], (8, 8), mode=["bilinear", "nearest"]),
+                 NormalizeIntensityd("image", subtrahend=[0.485, 0.456, 0.406], divisor=[0.229, 0.224, 0.225],
+                                     channel_wise=True)):  # fmt: skip
+        ref = step(ref)
+    assert out["image"].shape == (3, 8, 8) and out["label"].shape == (1, 8, 8)
+    torch.testing.assert_close(out["image"].as_tensor(), ref["image"].as_tensor())
+    assert torch.equal(out["label"].as_tensor(), ref["label"].as_tensor())
+    back = t.inverse(out)  # back through the resize and the rows-first swap, to the grid MONAI loads
+    assert back["image"].shape == (3, 20, 12) and back["label"].shape == load(dict(item))["label"].shape == (1, 20, 12)
+    assert not back["label"].applied_operations and set(back["label"].unique().tolist()) <= {0, 1}
+    assert not isinstance(t, RandomizableTrait)  # a CacheDataset caches past it
+    cached = CacheDataset([item], transform=Compose([load, t]), cache_rate=1.0, progress=False)
+    torch.testing.assert_close(cached[0]["image"].as_tensor(), ref["image"].as_tensor())
+    with pytest.raises(ValueError, match="image_key"):
+        MIDoLInputd("label", image_size=8)
+    with pytest.raises(ValueError, match="image_size"):
+        MIDoLInputd("image", image_size=0)

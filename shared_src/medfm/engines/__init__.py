@@ -18,6 +18,7 @@ from .midol_pretrain import MIDoLPretrainIteration, MIDoLPretrainPrepareBatch
 from .panfm_handlers import OrganAttentionPlot, attention_bar_image
 from .panfm_pretrain import PanFMPretrainIteration, PanFMPretrainPrepareBatch
 from .progress import ProgressBar
+from .run_state import RunState
 from .sampler_epoch import SamplerEpochHandler
 from .schedules import cosine_schedule, set_weight_decay
 from .spad_inferer import SpadSlidingWindowInferer
@@ -49,6 +50,7 @@ __all__ = [
     "ProgressBar",
     "ReconstructionImageHandler",
     "ResumeFromCheckpoint",
+    "RunState",
     "SamplerEpochHandler",
     "StepSeedHandler",
     "StepSeededGenerators",

@@ -26,6 +26,7 @@ from medfm.utils.dist import get_rank, in_process_group
 
 from .best_model import ServedModelSaver
 from .checkpoint import ResumeFromCheckpoint
+from .run_state import RunState
 from .sampler_epoch import SamplerEpochHandler
 from .step_seed import StepSeedHandler
 
@@ -47,6 +48,7 @@ __all__ = [
 # wait forever): ValidationHandler, and ServedModelSaver, which validates and writes on rank 0 alone.
 EVERY_RANK_HANDLERS: tuple[type, ...] = (
     ResumeFromCheckpoint,
+    RunState,
     LrScheduleHandler,
     SamplerEpochHandler,
     StepSeedHandler,

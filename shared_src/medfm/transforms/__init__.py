@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .checks import LoadImageNamedd, MinSpatialSized, source_name
-from .midol import IMAGENET_MEAN, IMAGENET_STD, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
+from .midol import IMAGENET_MEAN, IMAGENET_STD, MIDoLInputd, MultiCropd, ResizeNormalized, ScaleIntensity8Bitd
 from .one_hot import SegmentationOneHotd
 from .panfm import (
     SUPPORTED_DROP_MODES,
@@ -50,6 +50,7 @@ __all__ = [
     "source_name",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MIDoLInputd",
     "MultiCropd",
     "ResizeNormalized",
     "SEGMENTATION_PATCHES",

@@ -32,20 +32,28 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import (
     GaussianSmooth,
+    InvertibleTransform,
     MapTransform,
     NormalizeIntensity,
+    NormalizeIntensityd,
     RandFlip,
     Randomizable,
     RandScaleIntensity,
     RandScaleIntensityFixedMean,
     Resize,
+    Resized,
     ScaleIntensity,
 )
 from monai.utils import convert_to_tensor
 
+from .checks import MinSpatialSized
+from .planar import RowsFirstd
+from .spad import ToRGBd
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MIDoLInputd",
     "MultiCropd",
     "ResizeNormalized",
     "ScaleIntensity8Bitd",
@@ -415,4 +423,74 @@ class ScaleIntensity8Bitd(MapTransform):
                 d[key] = t.to(torch.float32) / 255.0  # a MetaTensor keeps its meta and applied operations
             else:
                 d[key] = self.minmax(img)
+        return d
+
+
+class MIDoLInputd(MapTransform, InvertibleTransform):
+    """M-IDoL's input for fine-tuning, evaluation and inference, after loading, in one place for every config:
+
+    1. :class:`medfm.transforms.RowsFirstd` on ``keys`` (PNG/JPEG rows first, like the PIL images the reference reads;
+       a one-slice DICOM or NIfTI to a 2D image), then, with ``min_size``, :class:`medfm.transforms.MinSpatialSized`
+       on the image (smaller images are refused, naming the file);
+    2. :class:`ScaleIntensity8Bitd` on ``image_key`` (8-bit images / 255, others min-max scaled);
+    3. :class:`medfm.transforms.ToRGBd` on ``image_key`` (grey replicated to three channels, alpha dropped);
+    4. MONAI ``Resized`` of ``keys`` to ``image_size`` x ``image_size`` (``mode`` per key, e.g. nearest for masks);
+    5. MONAI ``NormalizeIntensityd`` of ``image_key``, per channel with ``mean`` and ``std`` (ImageNet's).
+
+    The steps are applied in this order and inverted in reverse (``Invertd`` maps a prediction back through the
+    resize and the rows-first swap to the file's grid). It is one transform, not a ``Compose``, so a
+    ``CacheDataset`` caches past it.
+
+    Args:
+        keys: spatial keys: the image, and the mask if any.
+        image_size: side of the square network input.
+        mode: ``Resized`` interpolation, one per key or one for all.
+        image_key: the image among ``keys``.
+        mean: per-channel mean subtracted.
+        std: per-channel standard deviation divided by.
+        min_size: smallest height and width accepted (None: no check).
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_size: int,
+        mode: str | Sequence[str] = "bilinear",
+        image_key: str = "image",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        min_size: int | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if image_key not in self.keys:
+            raise ValueError(f"image_key {image_key!r} must be one of keys {list(self.keys)}.")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+        check = (
+            []
+            if min_size is None
+            else [MinSpatialSized(image_key, (min_size, min_size), f"a {min_size} x {min_size} image")]
+        )
+        self.transforms = (
+            RowsFirstd(self.keys, allow_missing_keys),
+            *check,
+            ScaleIntensity8Bitd(image_key),
+            ToRGBd(image_key),
+            Resized(self.keys, spatial_size=(image_size, image_size), mode=mode, allow_missing_keys=allow_missing_keys),
+            NormalizeIntensityd(image_key, subtrahend=list(mean), divisor=list(std), channel_wise=True),
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for t in self.transforms:
+            d = t(d)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for t in reversed(self.transforms):
+            if isinstance(t, InvertibleTransform):
+                d = t.inverse(d)
         return d
