@@ -2,10 +2,12 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/bundles/ddp_jobs.py jobs.json
 
-``jobs.json`` is a list of ``{"name", "config_file", "run_id", "overrides", "port", "cwd", "log_dir"}``. Each job is
+``jobs.json`` is a list of ``{"name", "config_file", "run_id", "overrides", "cwd", "log_dir"}``. Each job is
 ``monai.bundle.run`` (what ``python -m monai.bundle run`` calls) with its own process group: the configs' finalize
 destroys the group, and a group set up again through the same store would meet the old one's keys, so every job
-rendezvouses on a store of its own (rank 0 serves it on the job's free ``port``). Each rank's output during a job
+rendezvouses on a store of its own. Rank 0 serves it on a port free when the job starts (not when the launch
+started: the launch's earlier jobs and other processes on the machine open and close ports meanwhile) and hands the
+number to rank 1 in ``<log_dir>/<name>.port``. Each rank's output during a job
 (file descriptors 1 and 2, so the log handlers' lines and anything a library prints) goes to
 ``<log_dir>/<name>.rank<rank>.log``. A failing job stops the launch with a non-zero exit.
 """
@@ -14,13 +16,35 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import time
+
+
+def _job_port(job: dict, rank: int, timeout: float = 300.0) -> int:
+    """Rank 0: a port free now, written for rank 1; rank 1: the port rank 0 wrote (waiting for it)."""
+    path = os.path.join(job["log_dir"], f"{job['name']}.port")
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(str(port))
+        os.replace(path + ".tmp", path)
+        return port
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 wrote no port for job {job['name']} in {timeout:.0f} s ({path})")
+        time.sleep(0.05)
+    with open(path, encoding="utf-8") as f:
+        return int(f.read())
 
 
 def _run_job(job: dict, rank: int) -> None:
     from monai.bundle import run
 
-    os.environ["MASTER_PORT"] = str(job["port"])
+    os.environ["MASTER_PORT"] = str(_job_port(job, rank))
     log_path = os.path.join(job["log_dir"], f"{job['name']}.rank{rank}.log")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -160,7 +160,7 @@ def torchrun_jobs(jobs: dict[str, dict], root, timeout: int = 600) -> dict[str, 
     log_dir = os.path.join(root, "ddp_logs")
     os.makedirs(log_dir, exist_ok=True)
     spec = [{"name": name, "config_file": job["config_file"], "run_id": job.get("run_id", "training"),
-             "overrides": job.get("overrides", {}), "port": free_port(), "cwd": root, "log_dir": log_dir}
+             "overrides": job.get("overrides", {}), "cwd": root, "log_dir": log_dir}
             for name, job in jobs.items()]  # fmt: skip
     jobs_file = os.path.join(root, "ddp_jobs.json")
     with open(jobs_file, "w", encoding="utf-8") as f:
@@ -170,7 +170,11 @@ def torchrun_jobs(jobs: dict[str, dict], root, timeout: int = 600) -> dict[str, 
     res = subprocess.run(
         cmd, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
     )
-    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    if res.returncode != 0:  # from the failed job's report (ddp_jobs.py), else the end of the output
+        out = res.stdout + res.stderr
+        at = out.find(" failed on rank ")
+        start = out.rfind("job ", 0, at) if at >= 0 else max(0, len(out) - 8000)
+        raise AssertionError(f"torchrun exited with {res.returncode}:\n" + out[start : start + 8000])
     logs = {}
     for name in jobs:
         parts = []

@@ -81,6 +81,35 @@ def _request(url: str, method: str = "POST", body: bytes | None = None, headers:
         return r.status, r.headers.get("Content-Type", ""), r.read()
 
 
+def _start_server(cmd: list[str], root, log_path, attempts: int = 3):
+    """Start MONAI Label on a free port and wait until it answers; a port taken between choosing and binding it
+    (another process on the machine) is retried on a new one. Returns the process, its URL and its open log."""
+    for attempt in range(attempts):
+        port = free_port()
+        log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
+        proc = subprocess.Popen(cmd + ["--port", str(port)], cwd=str(root), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                _request(base + "/info/", method="GET", timeout=5)
+                return proc, base, log
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+        log.flush()
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        if "address already in use" not in text.lower() or attempt == attempts - 1:
+            pytest.fail(f"MONAI Label server did not start (exit {proc.poll()}):\n{text[-4000:]}")
+    raise AssertionError("unreachable")
+
+
 def _multipart(fields: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = "medfm" + os.urandom(8).hex()
     parts = []
@@ -200,29 +229,12 @@ def server(request, tmp_path_factory, app_template):
     else:  # what the tool calls, in this process
         build_served_bundle(os.path.join(REPO, "bundles", bundle), weights, served, demo=True)
 
-    port = free_port()
-    log_path = root / "server.log"
     cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(apps / "monaibundle"),
            "--studies", str(root / "studies"), "--conf", "models", spec.name, "--conf", "zoo_source", "local",
-           "--conf", "sam2", "false",
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
-    proc = subprocess.Popen(cmd, cwd=str(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+           "--conf", "sam2", "false", "--host", "127.0.0.1"]  # fmt: skip
+    log_path = root / "server.log"
+    proc, base, log = _start_server(cmd, root, log_path)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                _request(base + "/info/", method="GET", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(
-                        f"MONAI Label server did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}"
-                    )
-                time.sleep(1)
         yield {"bundle": bundle, "name": spec.name, "base": base, "root": root, "studies": studies,
                "served": served, "network": network, "inference": inference, "log": log_path}  # fmt: skip
     finally:
