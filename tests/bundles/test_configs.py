@@ -182,6 +182,26 @@ def test_every_reference_resolves(bundle, names):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
+def test_multi_gpu_overlays_keep_the_per_sample_seeds(bundle):
+    """A training sampler that seeds each sample's random transforms (``seed_samples``, for exact resumption and
+    augmentation independent of the loading worker) still does under the matching multi-GPU overlay."""
+    pairs = [("train.json", "multi_gpu_train.json"), ("finetune_seg.json", "multi_gpu_finetune.json")]
+    checked = 0
+    for base, overlay in pairs:
+        files = configs(bundle, base, overlay)
+        if not all(os.path.isfile(f) for f in files):
+            continue
+        single, multi = ConfigParser(), ConfigParser()
+        single.read_config(files[:1])
+        multi.read_config(files)
+        if single.get("train#batch_sampler#seed_samples"):
+            checked += 1
+            assert multi.get("train#batch_sampler#seed_samples") is True, f"{bundle}: {overlay} turns it off"
+    if bundle != "panfm_panorgan":  # Pan-FM's pre-training pipeline draws nothing per sample
+        assert checked == 2
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_metadata_validates_against_the_schema(bundle):
     from monai.bundle import verify_metadata
 
