@@ -194,7 +194,12 @@ def test_run_state_attaches_resume_seeding_sampler_and_every_schedule_in_order(t
     prep = FratMAEPretrainPrepareBatch(patch_size=2, seed=4, text_key=None)
     state = RunState(str(tmp_path), {"model": net, "optimizer": opt}, sampler, scheds, seed=4, seed_targets=[prep])
     assert [type(h).__name__ for h in state.handlers] == [
-        "ResumeFromCheckpoint", "StepSeedHandler", "SamplerEpochHandler", "LrScheduleHandler", "LrScheduleHandler"]
+        "ResumeFromCheckpoint",
+        "StepSeedHandler",
+        "SamplerEpochHandler",
+        "LrScheduleHandler",
+        "LrScheduleHandler",
+    ]
     assert state.resume.enabled and state.step_seed.targets == [prep] and state.sampler_epoch.sampler is sampler
     lrs, epochs = [], []
     engine = Engine(lambda e, b: (lrs.append(opt.param_groups[0]["lr"]), epochs.append(sampler.epoch)))
