@@ -7,7 +7,7 @@
 destroys the group, and a group set up again through the same store would meet the old one's keys, so every job
 rendezvouses on a store of its own. Rank 0 serves it on a port free when the job starts (not when the launch
 started: the launch's earlier jobs and other processes on the machine open and close ports meanwhile) and hands the
-number to rank 1 in ``<log_dir>/<name>.port``. Each rank's output during a job
+number to rank 1 in ``<log_dir>/<name>.<torchrun run id>.port``. Each rank's output during a job
 (file descriptors 1 and 2, so the log handlers' lines and anything a library prints) goes to
 ``<log_dir>/<name>.rank<rank>.log``. A failing job stops the launch with a non-zero exit.
 """
@@ -23,7 +23,8 @@ import time
 
 def _job_port(job: dict, rank: int, timeout: float = 300.0) -> int:
     """Rank 0: a port free now, written for rank 1; rank 1: the port rank 0 wrote (waiting for it)."""
-    path = os.path.join(job["log_dir"], f"{job['name']}.port")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # a launch's own files: none left by an earlier launch
+    path = os.path.join(job["log_dir"], f"{job['name']}.{run_id}.port")
     if rank == 0:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
