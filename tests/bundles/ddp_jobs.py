@@ -77,10 +77,14 @@ def main(jobs_file: str) -> None:
     for job in jobs:
         try:
             _run_job(job, rank)
-        except BaseException:
+        except BaseException as exc:
             path = os.path.join(job["log_dir"], f"{job['name']}.rank{rank}.log")
-            with open(path, encoding="utf-8", errors="replace") as f:
-                sys.stderr.write(f"job {job['name']} failed on rank {rank}; its output:\n{f.read()[-4000:]}\n")
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    output = f.read()[-4000:]
+            except OSError:  # failed before its output was redirected (e.g. waiting for the job's port)
+                output = f"{type(exc).__name__}: {exc}"
+            sys.stderr.write(f"job {job['name']} failed on rank {rank}; its output:\n{output}\n")
             raise
 
 

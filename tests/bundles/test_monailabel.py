@@ -91,20 +91,26 @@ def _start_server(cmd: list[str], root, log_path, attempts: int = 3):
                                 start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240
-        while True:
-            try:
-                _request(base + "/info/", method="GET", timeout=5)
-                return proc, base, log
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-        log.flush()
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        started = False
+        try:
+            while not started:
+                try:
+                    _request(base + "/info/", method="GET", timeout=5)
+                    started = True
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
+            log.flush()
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+        finally:  # not started, or interrupted while waiting: nothing is left running or open
+            if not started:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                log.close()
+        if started:
+            return proc, base, log
         if "address already in use" not in text.lower() or attempt == attempts - 1:
             pytest.fail(f"MONAI Label server did not start (exit {proc.poll()}):\n{text[-4000:]}")
     raise AssertionError("unreachable")

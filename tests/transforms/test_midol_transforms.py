@@ -231,7 +231,7 @@ def test_scale_intensity_8bit_divides_by_255_and_min_max_scales_the_rest(tmp_pat
 
 def test_midol_input_is_the_five_steps_and_inverts_to_the_file_grid(tmp_path):
     from monai.data import CacheDataset
-    from monai.transforms import Compose, LoadImaged, NormalizeIntensityd, RandomizableTrait, Resized
+    from monai.transforms import Compose, Invertd, LoadImaged, NormalizeIntensityd, RandomizableTrait, Resized
 
     from medfm.transforms import RowsFirstd, ToRGBd
 
@@ -254,6 +254,11 @@ def test_midol_input_is_the_five_steps_and_inverts_to_the_file_grid(tmp_path):
     back = t.inverse(out)  # back through the resize and the rows-first swap, to the grid MONAI loads
     assert back["image"].shape == (3, 20, 12) and back["label"].shape == load(dict(item))["label"].shape == (1, 20, 12)
     assert not back["label"].applied_operations and set(back["label"].unique().tolist()) <= {0, 1}
+    # Invertd maps a prediction back through the image's steps although the mask's key is absent from it
+    pred = Invertd("pred", transform=Compose([load, t]), orig_keys="image", nearest_interp=True)
+    fresh = t(load(dict(item)))  # the inverse above used up the traced operations of `out`
+    assert pred({**fresh, "pred": fresh["label"].clone()})["pred"].shape == (1, 20, 12)
+    assert not t.allow_missing_keys  # Invertd's allow-missing-keys mode is undone
     assert not isinstance(t, RandomizableTrait)  # a CacheDataset caches past it
     cached = CacheDataset([item], transform=Compose([load, t]), cache_rate=1.0, progress=False)
     torch.testing.assert_close(cached[0]["image"].as_tensor(), ref["image"].as_tensor())

@@ -22,6 +22,7 @@ and an isotropic blur draw (MONAI's ``RandGaussianSmooth`` draws one sigma per a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from monai.transforms import (
     Resized,
     ScaleIntensity,
 )
+from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import convert_to_tensor
 
 from .checks import MinSpatialSized
@@ -468,29 +470,33 @@ class MIDoLInputd(MapTransform, InvertibleTransform):
             raise ValueError(f"image_key {image_key!r} must be one of keys {list(self.keys)}.")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
-        check = (
-            []
-            if min_size is None
-            else [MinSpatialSized(image_key, (min_size, min_size), f"a {min_size} x {min_size} image")]
-        )
-        self.transforms = (
-            RowsFirstd(self.keys, allow_missing_keys),
+        what = f"a {min_size} x {min_size} image"
+        check = [] if min_size is None else [MinSpatialSized(image_key, (min_size, min_size), what)]
+        self.transforms: tuple[MapTransform, ...] = (
+            RowsFirstd(self.keys),
             *check,
             ScaleIntensity8Bitd(image_key),
             ToRGBd(image_key),
-            Resized(self.keys, spatial_size=(image_size, image_size), mode=mode, allow_missing_keys=allow_missing_keys),
+            Resized(self.keys, spatial_size=(image_size, image_size), mode=mode),
             NormalizeIntensityd(image_key, subtrahend=list(mean), divisor=list(std), channel_wise=True),
         )
 
+    def _steps(self, steps: tuple[MapTransform, ...]) -> contextlib.AbstractContextManager:
+        """The steps take this transform's ``allow_missing_keys`` as it is now: ``Invertd`` sets it on the
+        transforms it inverts (a prediction has the image's key, not the mask's), which reaches only this one."""
+        return allow_missing_keys_mode(steps) if self.allow_missing_keys else contextlib.nullcontext()
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for t in self.transforms:
-            d = t(d)
+        with self._steps(self.transforms):
+            for t in self.transforms:
+                d = t(d)
         return d
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for t in reversed(self.transforms):
-            if isinstance(t, InvertibleTransform):
+        steps = tuple(t for t in reversed(self.transforms) if isinstance(t, InvertibleTransform))
+        with self._steps(steps):
+            for t in steps:
                 d = t.inverse(d)
         return d
