@@ -432,8 +432,8 @@ class MIDoLInputd(MapTransform, InvertibleTransform):
     """M-IDoL's input for fine-tuning, evaluation and inference, after loading, in one place for every config:
 
     1. :class:`medfm.transforms.RowsFirstd` on ``keys`` (PNG/JPEG rows first, like the PIL images the reference reads;
-       a one-slice DICOM or NIfTI to a 2D image), then, with ``min_size``, :class:`medfm.transforms.MinSpatialSized`
-       on the image (smaller images are refused, naming the file);
+       a single-frame DICOM also loses its frame axis), then, with ``min_size``,
+       :class:`medfm.transforms.MinSpatialSized` on the image (smaller images are refused, naming the file);
     2. :class:`ScaleIntensity8Bitd` on ``image_key`` (8-bit images / 255, others min-max scaled);
     3. :class:`medfm.transforms.ToRGBd` on ``image_key`` (grey replicated to three channels, alpha dropped);
     4. MONAI ``Resized`` of ``keys`` to ``image_size`` x ``image_size`` (``mode`` per key, e.g. nearest for masks);
