@@ -138,7 +138,10 @@ class ResumeFromCheckpoint:
         self.loaded_path: str | None = None
 
     def attach(self, engine: Engine) -> None:
-        path = latest_checkpoint(self.ckpt_dir) if self.enabled else None
+        if not self.enabled:
+            logger.info("resuming is off: training starts from scratch")
+            return
+        path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             logger.info("no checkpoint in %s: training starts from scratch", self.ckpt_dir)
             return
