@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
+
+from helpers import free_port  # tests/bundles/helpers.py: torchrun runs this file with its folder on sys.path
 
 
 def _job_port(job: dict, rank: int, timeout: float = 300.0) -> int:
@@ -26,9 +27,7 @@ def _job_port(job: dict, rank: int, timeout: float = 300.0) -> int:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # a launch's own files: none left by an earlier launch
     path = os.path.join(job["log_dir"], f"{job['name']}.{run_id}.port")
     if rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(str(port))
         os.replace(path + ".tmp", path)
